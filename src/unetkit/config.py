@@ -1,0 +1,43 @@
+"""The paper's defaults, in one place.
+
+Every number here is taken from Ronneberger, Fischer & Brox, "U-Net: Convolutional Networks for
+Biomedical Image Segmentation", MICCAI 2015 (arXiv:1505.04597). The section of the paper is named
+beside each field. Code elsewhere reads these values instead of repeating them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class PaperDefaults:
+    """Hyper-parameters stated in the U-Net paper.
+
+    Example:
+        >>> from unetkit.config import PAPER
+        >>> PAPER.w0, PAPER.sigma, PAPER.momentum
+        (10.0, 5.0, 0.99)
+    """
+
+    # Section 2 / Fig. 1: network architecture.
+    depth: int = 5  # five resolution levels, four 2x2 max-poolings
+    base_channels: int = 64  # 64-128-256-512-1024 feature channels
+    dropout: float = 0.5  # "drop-out layers at the end of the contracting path"
+    tile_size: int = 572  # example input tile, giving a 388x388 output tile
+    # Section 3: training.
+    momentum: float = 0.99  # "a high momentum (0.99)"
+    batch_size: int = 1  # "we favor large input tiles over a large batch size"
+    w0: float = 10.0  # weight-map border term amplitude, Eq. (2)
+    sigma: float = 5.0  # weight-map border term width in pixels, Eq. (2) ("sigma ~ 5 pixels")
+    # Section 3.1: data augmentation.
+    elastic_grid: int = 3  # "random displacement vectors on a coarse 3 by 3 grid"
+    elastic_sigma: float = 10.0  # "Gaussian distribution with 10 pixels standard deviation"
+    # Section 4.1: test-time averaging (the paper used 7 rotated versions; we use the 8 dihedral ones).
+    tta_transforms: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PAPER = PaperDefaults()

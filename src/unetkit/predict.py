@@ -1,0 +1,231 @@
+"""Overlap-tile prediction on images of any size (paper Fig. 2)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .network import UNet
+from .tiling import TilePlan, as_pair, axis_layout, extract_region, plan_tiles, same_margin
+
+#: Default memory allowed for one batch of tiles' activations, in bytes.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+# Floats alive per input pixel and base channel during an inference forward pass (skip
+# connections, the concatenation and the convolution outputs of the last decoder level).
+_LIVE_FLOATS_PER_PIXEL_AND_CHANNEL = 6
+
+
+def activation_bytes(model: UNet, tile_shape: tuple[int, int], batch_size: int = 1) -> int:
+    """Estimated peak activation memory of an inference pass over `batch_size` tiles."""
+    base = int(model.config["base_channels"])
+    return 4 * _LIVE_FLOATS_PER_PIXEL_AND_CHANNEL * base * tile_shape[0] * tile_shape[1] * batch_size
+
+
+def choose_tile_shape(
+    model: UNet, image_shape: Sequence[int], *, memory_budget: int | None = None, batch_size: int = 1
+) -> tuple[int, int]:
+    """The legal tile (h, w) that needs the least computation for `image_shape` within the budget.
+
+    Larger tiles recompute less of their context (the 92-pixel border of the paper's net), so the
+    cost of a plan is its number of tiles times the tile area; tiles never grow past what covers
+    the image in one pass. `memory_budget` defaults to 1 GiB, or a quarter of the available
+    memory if that is less.
+
+    Example:
+        >>> choose_tile_shape(UNet(depth=3, base_channels=4), (50, 1000))
+        (92, 1040)
+    """
+    geometry = model.geometry
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+        with contextlib.suppress(Exception):
+            import psutil
+
+            memory_budget = min(memory_budget, psutil.virtual_memory().available // 4)
+    max_pixels = max(memory_budget // activation_bytes(model, (1, 1), batch_size), geometry.min_size**2)
+
+    def options(size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Legal tile sizes up to the one covering `size` in one tile, and their tile counts."""
+        margin = 0 if geometry.padding == "valid" else same_margin(geometry)
+        sizes = [s for s in geometry.legal_sizes(geometry.input_size(size + 2 * margin)) if s > 2 * margin]
+        counts = [axis_layout(size, s, geometry).count for s in sizes]
+        counts = [c if c < 2**62 else np.inf for c in counts]  # tiles too small to tile this axis
+        return np.array(sizes, dtype=np.float64), np.array(counts, dtype=np.float64)
+
+    hs, ny = options(int(image_shape[-2]))
+    ws, nx = options(int(image_shape[-1]))
+    area = hs[:, None] * ws[None, :]
+    cost = ny[:, None] * nx[None, :] * area
+    cost[area > max_pixels] = np.inf
+    if not np.isfinite(cost).any():
+        cost = np.where(np.isfinite(ny[:, None] * nx[None, :]), area, np.inf)
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)
+    return int(hs[i]), int(ws[j])
+
+
+def _dihedral(x: torch.Tensor, index: int, inverse: bool = False) -> torch.Tensor:
+    """The `index`-th of the 8 dihedral transforms (rot90^k, optionally after a horizontal flip)."""
+    k, flip = index % 4, index >= 4
+    if not inverse:
+        x = torch.flip(x, dims=(-1,)) if flip else x
+        return torch.rot90(x, k, dims=(-2, -1))
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _as_chw(image, in_channels: int):
+    """Validate an image (H, W) or (C, H, W); returns something indexable as (C, H, W)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not hasattr(image, "shape") or not hasattr(image, "ndim"):
+        if isinstance(image, (list, tuple)):
+            image = np.asarray(image)
+        else:
+            raise TypeError(f"image must be a NumPy array or torch tensor, got {type(image).__name__}")
+    if image.ndim not in (2, 3):
+        raise InputError(f"image must be 2D (H, W) or (C, H, W), got shape {tuple(image.shape)}")
+    if any(int(s) == 0 for s in image.shape):
+        raise InputError(f"image is empty (shape {tuple(image.shape)})")
+    if image.ndim == 2:
+        image = image[None] if isinstance(image, np.ndarray) else _AddChannel(image)
+    channels = int(image.shape[0])
+    if channels != in_channels:
+        hint = ""
+        if int(image.shape[-1]) == in_channels:
+            hint = "; the image looks channels-last (H, W, C): move the channel axis first"
+        raise InputError(f"image has {channels} channel(s) but the model expects {in_channels}{hint}")
+    if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise TypeError(f"image must hold numbers, got dtype {image.dtype}")
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise InputError("image contains NaN or infinite values; replace them before predicting")
+    return image
+
+
+class _AddChannel:
+    """A view of a 2D array-like (zarr, Dask, memmap) as (1, H, W) that reads lazily."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.shape = (1, *array.shape)
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple) or key[0] is not Ellipsis:
+            raise IndexError("only [..., rows, cols] indexing is supported")
+        return np.asarray(self.array[key])[None]
+
+
+@contextlib.contextmanager
+def _inference_mode(model: UNet, device: torch.device, channels_last: bool) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+
+
+def predict(
+    model: UNet,
+    image,
+    *,
+    tile_size: int | tuple[int, int] | None = None,
+    batch_size: int = 1,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    memory_budget: int | None = None,
+) -> np.ndarray:
+    """Class probabilities for an image of any size, by seamless overlap-tile prediction.
+
+    The image is extrapolated at its borders by mirroring and cut into input tiles whose output
+    tiles cover it without gaps (`unetkit.tiling.plan_tiles`); tiles run in batches and their
+    softmax outputs are stitched into one preallocated array. With `padding="valid"` (the paper)
+    the result equals one pass of the network over the whole mirror-padded image, to float
+    rounding. With `padding="same"` tiles overlap by the receptive-field margin and only their
+    centres are kept; the result then matches a whole-image pass closely but not exactly, because
+    zero padding inside the network still reaches the kept centre from far away.
+
+    Args:
+        model: a `UNet`. Its training/eval mode is restored afterwards.
+        image: (H, W) or (C, H, W) array (NumPy, torch, or a lazily indexable array such as zarr),
+            already normalised the way the model was trained.
+        tile_size: legal input tile size (int or (h, w)); None picks the cheapest legal tile that
+            fits `memory_budget` (see `choose_tile_shape`).
+        batch_size: tiles per forward pass (>= 1).
+        tta: average the 8 dihedral transforms (identity, 3 rotations, and their mirror images),
+            each undone before averaging. The paper averaged 7 rotated versions.
+        device: where to run; None uses the model's device. The model is moved there.
+        progress: show a progress bar over tiles.
+        memory_budget: bytes allowed for activations when `tile_size` is None.
+
+    Returns:
+        float32 array (n_classes, H, W) of class probabilities.
+
+    Example:
+        >>> net = UNet(depth=3, base_channels=4)
+        >>> predict(net, np.random.rand(37, 101).astype("float32"), tile_size=60).shape
+        (2, 37, 101)
+    """
+    if not isinstance(model, UNet):
+        raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1 (got {batch_size})")
+    image = _as_chw(image, model.in_channels)
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    tile_shape = (
+        as_pair(tile_size)
+        if tile_size is not None
+        else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
+    )
+    plan = plan_tiles((height, width), model.geometry, tile_shape)
+    if tta and tile_shape[0] != tile_shape[1]:
+        model.geometry.check(tile_shape[1], "tile height after rotation")
+    output = np.empty((model.n_classes, height, width), dtype=np.float32)
+    channels_last = device.type == "cpu"
+    transforms = range(8) if tta else range(1)
+    with _inference_mode(model, device, channels_last), tqdm(
+        total=len(plan), disable=not progress, desc="tiles", unit="tile"
+    ) as bar:
+        for batch in plan.batches(int(batch_size)):
+            tiles = np.stack(
+                [extract_region(image, t.in_y, t.in_x, *plan.tile_shape) for t in batch]
+            ).astype(np.float32, copy=False)
+            if not np.isfinite(tiles).all():
+                raise InputError("image contains NaN or infinite values; replace them before predicting")
+            x = torch.from_numpy(tiles).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            probs = None
+            for index in transforms:
+                p = torch.softmax(model(_dihedral(x, index)), dim=1)
+                p = _dihedral(p, index, inverse=True)
+                probs = p if probs is None else probs + p
+            probs = (probs / len(transforms)).float().cpu().numpy()
+            for tile, p in zip(batch, probs):
+                output[:, tile.out_y : tile.out_y + tile.out_h, tile.out_x : tile.out_x + tile.out_w] = p[
+                    :, tile.crop_y : tile.crop_y + tile.out_h, tile.crop_x : tile.crop_x + tile.out_w
+                ]
+            bar.update(len(batch))
+    return output
+
+
+def predict_plan(model: UNet, image_shape: Sequence[int], tile_size: int | tuple[int, int] | None = None) -> TilePlan:
+    """The tile plan `predict` would use for an image of `image_shape` (for inspection and chunking)."""
+    shape = (int(image_shape[-2]), int(image_shape[-1]))
+    tile_shape = as_pair(tile_size) if tile_size is not None else choose_tile_shape(model, shape)
+    return plan_tiles(shape, model.geometry, tile_shape)
