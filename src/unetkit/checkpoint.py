@@ -1,0 +1,93 @@
+"""Checkpoints that hold everything prediction needs: weights, network configuration,
+normalisation and class names, plus the training state needed to resume exactly.
+
+They are plain `torch.save` dictionaries of tensors and primitive values, written atomically
+(temporary file + rename) and read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.normalize import Normalization
+from .errors import InputError
+from .io import atomic_write
+from .network import UNet
+
+FORMAT = "unetkit-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model restored from a checkpoint, with what prediction needs to use it."""
+
+    model: UNet
+    normalization: Normalization
+    class_names: list[str]
+    train_config: dict[str, Any] = field(default_factory=dict)
+    iteration: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: UNet,
+    *,
+    normalization: Normalization,
+    class_names: list[str],
+    train_config: dict[str, Any] | None = None,
+    iteration: int = 0,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (always replaces `path`: checkpoints belong to the run).
+
+    `state` holds the resumable training state (optimiser, RNG states, metrics).
+    """
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalization": normalization.to_dict(),
+        "class_names": list(class_names),
+        "train_config": train_config or {},
+        "iteration": int(iteration),
+        "state": state or {},
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Restore a model saved by `save_checkpoint`.
+
+    Example:
+        >>> loaded = load_checkpoint("run/best.pt")  # doctest: +SKIP
+        >>> probabilities = unetkit.predict(loaded.model, loaded.normalization(image))  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; give the .pt file written by `unetkit train` (RUN/best.pt)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable or unsafe pickle
+        raise InputError(f"{path}: not a unetkit checkpoint ({type(exc).__name__}); give RUN/best.pt or RUN/last.pt") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not a unetkit checkpoint; give RUN/best.pt or RUN/last.pt written by `unetkit train`")
+    if int(payload.get("version", 0)) > VERSION:
+        raise InputError(f"{path}: written by a newer unetkit (format {payload['version']}); upgrade unetkit")
+    model = UNet(**payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    return LoadedModel(
+        model=model,
+        normalization=Normalization.from_dict(payload["normalization"]),
+        class_names=list(payload["class_names"]),
+        train_config=payload.get("train_config", {}),
+        iteration=int(payload.get("iteration", 0)),
+        state=payload.get("state", {}),
+    )
