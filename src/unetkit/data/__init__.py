@@ -1,0 +1,40 @@
+"""Training data: readers for common layouts, normalisation, samples, validation splits, random tiles.
+
+Example:
+    >>> from unetkit import Geometry
+    >>> from unetkit.data import find_pairs, split_pairs, load_samples, get_tile_dataset, get_tile_loader
+    >>> pairs = find_pairs("my_dataset")  # doctest: +SKIP
+    >>> train_pairs, val_pairs = split_pairs(pairs, val=0.2, seed=0)  # doctest: +SKIP
+    >>> dataset = get_tile_dataset(load_samples(train_pairs), Geometry(), 572, length=1000)  # doctest: +SKIP
+    >>> batch = next(iter(get_tile_loader(dataset)))  # doctest: +SKIP
+"""
+
+from .datasets import data_root, get_ctc_samples, get_isbi2012_samples
+from .normalize import Normalization, to_chw
+from .readers import ImagePair, check_mask, find_pairs, read_mask
+from .samples import Sample, get_samples, load_sample, load_samples, make_sample
+from .split import split_pairs
+from .tiles import RangeSampler, TileDataset, augment_margin, get_tile_dataset, get_tile_loader
+
+__all__ = [
+    "ImagePair",
+    "Normalization",
+    "RangeSampler",
+    "Sample",
+    "TileDataset",
+    "augment_margin",
+    "check_mask",
+    "data_root",
+    "find_pairs",
+    "get_ctc_samples",
+    "get_isbi2012_samples",
+    "get_samples",
+    "get_tile_dataset",
+    "get_tile_loader",
+    "load_sample",
+    "load_samples",
+    "make_sample",
+    "read_mask",
+    "split_pairs",
+    "to_chw",
+]

@@ -1,0 +1,314 @@
+"""Finding image/mask pairs on disk and reading masks safely.
+
+Three layouts are recognised by `find_pairs` (first match wins):
+
+1. ISBI 2012: ``root/train/images/NN.png`` with ``root/train/labels/NN.png``.
+2. Cell Tracking Challenge: ``root/01/t000.tif`` with ``root/01_GT/SEG/man_seg000.tif`` (gold truth)
+   or ``root/01_ST/SEG/man_seg000.tif`` (silver truth), for every sequence folder (01, 02, ...);
+   or flat, ``root/images/t000.tif`` with ``root/masks/man_seg000.tif``. Frames pair by number.
+3. Folder pair: ``root/images/`` with ``root/masks/`` (or ``root/labels/``), matched by file
+   name stem (``a.png`` with ``a.tif``, ``a_mask.png``, ``a_label.png`` ...; ``img2d.tif`` with
+   ``mask2d.tif``). PNG or TIFF, 8 or 16 bit, grayscale or RGB images; binary or instance masks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..errors import InputError
+from ..io import list_images, read_image
+
+MASK_FOLDERS = ("masks", "labels")
+MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_seg")
+_IMAGE_WORDS = ("image", "img", "raw")
+_MASK_WORDS = ("mask", "label", "labels", "masks", "seg")
+CtcTruth = Literal["auto", "gold", "silver"]
+
+_CTC_IMAGE = re.compile(r"^t(\d+)$")
+_CTC_MASK = re.compile(r"^man_seg(\d+)$")
+_CTC_SEQUENCE = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """An image file, its mask file (None when unannotated) and a short unique name.
+
+    Example:
+        >>> ImagePair(Path("images/a.png"), Path("masks/a.png"), "a").name
+        'a'
+    """
+
+    image: Path
+    mask: Path | None
+    name: str
+
+
+def _listing(paths: Sequence[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _nonempty_images(folder: Path) -> list[Path]:
+    files = list_images(folder)
+    if not files:
+        raise InputError(f"{folder}: no images (PNG or TIFF) in this folder; put the image files there")
+    return files
+
+
+def _unique_by(files: list[Path], key) -> dict:
+    table: dict = {}
+    for path in files:
+        k = key(path)
+        if k is None:
+            continue
+        if k in table:
+            raise InputError(
+                f"{path}: same name as {table[k]}; keep one file per image (e.g. remove the copy in another format)"
+            )
+        table[k] = path
+    return table
+
+
+def _missing_masks_error(missing: list[tuple[Path, str]]) -> InputError:
+    image, expected = missing[0]
+    more = f" ({len(missing) - 1} more images have no mask)" if len(missing) > 1 else ""
+    return InputError(
+        f"{image}: no mask found; expected {expected}{more}. Add the masks, remove the unannotated images, "
+        "or allow images without masks"
+    )
+
+
+def _mask_stems(stem: str) -> list[str]:
+    """Mask file stems accepted for an image stem: the same, with a suffix, or with img -> mask."""
+    candidates = [stem + suffix for suffix in MASK_SUFFIXES]
+    lower = stem.lower()
+    for word in _IMAGE_WORDS:
+        at = lower.find(word)
+        if at >= 0:
+            candidates += [stem[:at] + new + stem[at + len(word) :] for new in _MASK_WORDS]
+            break
+    return candidates
+
+
+def _folder_pairs(image_dir: Path, mask_dir: Path, allow_missing_masks: bool, prefix: str = "") -> list[ImagePair]:
+    images = _unique_by(_nonempty_images(image_dir), lambda p: p.stem)
+    masks = _unique_by(_nonempty_images(mask_dir), lambda p: p.stem)
+    pairs, missing, used = [], [], set()
+    for stem, image in images.items():
+        mask = next((masks[c] for c in _mask_stems(stem) if c in masks), None)
+        if mask is None:
+            missing.append((image, f"{mask_dir / stem}.png or .tif"))
+        else:
+            used.add(mask)
+        pairs.append(ImagePair(image, mask, prefix + stem))
+    if missing and not allow_missing_masks:
+        raise _missing_masks_error(missing)
+    unused = sorted(set(masks.values()) - used)
+    if unused:
+        warnings.warn(f"masks without an image are ignored: {_listing(unused)}", stacklevel=3)
+    return pairs
+
+
+def _ctc_pairs(
+    image_dir: Path, mask_dir: Path | None, allow_missing_masks: bool, prefix: str = ""
+) -> list[ImagePair]:
+    def number(pattern: re.Pattern) -> Callable[[Path], int | None]:
+        def key(path: Path) -> int | None:
+            match = pattern.match(path.stem)
+            return int(match.group(1)) if match else None
+
+        return key
+
+    images = _unique_by(_nonempty_images(image_dir), number(_CTC_IMAGE))
+    if not images:
+        raise InputError(f"{image_dir}: no frames named tNNN.tif; Cell Tracking Challenge images are t000.tif, t001.tif, ...")
+    masks = _unique_by(_nonempty_images(mask_dir), number(_CTC_MASK)) if mask_dir is not None else {}
+    orphans = sorted(masks[k] for k in set(masks) - set(images))
+    if orphans:
+        raise InputError(f"{orphans[0]}: mask without an image (expected {image_dir}/t{orphans[0].stem[7:]}.tif)")
+    pairs = []
+    for index in sorted(images):
+        mask = masks.get(index)
+        if mask is None and not allow_missing_masks:
+            continue  # CTC truth annotates only some frames; the others are simply not training data
+        pairs.append(ImagePair(images[index], mask, prefix + images[index].stem))
+    if not pairs:
+        where = mask_dir if mask_dir is not None else image_dir
+        raise InputError(f"{where}: no man_segNNN.tif masks match the frames in {image_dir}")
+    return pairs
+
+
+def _ctc_truth_dir(root: Path, sequence: str, truth: CtcTruth) -> Path | None:
+    gold, silver = root / f"{sequence}_GT" / "SEG", root / f"{sequence}_ST" / "SEG"
+    order = {"auto": (gold, silver), "gold": (gold,), "silver": (silver,)}[truth]
+    return next((d for d in order if d.is_dir()), None)
+
+
+def _ctc_release(root: Path, allow_missing_masks: bool, truth: CtcTruth) -> list[ImagePair] | None:
+    sequences = sorted(
+        d.name for d in root.iterdir() if d.is_dir() and _CTC_SEQUENCE.match(d.name)
+        and ((root / f"{d.name}_GT").is_dir() or (root / f"{d.name}_ST").is_dir())
+    )
+    if not sequences:
+        return None
+    pairs = []
+    for sequence in sequences:
+        mask_dir = _ctc_truth_dir(root, sequence, truth)
+        if mask_dir is None and not allow_missing_masks:
+            continue
+        pairs += _ctc_pairs(root / sequence, mask_dir, allow_missing_masks, prefix=f"{sequence}_")
+    if not pairs:
+        kind = {"auto": "_GT/SEG or _ST/SEG", "gold": "_GT/SEG", "silver": "_ST/SEG"}[truth]
+        raise InputError(f"{root}: no segmentation truth found; expected folders such as {sequences[0]}{kind}")
+    return pairs
+
+
+def _mask_dir(root: Path) -> Path | None:
+    return next((root / name for name in MASK_FOLDERS if (root / name).is_dir()), None)
+
+
+def _is_ctc_flat(mask_dir: Path) -> bool:
+    return any(_CTC_MASK.match(p.stem) for p in list_images(mask_dir))
+
+
+def find_pairs(
+    root: str | os.PathLike,
+    *,
+    allow_missing_masks: bool = False,
+    ctc_truth: CtcTruth = "auto",
+) -> list[ImagePair]:
+    """Detect the dataset layout under `root` and list its image/mask pairs, sorted by name.
+
+    Args:
+        root: dataset folder (see the module docstring for the layouts).
+        allow_missing_masks: keep images that have no mask (with ``mask=None``) instead of raising.
+            In the Cell Tracking Challenge layout, frames without truth are skipped unless this is set.
+        ctc_truth: for the CTC release layout, "gold" (``01_GT/SEG``), "silver" (``01_ST/SEG``) or
+            "auto" (gold where the folder exists, else silver).
+
+    Raises:
+        InputError: no layout matches (the message lists what was looked for), an empty folder,
+            an image without a mask, or two files with the same name.
+
+    Example:
+        >>> pairs = find_pairs(data_root() / "isbi2012")  # doctest: +SKIP
+        >>> pairs[0].name, pairs[0].mask.name  # doctest: +SKIP
+        ('00', '00.png')
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder; give the dataset folder (containing images/ and masks/)")
+    if ctc_truth not in ("auto", "gold", "silver"):
+        raise InputError(f"ctc_truth must be 'auto', 'gold' or 'silver' (got {ctc_truth!r})")
+    train = root / "train"
+    if (train / "images").is_dir() and (train / "labels").is_dir():
+        return _sorted(_folder_pairs(train / "images", train / "labels", allow_missing_masks))
+    ctc = _ctc_release(root, allow_missing_masks, ctc_truth)
+    if ctc is not None:
+        return _sorted(ctc)
+    image_dir, mask_dir = root / "images", _mask_dir(root)
+    if image_dir.is_dir() and mask_dir is not None:
+        if _is_ctc_flat(mask_dir):
+            return _sorted(_ctc_pairs(image_dir, mask_dir, allow_missing_masks))
+        return _sorted(_folder_pairs(image_dir, mask_dir, allow_missing_masks))
+    if image_dir.is_dir() and allow_missing_masks:
+        return [ImagePair(p, None, p.stem) for p in _nonempty_images(image_dir)]
+    raise InputError(
+        f"{root}: no dataset layout found. Looked for: images/ with masks/ or labels/ (files matched by name); "
+        "train/images/ with train/labels/ (ISBI 2012); 01/tNNN.tif with 01_GT/SEG/ or 01_ST/SEG/man_segNNN.tif "
+        "(Cell Tracking Challenge). Arrange the files in one of these layouts"
+    )
+
+
+def _sorted(pairs: list[ImagePair]) -> list[ImagePair]:
+    return sorted(pairs, key=lambda p: p.name)
+
+
+def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray:
+    """Validate a label image read from `path` and return it as 2D integer labels.
+
+    Accepted: bool or integer (H, W) arrays with values >= 0: binary masks ({0, v}) or instance
+    labels (0 = background); float arrays holding whole numbers; RGB(A) arrays whose colour channels
+    are all equal (a grayscale mask saved as RGB).
+
+    Raises:
+        InputError naming `path` for colour (RGB) masks, fractional or non-finite values, negative
+        values, and anti-aliased binary masks (two values cover almost all pixels; a few others sit
+        only on the edges between them).
+
+    Example:
+        >>> check_mask(np.array([[0, 255], [255, 0]], np.uint8)).tolist()
+        [[0, 255], [255, 0]]
+    """
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        colour = arr[..., :3]
+        opaque = arr.shape[-1] == 3 or np.all(arr[..., 3] == arr[..., 3].flat[0])
+        if not (opaque and np.all(colour == colour[..., :1])):
+            raise InputError(
+                f"{path}: mask is a colour (RGB) image; save it as a single-channel label image "
+                "(0 = background, 1, 2, ... = objects, or a binary 0/255 mask)"
+            )
+        arr = colour[..., 0]
+    if arr.ndim != 2:
+        raise InputError(f"{path}: mask must be a 2D label image, got shape {arr.shape}; save one 2D mask per file")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise InputError(
+                f"{path}: mask has fractional values ({arr.dtype}); it looks like a probability map or a resized "
+                "mask. Threshold it, or save integer labels (0 = background, 1, 2, ... = objects)"
+            )
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{path}: mask has unsupported type {arr.dtype}; save an 8- or 16-bit integer image")
+    if arr.size and arr.min() < 0:
+        raise InputError(
+            f"{path}: mask has negative values (min {arr.min()}); use 0 for background and positive labels"
+        )
+    if _looks_antialiased(arr):
+        raise InputError(
+            f"{path}: looks like an anti-aliased binary mask (almost all pixels are 0 or {arr.max()}, "
+            "with a few intermediate values on the edges); re-save it without anti-aliasing or threshold it"
+        )
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.int64)
+    if arr.size and arr.max() > np.iinfo(np.int32).max:
+        _, inverse = np.unique(arr, return_inverse=True)  # compact huge IDs (0 stays 0)
+        arr = inverse.reshape(arr.shape)
+    return arr
+
+
+def _looks_antialiased(arr: np.ndarray) -> bool:
+    """Binary mask plus a rim of intermediate values between its two levels."""
+    if arr.size == 0:
+        return False
+    top = arr.max()
+    between = (arr > 0) & (arr < top)
+    count = int(np.count_nonzero(between))
+    if count == 0 or count > 0.1 * arr.size:
+        return False
+    # An anti-aliased rim lies between the two levels, so nearly all its pixels are near both; in an
+    # instance image, objects with intermediate labels have interiors away from label `top`.
+    near = np.ones((5, 5), bool)
+    near_zero = ndi.binary_dilation(arr == 0, structure=near)
+    near_top = ndi.binary_dilation(arr == top, structure=near)
+    rim = np.count_nonzero(between & near_zero & near_top)
+    return rim >= 0.9 * count and np.count_nonzero(arr == top) > count
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read and validate a mask file (see `check_mask`); returns 2D integer labels.
+
+    Example:
+        >>> mask = read_mask("masks/a.png")  # doctest: +SKIP
+    """
+    return check_mask(read_image(path), path)

@@ -1,0 +1,91 @@
+"""Deterministic training/validation splits of a dataset (validation images are never trained on)."""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import numpy as np
+
+from ..errors import InputError
+
+T = TypeVar("T")
+
+
+def _keys(item) -> set[str]:
+    """Names an item can be referred to by: its name, and for pairs the image file name and stem."""
+    keys = {str(item.name)}
+    image = getattr(item, "image", None)
+    if hasattr(image, "name") and hasattr(image, "stem"):
+        keys |= {image.name, image.stem}
+    return keys
+
+
+def split_pairs(
+    pairs: Sequence[T],
+    val: float | int | str | Sequence[str] = 0.2,
+    seed: int = 0,
+) -> tuple[list[T], list[T]]:
+    """Split image pairs (or samples: anything with a `.name`) into training and validation lists.
+
+    Args:
+        pairs: the items to split; their order is kept in both outputs.
+        val: a fraction in [0, 1) of the items (at least one when > 0), a count (int), or the names
+            of the validation items (pair/sample names, image file names or stems).
+        seed: for a fraction or count, the random choice depends only on `seed` and the set of names
+            (not on their order), so the same data gives the same split every time.
+
+    Raises:
+        InputError: unknown names, a fraction outside [0, 1), or an empty training set.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from unetkit.data import ImagePair
+        >>> pairs = [ImagePair(Path(f"{i}.png"), Path(f"m/{i}.png"), str(i)) for i in range(10)]
+        >>> train, val = split_pairs(pairs, val=["3", "7.png"])
+        >>> [p.name for p in val], len(train)
+        (['3', '7'], 8)
+    """
+    items = list(pairs)
+    names = [str(item.name) for item in items]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two images are both named {duplicate!r}; image names must be unique to split them")
+    if isinstance(val, str):
+        val = [val]
+    if isinstance(val, (bool, np.bool_)):
+        raise InputError(f"val must be a fraction, a count or a list of image names (got {val!r})")
+    if isinstance(val, (int, np.integer)):
+        if val < 0:
+            raise InputError(f"val count must be >= 0 (got {val})")
+        chosen = _random_choice(names, int(val), seed)
+    elif isinstance(val, (float, np.floating)):
+        if not 0.0 <= val < 1.0:
+            raise InputError(f"val fraction must be in [0, 1) (got {val}); use an int for a number of images")
+        count = 0 if val == 0 else max(1, int(round(val * len(items))))
+        chosen = _random_choice(names, count, seed)
+    else:
+        wanted = [str(v) for v in val]
+        chosen = set()
+        for name in wanted:
+            matches = [i for i, item in enumerate(items) if name in _keys(item)]
+            if not matches:
+                raise InputError(
+                    f"validation image {name!r} is not in the dataset; known names: {', '.join(sorted(names)[:10])}"
+                    + (" ..." if len(names) > 10 else "")
+                )
+            chosen.update(matches)
+    train = [item for i, item in enumerate(items) if i not in chosen]
+    validation = [item for i, item in enumerate(items) if i in chosen]
+    if not train:
+        raise InputError(
+            f"the validation split takes all {len(items)} image(s), leaving none for training; "
+            "use a smaller validation fraction or fewer validation images, or add images"
+        )
+    return train, validation
+
+
+def _random_choice(names: list[str], count: int, seed: int) -> set[int]:
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    rng = np.random.default_rng(seed)
+    picked = rng.permutation(len(names))[:count]
+    return {order[int(k)] for k in picked}
