@@ -229,3 +229,92 @@ def predict_plan(model: UNet, image_shape: Sequence[int], tile_size: int | tuple
     shape = (int(image_shape[-2]), int(image_shape[-1]))
     tile_shape = as_pair(tile_size) if tile_size is not None else choose_tile_shape(model, shape)
     return plan_tiles(shape, model.geometry, tile_shape)
+
+
+def segment_files(
+    inputs: Sequence,
+    checkpoint,
+    out,
+    *,
+    tta: bool = False,
+    tile_size: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    threshold: float = 0.5,
+    labels: str = "instances",
+    watershed: bool = False,
+    min_size: int = 0,
+    fill_holes: bool = True,
+    ctc: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> list:
+    """Segment image files with a checkpoint; writes NAME_probabilities.tif and NAME_labels.tif.
+
+    Probabilities are float32 (n_classes, H, W); labels are uint16 instance ids (or uint8 0/1
+    with `labels="binary"`). Existing files are never replaced unless `force`; every output name
+    is checked before any work starts.
+
+    Example:
+        >>> segment_files(["cells.tif"], "run/best.pt", "predictions")  # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .io import IMAGE_SUFFIXES, list_images, read_image, write_tiff
+    from .postprocess import probabilities_to_instances, write_ctc_masks
+    from .train import resolve_device
+
+    if labels not in ("instances", "binary"):
+        raise InputError(f"--labels must be 'instances' or 'binary' (got {labels!r})")
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"--threshold must be in [0, 1] (got {threshold})")
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise InputError(f"{item}: no PNG or TIFF images in this folder")
+            files.extend(found)
+        elif item.is_file():
+            if item.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InputError(f"{item}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            files.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    stems = [f.stem for f in files]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise InputError(f"several inputs share the name(s) {duplicates}; their outputs would collide, predict them separately")
+    loaded = load_checkpoint(checkpoint)
+    net = loaded.model
+    if tile_size is not None:
+        net.geometry.check(tile_size, "--tile-size")
+    out = Path(out)
+    targets = [(out / f"{f.stem}_probabilities.tif", out / f"{f.stem}_labels.tif") for f in files]
+    if not force:
+        existing = [str(p) for pair in targets for p in pair if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} (and {len(existing) - 1} more) already exist; use --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    all_labels = []
+    for path, (prob_path, label_path) in tqdm(list(zip(files, targets)), disable=not progress, desc="images", unit="image"):
+        image = loaded.normalization(read_image(path))
+        if image.shape[0] != net.in_channels:
+            raise InputError(f"{path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
+        probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=resolve_device(device))
+        foreground = probabilities[1:].sum(0) if net.n_classes > 2 else probabilities[-1]
+        if labels == "binary":
+            label_image = (foreground > threshold).astype(np.uint8)
+        else:
+            label_image = probabilities_to_instances(
+                foreground, threshold=threshold, method="watershed" if watershed else "components",
+                min_size=min_size, fill_holes=fill_holes,
+            ).astype(np.uint16)
+        written.append(write_tiff(prob_path, probabilities, force=force))
+        written.append(write_tiff(label_path, label_image, force=force))
+        all_labels.append(label_image)
+    if ctc:
+        written.extend(write_ctc_masks(all_labels, out / "ctc", force=force))
+    return written

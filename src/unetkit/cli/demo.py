@@ -1,0 +1,23 @@
+"""`unetkit demo`: the main job on built-in synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the results (must be empty unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out, replacing files."),
+    seconds: float = typer.Option(120.0, help="Training time budget in seconds."),
+    seed: int = typer.Option(0, help="Random seed for data and training."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a small U-Net on synthetic touching cells, segment a held-out image, score it, draw it."""
+    from ..demo import DemoSettings, run_demo
+
+    run_demo(out, force=force, settings=DemoSettings(seconds=seconds, seed=seed), progress=progress)

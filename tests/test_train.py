@@ -1,0 +1,120 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from unetkit.augment import AugmentConfig
+from unetkit.checkpoint import load_checkpoint, save_checkpoint
+from unetkit.data import Normalization, make_sample
+from unetkit.errors import InputError
+from unetkit.synthetic import synthetic_dataset
+from unetkit.train import TrainConfig, Trainer, TrainingDiverged
+
+NORM = Normalization()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [make_sample(img, lab, f"s{i}", NORM) for i, (img, lab) in enumerate(synthetic_dataset(3, shape=(64, 64), seed=3))]
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(depth=2, base_channels=4, tile_size=34, iterations=4, val_every=2, checkpoint_every=2, lr=0.01, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_run_folder_contents(samples, tmp_path):
+    summary = Trainer(tiny_config(), samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
+    run = tmp_path / "run"
+    for name in ("config.json", "log.csv", "curves.png", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert [bool(r["val_iou"]) for r in rows] == [False, True, False, True]
+    assert summary["iterations"] == 4 and 0.0 <= summary["val_iou"] <= 1.0
+    loaded = load_checkpoint(run / "last.pt")
+    assert loaded.iteration == 4 and loaded.class_names == ["background", "foreground"]
+    assert loaded.normalization == NORM and loaded.model.config["depth"] == 2
+    assert TrainConfig.from_dict(loaded.train_config) == tiny_config()
+
+
+def test_resumed_run_reaches_the_same_weights(samples, tmp_path):
+    config = tiny_config(iterations=6, checkpoint_every=3, val_every=100)
+    Trainer(config, samples, [], tmp_path / "full", normalization=NORM, progress=False).fit()
+    first = tiny_config(iterations=3, checkpoint_every=3, val_every=100)
+    Trainer(first, samples, [], tmp_path / "split", normalization=NORM, progress=False).fit()
+    Trainer(config, samples, [], tmp_path / "split", normalization=NORM, resume=True, progress=False).fit()
+    full = load_checkpoint(tmp_path / "full" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert split.iteration == full.iteration == 6
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, split.model.state_dict()[key]), key
+    rows = list(csv.DictReader(open(tmp_path / "split" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
+
+
+def test_resume_without_a_run_fails(samples, tmp_path):
+    with pytest.raises(InputError, match="nothing to resume"):
+        Trainer(tiny_config(), samples, [], tmp_path / "none", normalization=NORM, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(samples, tmp_path):
+    trainer = Trainer(tiny_config(iterations=5, checkpoint_every=2), samples, [], tmp_path / "run", normalization=NORM, progress=False)
+    real_loss = trainer.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(TrainingDiverged, match="iteration 3.*keeps iteration 2.*--lr"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt").iteration == 2
+
+
+def test_weighted_loss_and_elastic_training_learns_foreground(tmp_path):
+    pairs = synthetic_dataset(2, shape=(96, 96), seed=1)
+    samples = [make_sample(i, l, f"s{k}", NORM) for k, (i, l) in enumerate(pairs)]
+    config = tiny_config(depth=3, base_channels=8, tile_size=76, iterations=60, val_every=60, checkpoint_every=60,
+                         augment=AugmentConfig(elastic=True, rotate=False))
+    summary = Trainer(config, samples[:1], samples[1:], tmp_path / "run", normalization=NORM, progress=False).fit()
+    assert summary["val_iou"] > 0.5  # cells are brighter than the background: learnable in 60 steps
+
+
+def test_config_validation():
+    with pytest.raises(InputError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(InputError, match="iterations"):
+        TrainConfig(iterations=0)
+    with pytest.raises(InputError, match="unknown"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_illegal_tile_size_names_the_nearest(samples, tmp_path):
+    with pytest.raises(InputError, match="30 or 34"):
+        Trainer(tiny_config(tile_size=32), samples, [], tmp_path / "run", normalization=NORM)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a unetkit checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    torch.save({"some": "dict"}, tmp_path / "y.pt")
+    with pytest.raises(InputError, match="not a unetkit checkpoint"):
+        load_checkpoint(tmp_path / "y.pt")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from unetkit import UNet
+
+    net = UNet(depth=2, base_channels=2)
+    save_checkpoint(tmp_path / "m.pt", net, normalization=NORM, class_names=["bg", "cell"])
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    x = torch.rand(1, 1, 34, 34)
+    net.eval(), loaded.model.eval()
+    assert torch.equal(net(x), loaded.model(x))
+    assert loaded.class_names == ["bg", "cell"]
