@@ -220,3 +220,92 @@ def test_augmenter_rejects_bad_inputs():
         augment(image, labels.astype(np.float32), weights, rng)
     with pytest.raises(InputError, match="height and width"):
         augment(image, labels, weights[:-1], rng)
+
+
+def test_out_shape_returns_the_window_shape():
+    image, labels, weights = sample(90, 100)
+    augment = Augmenter()
+    out_image, out_labels, out_weights = augment(image, labels, weights, np.random.default_rng(0),
+                                                 out_shape=(50, 61))
+    assert out_image.shape == (2, 50, 61) and out_image.dtype == np.float32
+    assert out_labels.shape == (50, 61) and out_labels.dtype == np.int64
+    assert out_weights.shape == (50, 61) and out_weights.dtype == np.float32
+    assert set(np.unique(out_labels)) <= {0, 1, 2, 5}
+    assert out_weights.min() >= weights.min() and out_weights.max() <= weights.max()
+    assert augment(image, labels, None, np.random.default_rng(0), out_shape=(50, 61))[2] is None
+
+
+def test_out_shape_equal_to_the_input_changes_nothing():
+    image, labels, weights = sample(48, 56)
+    augment = Augmenter()
+    a = augment(image, labels, weights, np.random.default_rng(5))
+    b = augment(image, labels, weights, np.random.default_rng(5), out_shape=(48, 56))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_out_shape_without_geometry_is_the_centre_crop():
+    image, labels, weights = sample(64, 71)
+    crop = (slice(11, 53), slice(10, 60))  # (64 - 42) // 2 = 11, (71 - 50) // 2 = 10
+    out = Augmenter(AugmentConfig.disabled())(image, labels, weights, np.random.default_rng(0),
+                                              out_shape=(42, 50))
+    for before, after in zip((image[:, crop[0], crop[1]], labels[crop], weights[crop]), out):
+        np.testing.assert_array_equal(after, before)
+    gray = replace(AugmentConfig.disabled(), gamma=True, contrast=True, noise=True)
+    out_image, out_labels, out_weights = Augmenter(gray)(
+        image, labels, weights, np.random.default_rng(0), out_shape=(42, 50))
+    np.testing.assert_array_equal(out_labels, labels[crop])
+    np.testing.assert_array_equal(out_weights, weights[crop])
+    assert out_image.shape == (2, 42, 50) and not np.allclose(out_image, image[:, crop[0], crop[1]])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_out_shape_keeps_image_labels_weights_aligned(seed):
+    image, labels, weights = sample(200, 200)
+    augment = Augmenter(GEOMETRY_ONLY)
+    out_image, out_labels, out_weights = augment(image, labels, weights,
+                                                 np.random.default_rng(seed), out_shape=(128, 120))
+    interior = _interior(out_labels)
+    assert interior.mean() > 0.5
+    np.testing.assert_allclose(out_image[0][interior], out_labels[interior], atol=0.25)
+    np.testing.assert_allclose(out_image[1][interior], 10 - out_labels[interior], atol=0.25)
+    np.testing.assert_allclose(out_weights[interior], 2.0 * out_labels[interior] + 1, atol=0.5)
+
+
+def test_out_shape_elastic_grid_spans_the_window():
+    # Sampling the coordinate ramps returns the source coordinates (cubic splines reproduce linear
+    # functions; the window lies far enough from the edges for the mirror boundary not to matter).
+    shape, window, top = (140, 160), (61, 81), (39, 39)
+    ramps = np.indices(shape).astype(np.float32)
+    labels = np.zeros(shape, np.int64)
+    only = replace(AugmentConfig.disabled(), elastic=True, elastic_sigma=5.0)
+    out_image, _, _ = Augmenter(only)(ramps, labels, None, np.random.default_rng(9),
+                                      out_shape=window)
+    field = out_image - (np.indices(window) + np.array(top)[:, None, None])
+    drawn = np.random.default_rng(9).normal(0.0, 5.0, (2, 3, 3))
+    np.testing.assert_allclose(field[:, ::30, ::40], drawn, atol=1e-3)
+    assert np.abs(field).max() > 1.0
+
+
+def test_out_shape_rotations_and_flips_turn_about_the_window_centre():
+    image, labels, _ = sample(65, 66)
+    crop = (slice(12, 52), slice(13, 53))
+    only = replace(AugmentConfig.disabled(), rotate90=True, flip=True)
+    seen = set()
+    for seed in range(12):
+        out_image, out_labels, _ = Augmenter(only)(image, labels, None,
+                                                   np.random.default_rng(seed), out_shape=(40, 40))
+        candidates = _dihedral(labels[crop])
+        matches = [i for i, t in enumerate(candidates) if np.array_equal(t, out_labels)]
+        assert len(matches) == 1
+        np.testing.assert_allclose(out_image, _dihedral(image[:, crop[0], crop[1]])[matches[0]],
+                                   atol=1e-4)
+        seen.add(matches[0])
+    assert len(seen) > 2
+
+
+@pytest.mark.parametrize("out_shape", [(65, 10), (10, 0), (10,), (10.5, 10), "ab"])
+def test_out_shape_rejects_bad_values(out_shape):
+    image, labels, _ = sample()
+    with pytest.raises(InputError, match="out_shape"):
+        Augmenter()(image, labels, None, np.random.default_rng(0), out_shape=out_shape)

@@ -66,10 +66,10 @@ def test_predict_writes_probabilities_and_labels(run, dataset, tmp_path):
 def test_bad_input_is_one_line_and_exit_2(run, dataset, tmp_path, capsys):
     cases = [
         (["train", "--data", str(dataset), "--out", str(run), *TINY], "not empty"),
-        (["train", "--data", str(dataset), "--out", str(tmp_path / "r1"), "--tile-size", "36", "--no-progress"], "34 or 38"),
+        (["train", "--data", str(dataset), "--out", str(tmp_path / "r1"), "--depth", "2", "--tile-size", "35", "--no-progress"], "34 or 36"),
         (["train", "--data", str(tmp_path), "--out", str(tmp_path / "r2"), *TINY], str(tmp_path)),
         (["predict", "--model", str(dataset / "images" / "cell0.tif"), str(dataset / "images"), "--out", str(tmp_path / "p")], "not a unetkit checkpoint"),
-        (["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"), "--tile-size", "36"], "34 or 38"),
+        (["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"), "--tile-size", "35"], "34 or 36"),
         (["train", "--resume", str(tmp_path)], "not a run folder"),
     ]
     for argv, message in cases:

@@ -95,8 +95,8 @@ def test_config_validation():
 
 
 def test_illegal_tile_size_names_the_nearest(samples, tmp_path):
-    with pytest.raises(InputError, match="30 or 34"):
-        Trainer(tiny_config(tile_size=32), samples, [], tmp_path / "run", normalization=NORM)
+    with pytest.raises(InputError, match="32 or 34"):
+        Trainer(tiny_config(tile_size=33), samples, [], tmp_path / "run", normalization=NORM)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -8,6 +8,8 @@ is resampled once. Conventions:
   Float arrays (images, weight maps) are sampled with cubic splines (order 3) and clipped to the
   array's original value range, so weight maps stay non-negative and intensities don't overshoot.
 * Outside the image the content is mirrored (`scipy.ndimage` mode "mirror": d c b | a b c d).
+* With `out_shape`, the transform is defined on an `out_shape` window centred in the input (the
+  extra input around it is context): only the window's pixels are resampled and returned.
 * Elastic deformation as in the paper: displacement vectors on a coarse `grid` x `grid` grid whose
   corners are the image's corner pixels, drawn from N(0, sigma^2) pixels per component, and
   interpolated to every pixel by bicubic spline interpolation (tensor-product cubic B-spline that
@@ -254,14 +256,38 @@ def _pair(name: str, value: Any, positive: bool) -> tuple[float, float]:
     return low, high
 
 
+def _window_start(shape: tuple[int, int], out_shape: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of the `out_shape` window centred in `shape`."""
+    return (shape[0] - out_shape[0]) // 2, (shape[1] - out_shape[1]) // 2
+
+
+def _out_shape(out_shape: Any, shape: tuple[int, int]) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in out_shape)
+        valid = (height, width) == tuple(out_shape)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid or not (1 <= height <= shape[0] and 1 <= width <= shape[1]):
+        raise InputError(
+            f"out_shape must be two integers (h, w) with 1 <= h <= {shape[0]} and "
+            f"1 <= w <= {shape[1]} (the input's height and width), got {out_shape!r}"
+        )
+    return height, width
+
+
 class Augmenter:
     """Random augmentation of (image, labels, weights) samples, as configured.
 
     The geometric part (elastic deformation, rotation, 90-degree rotation, flips, shift) is one
     coordinate map, applied once per array: the image with cubic splines (clipped to its range),
     the labels with nearest neighbour, the weights with cubic splines (clipped, so non-negative).
-    The gray-value part changes the image only. Only the given `rng` is used, so a seeded
-    generator reproduces the result; the object holds no state besides its config and pickles.
+    The map covers the output window: the whole array, or with ``out_shape`` a window of that
+    shape centred in the input. The elastic grid spans that window (its corners are the window's
+    corners) and rotations and flips turn about its centre; the source coordinates may reach
+    into the surrounding input, with mirroring beyond the input's edges. The gray-value part
+    changes the output image only, using its own statistics. Only the given `rng` is used, so a
+    seeded generator reproduces the result; the object holds no state besides its config and
+    pickles.
 
     Example:
         >>> import numpy as np
@@ -274,6 +300,8 @@ class Augmenter:
         >>> b = augment(image, labels, weights, np.random.default_rng(3))
         >>> all(np.array_equal(x, y) for x, y in zip(a, b))
         True
+        >>> augment(image, labels, weights, np.random.default_rng(3), out_shape=(32, 40))[0].shape
+        (1, 32, 40)
     """
 
     def __init__(self, config: Optional[AugmentConfig] = None) -> None:
@@ -282,15 +310,19 @@ class Augmenter:
     def __repr__(self) -> str:
         return f"Augmenter({self.config!r})"
 
-    def _geometric(self, shape: tuple[int, int], rng: np.random.Generator) -> Optional[np.ndarray]:
-        """Source coordinates (2, H, W) of every output pixel, or None for the identity."""
+    def _geometric(
+        self, shape: tuple[int, int], out_shape: tuple[int, int], rng: np.random.Generator
+    ) -> Optional[np.ndarray]:
+        """Source coordinates in the `shape` input (2, *out_shape) of every pixel of the centred
+        `out_shape` window, or None for the identity."""
         c = self.config
         if not (c.elastic or c.rotate or c.rotate90 or c.flip or c.shift):
             return None
-        height, width = shape
-        coords = np.indices(shape, dtype=np.float64)
+        height, width = out_shape
+        top = np.array(_window_start(shape, out_shape), np.float64)
+        coords = np.indices(out_shape, dtype=np.float64)
         if c.elastic:
-            coords += displacement_field(shape, rng, c.elastic_grid, c.elastic_sigma)
+            coords += displacement_field(out_shape, rng, c.elastic_grid, c.elastic_sigma)
         matrix = np.eye(2)
         if c.flip:
             matrix = np.diag(np.where(rng.random(2) < 0.5, -1.0, 1.0)) @ matrix
@@ -304,9 +336,13 @@ class Augmenter:
         offset = np.zeros(2)
         if c.shift:
             offset = rng.uniform(-c.shift_pixels, c.shift_pixels, 2)
-        centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])[:, None, None]
-        # Source = M (p + u(p) - centre) + centre + shift.
-        return np.einsum("ab,bij->aij", matrix, coords - centre) + centre + offset[:, None, None]
+        centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
+        # Source = M (p + u(p) - centre) + centre + top + shift, p in window coordinates.
+        return (
+            np.einsum("ab,bij->aij", matrix, coords - centre[:, None, None])
+            + (centre + top)[:, None, None]
+            + offset[:, None, None]
+        )
 
     def _gray(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         c = self.config
@@ -336,6 +372,8 @@ class Augmenter:
         labels: np.ndarray,
         weights: Optional[np.ndarray],
         rng: np.random.Generator,
+        *,
+        out_shape: Optional[tuple[int, int]] = None,
     ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """Augment one sample.
 
@@ -344,9 +382,13 @@ class Augmenter:
             labels: (H, W) int64 class targets.
             weights: (H, W) float32 weight map, or None.
             rng: the generator all random draws come from.
+            out_shape: (h, w) <= (H, W): augment only the centred window of this shape (top-left
+                corner ``((H - h) // 2, (W - w) // 2)``), using the rest as context; None for
+                the whole array.
 
         Returns:
-            (image float32 (C, H, W), labels int64 (H, W), weights float32 (H, W) or None).
+            (image float32 (C, h, w), labels int64 (h, w), weights float32 (h, w) or None), with
+            (h, w) = out_shape, or (H, W) without it.
         """
         image = np.asarray(image, dtype=np.float32)
         labels = np.asarray(labels)
@@ -360,14 +402,17 @@ class Augmenter:
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float32)
             arrays.append(weights)
-        _check_arrays(tuple(arrays))
-        coords = self._geometric(labels.shape, rng)
+        shape = _check_arrays(tuple(arrays))
+        window = shape if out_shape is None else _out_shape(out_shape, shape)
+        coords = self._geometric(shape, window, rng)
         if coords is not None:
             image, labels = _resample(image, coords), _resample(labels, coords)
             if weights is not None:
                 weights = _resample(weights, coords)
         else:
-            image, labels = image.copy(), labels.copy()
-            weights = None if weights is None else weights.copy()
+            (y0, x0), (h, w) = _window_start(shape, window), window
+            crop = (slice(y0, y0 + h), slice(x0, x0 + w))
+            image, labels = image[(slice(None),) + crop].copy(), labels[crop].copy()
+            weights = None if weights is None else weights[crop].copy()
         image = self._gray(image, rng)
         return image, labels.astype(np.int64, copy=False), weights

@@ -117,6 +117,53 @@ def test_augmented_tiles_are_deterministic_and_keep_labels():
     assert (a["weights"] >= 0).all()
 
 
+@pytest.mark.parametrize("padding, tile", [("valid", (44, 60)), ("same", 32)])
+def test_augmenter_is_given_the_tile_shape(padding, tile):
+    from unetkit.augment import AugmentConfig, Augmenter
+
+    geometry = Geometry(depth=3, padding=padding)
+    augmenter = Augmenter(AugmentConfig(elastic_sigma=3.0))
+    ds = TileDataset([_sample()], geometry, tile, augmenter=augmenter, length=3, seed=2)
+    plain = TileDataset([_sample()], geometry, tile, length=3, seed=2)
+    assert ds.augment_window
+    for i in range(3):
+        a, b = ds[i], ds[i]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(a[k].shape == plain[i][k].shape for k in a)
+
+
+def test_geometry_free_augmenters_return_the_unaugmented_tile():
+    # With no geometric transform the tile must be exactly the one cut without augmentation, both
+    # when the augmenter resamples only the tile (out_shape) and when it gets the whole grown window.
+    from unetkit.augment import AugmentConfig, Augmenter
+
+    received = []
+
+    def identity(image, target, weights, rng):
+        received.append(image.shape)
+        return image, target, weights
+
+    def identity_kwargs(image, target, weights, rng, **options):
+        received.append(options["out_shape"])
+        return image, target, weights
+
+    geometry = Geometry(depth=3)
+    plain = TileDataset([_aligned_sample()], geometry, (44, 60), length=6, seed=4)
+    window = Augmenter(AugmentConfig.disabled())
+    for augmenter, uses_window in ((window, True), (identity, False)):
+        ds = TileDataset([_aligned_sample()], geometry, (44, 60), augmenter=augmenter, length=6,
+                         seed=4, margin=7)
+        assert ds.augment_window is uses_window
+        for i in range(len(ds)):
+            a, b = ds[i], plain[i]
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert received[0] == (1, 58, 74)  # the tile grown by the margin
+    ds = TileDataset([_sample()], geometry, (44, 60), augmenter=identity_kwargs, length=1)
+    assert ds.augment_window
+    ds[0]
+    assert received[-1] == (44, 60)
+
+
 def test_loader_yields_the_requested_range_in_order():
     ds = TileDataset([_aligned_sample()], Geometry(depth=3), 44, length=10, seed=2)
     batches = list(get_tile_loader(ds, batch_size=2, start=3, stop=8))

@@ -8,6 +8,7 @@ start..stop-1 in order; all randomness lives inside the items.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -49,6 +50,19 @@ def _tile_shape(tile_size: TileSize) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def _takes_out_shape(augmenter: Any) -> bool:
+    """Whether `augmenter` accepts an ``out_shape`` keyword (explicitly or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(augmenter).parameters.values()
+    except (TypeError, ValueError):  # no signature available (some builtins and extensions)
+        return False
+    return any(
+        (p.name == "out_shape" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        or p.kind is p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
 def augment_margin(augmenter: Any, tile_shape: tuple[int, int]) -> int:
     """Extra context (pixels per side) so the augmenter's transforms never sample outside real data.
 
@@ -85,14 +99,20 @@ class TileDataset(Dataset):
     output window (o = ``geometry.output_size(T)``) inside it (an image smaller than the window is
     mirrored around it). The input window is the output window grown by the network's border on each
     side (``padding="valid"``) or the window itself (``padding="same"``), read with mirroring at
-    the image edges. With an augmenter, a larger window (see `augment_margin`) is augmented jointly
-    (image, target, weights) and then centre-cropped.
+    the image edges. With an augmenter, the input window grown by `augment_margin` is extracted
+    and augmented jointly (image, target, weights); target and weights are then centre-cropped to
+    the output window. An augmenter that accepts ``out_shape`` (like ``Augmenter``) is called with
+    ``out_shape=tile_shape``: its transform (the elastic grid included) spans the input tile, the
+    margin is context it may sample from, and only the tile's pixels are resampled. Any other
+    callable augments the whole grown window, which is then centre-cropped to the tile. Which of
+    the two applies is read from the augmenter's signature once (``augment_window``).
 
     Args:
         samples: annotated samples (`load_samples`); all with the same number of channels.
         geometry: the model's `Geometry` (or the model itself).
         tile_size: input tile size T, or (height, width); must be legal for the geometry.
-        augmenter: ``Augmenter`` or any callable (image, target, weights, rng) -> same; None for none.
+        augmenter: ``Augmenter`` or any callable (image, target, weights, rng) -> same, optionally
+            taking an ``out_shape`` keyword; None for none.
         length: number of items (``len(dataset)``).
         seed: non-negative; item i uses ``np.random.default_rng([seed, i])``.
         margin: override the augmentation margin (pixels per side).
@@ -134,6 +154,7 @@ class TileDataset(Dataset):
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         self.length, self.seed = int(length), int(seed)
         self.augmenter = augmenter
+        self.augment_window = augmenter is not None and _takes_out_shape(augmenter)
         self.margin = augment_margin(augmenter, self.tile_shape) if margin is None else int(margin)
         if self.margin < 0:
             raise InputError(f"margin must be >= 0, got {margin}")
@@ -184,7 +205,12 @@ class TileDataset(Dataset):
         weights = extract_region(sample.weights, iy, ix, h, w)
         if self.augmenter is not None:
             # extract_region may return views of the sample; the augmenter must not change the sample.
-            image, target, weights = self.augmenter(image.copy(), target.copy(), weights.copy(), rng)
+            arrays = image.copy(), target.copy(), weights.copy()
+            if self.augment_window:
+                image, target, weights = self.augmenter(*arrays, rng, out_shape=self.tile_shape)
+                m = 0  # the augmenter returned the tile itself
+            else:
+                image, target, weights = self.augmenter(*arrays, rng)
         image = image[:, m : m + th, m : m + tw]
         target = target[m + dy : m + dy + oh, m + dx : m + dx + ow]
         weights = weights[m + dy : m + dy + oh, m + dx : m + dx + ow]
@@ -270,4 +296,7 @@ def get_tile_loader(
         sampler=RangeSampler(start, stop),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # The loader seeds its workers from this generator, not from torch's global one, so starting
+        # a loader (as a resumed run does) leaves the global random stream (dropout) untouched.
+        generator=torch.Generator().manual_seed(0),
     )
