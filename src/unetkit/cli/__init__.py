@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="unetkit", standalone_mode=False)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         typer.echo(f"unetkit: error: {exc}", err=True)
         return 2

@@ -1,0 +1,61 @@
+"""`unetkit evaluate`: score a folder of predictions against a folder of ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..evaluate import DEFAULT_METRICS, METRICS, evaluate_folders
+from ..io import atomic_write
+from . import app
+
+_METRICS_HELP = "comma-separated, from: " + "; ".join(f"{name} = {m.description}" for name, m in METRICS.items())
+
+
+@app.command("evaluate")
+def evaluate_command(
+    pred: Annotated[
+        Path,
+        typer.Option(
+            "--pred",
+            help="folder of predictions: float probability TIFFs (H, W) or (C, H, W) as `unetkit predict` writes, "
+            "or label images (binary or instance)",
+        ),
+    ],
+    gt: Annotated[
+        Path,
+        typer.Option(
+            "--gt",
+            help="folder of ground truth: binary masks {0,255} or {0,1} (255 = cell interior) or instance labels; "
+            "paired by name, else by trailing number (mask000 <-> man_seg000)",
+        ),
+    ],
+    metrics: Annotated[str, typer.Option("--metrics", help=_METRICS_HELP)] = ",".join(DEFAULT_METRICS),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="also write every score to this JSON file")] = None,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            help="probability above which a pixel is cell interior (pixel, warping, dice, iou, objects); "
+            "rand and pixel_f always take the best of 0.0, 0.1, ..., 1.0",
+        ),
+    ] = 0.5,
+    channel: Annotated[int, typer.Option("--channel", help="foreground channel of (C, H, W) probability maps")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing --json file")] = False,
+) -> None:
+    """Score predictions with the challenges' metrics; print a table per image and overall."""
+    if json_path is not None and json_path.exists() and not force:
+        raise FileExistsError(f"{json_path}: already exists; use --force to overwrite it")
+    result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel)
+    typer.echo(result.table())
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if result.unpaired_predictions:
+        typer.echo(f"note: {len(result.unpaired_predictions)} prediction(s) without ground truth were skipped")
+    if json_path is not None:
+        text = json.dumps(result.to_dict(), indent=2)
+        atomic_write(json_path, lambda p: p.write_text(text + "\n"), force=force)
+        typer.echo(f"wrote {json_path}")

@@ -1,0 +1,372 @@
+"""Score a folder of predictions against a folder of ground truth, per image and overall.
+
+Pairing: files are paired by name stem (img01.tif <-> img01.png); ground-truth files left over are
+paired by their trailing number (Cell Tracking Challenge: mask000.tif <-> man_seg000.tif). Every
+ground-truth file needs a prediction; predictions without ground truth (frames the challenge did
+not annotate) are listed and skipped.
+
+Predictions: float TIFFs are probability maps in [0, 1], either (H, W) or (C, H, W) as written by
+`unetkit predict` (foreground = channel `channel`, 1 by default); integer images are label images
+(binary or instance). Ground truth: binary masks {0, 255} or {0, 1} (ISBI: 255 = cell interior)
+or instance labels.
+
+Metrics on binary maps (pixel, pixel_f, rand, warping, dice, iou) read probabilities directly.
+Object metrics (seg, ap, adapted_rand, vi) need instances: a probability map becomes 4-connected
+components of `probability > threshold`, a binary label image its 4-connected components, an
+instance image stays as it is. "Overall" pools each metric over all images the way its
+challenge aggregates (see `unetkit.metrics`), it is not a mean of the per-image rows.
+
+Example:
+    >>> result = evaluate_folders("pred/", "gt/", metrics=("pixel", "seg"))  # doctest: +SKIP
+    >>> print(result.table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import InputError
+from .io import list_images, read_image
+from .metrics._inputs import ISBI_THRESHOLDS, as_labels, check_probability, check_threshold, is_probability, segments
+from .metrics.objects import AP_THRESHOLDS, _ap_finish, _ap_stats, _seg_finish, _seg_stats
+from .metrics.pixel import (
+    _dice_finish,
+    _fscore_finish,
+    _fscore_stats,
+    _iou_finish,
+    _overlap_stats,
+    _pixel_finish,
+    _pixel_stats,
+)
+from .metrics.rand import _adapted_rand_finish, _adapted_rand_stats, _rand_finish, _rand_stats, _vi_finish, _vi_stats
+from .metrics.warping import _warping_finish, _warping_stats
+from .postprocess import label_components, threshold_mask
+
+PathLike = Union[str, os.PathLike]
+Score = Union[float, int, None]
+
+
+@dataclass(frozen=True)
+class _Metric:
+    description: str
+    objects: bool  # True: needs instance labels on both sides
+    stats: Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+    finish: Callable[[np.ndarray], dict[str, Score]]
+    columns: tuple[str, ...]  # keys shown in the printed table (all keys go to JSON)
+
+
+def _ap_scores(stats: np.ndarray) -> dict[str, Score]:
+    return {f"{name}@{t:g}": v for t, scores in _ap_finish(stats, AP_THRESHOLDS).items() for name, v in scores.items()}
+
+
+def _warping_scores(stats: np.ndarray) -> dict[str, Score]:
+    error, details = _warping_finish(stats)
+    return {"warping_error": error, **{f"warping_{k}": v for k, v in details.items()}}
+
+
+METRICS: dict[str, _Metric] = {
+    "pixel": _Metric(
+        "pixel error at --threshold (ISBI 2012)",
+        False,
+        _pixel_stats,
+        lambda s: {"pixel_error": _pixel_finish(s)},
+        ("pixel_error",),
+    ),
+    "pixel_f": _Metric(
+        "1 - maximal pixel F-score over thresholds 0.0..1.0 (ISBI 2012)",
+        False,
+        lambda p, g, t: _fscore_stats(p, g, ISBI_THRESHOLDS),
+        lambda s: {"pixel_error_fscore": min(_fscore_finish(s, ISBI_THRESHOLDS).values())},
+        ("pixel_error_fscore",),
+    ),
+    "rand": _Metric(
+        "Rand error, best over thresholds 0.0..1.0 (ISBI 2012)",
+        False,
+        lambda p, g, t: _rand_stats(p, g, ISBI_THRESHOLDS),
+        lambda s: {"rand_error": min(_rand_finish(s, ISBI_THRESHOLDS).values())},
+        ("rand_error",),
+    ),
+    "warping": _Metric(
+        "warping error at --threshold (ISBI 2012)",
+        False,
+        _warping_stats,
+        _warping_scores,
+        ("warping_error",),
+    ),
+    "dice": _Metric("Dice of the foreground", False, _overlap_stats, lambda s: {"dice": _dice_finish(s)}, ("dice",)),
+    "iou": _Metric("IoU of the foreground", False, _overlap_stats, lambda s: {"iou": _iou_finish(s)}, ("iou",)),
+    "seg": _Metric(
+        "SEG, mean IoU of ground-truth objects (cell tracking challenge)",
+        True,
+        lambda p, g, t: _seg_stats(p, g),
+        lambda s: {"seg": _seg_finish(s)},
+        ("seg",),
+    ),
+    "ap": _Metric(
+        "AP, precision, recall, F1, PQ at IoU 0.5, 0.75, 0.9",
+        True,
+        lambda p, g, t: _ap_stats(p, g, AP_THRESHOLDS),
+        _ap_scores,
+        tuple(f"ap@{t:g}" for t in AP_THRESHOLDS),
+    ),
+    "adapted_rand": _Metric(
+        "adapted Rand error (connectomics)",
+        True,
+        lambda p, g, t: _adapted_rand_stats(p, g),
+        lambda s: {"adapted_rand_error": _adapted_rand_finish(s)},
+        ("adapted_rand_error",),
+    ),
+    "vi": _Metric(
+        "variation of information: split and merge entropies in bits",
+        True,
+        lambda p, g, t: _vi_stats(p, g),
+        lambda s: dict(zip(("vi_split", "vi_merge"), _vi_finish(s))),
+        ("vi_split", "vi_merge"),
+    ),
+}
+DEFAULT_METRICS: tuple[str, ...] = ("pixel", "rand", "warping", "dice", "seg", "ap")
+
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def parse_metrics(metrics: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """Metric names from a comma-separated string or a sequence, checked and de-duplicated."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    chosen: list[str] = []
+    for name in (n.strip().lower() for n in names):
+        if not name:
+            continue
+        if name not in METRICS:
+            raise InputError(f"--metrics: unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise InputError(f"--metrics: no metric given; choose from {', '.join(METRICS)}")
+    return tuple(chosen)
+
+
+def _trailing_number(path: Path) -> int | None:
+    match = _TRAILING_NUMBER.search(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def _names(paths: Sequence[Path], limit: int = 10) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def pair_files(pred_dir: PathLike, gt_dir: PathLike) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Pair prediction and ground-truth files; returns (pairs as (pred, gt), unpaired predictions).
+
+    Pairs by name stem first, then the remaining files by trailing number (mask000 <-> man_seg000).
+    Raises InputError listing every ground-truth file left without a prediction.
+
+    Example:
+        >>> pairs, extra = pair_files("01_RES", "01_GT/SEG")  # doctest: +SKIP
+    """
+    preds, gts = list_images(pred_dir), list_images(gt_dir)
+    if not gts:
+        raise InputError(f"{gt_dir}: no ground-truth images (PNG/TIFF) found; check --gt")
+    if not preds:
+        raise InputError(f"{pred_dir}: no prediction images (PNG/TIFF) found; check --pred")
+    for folder, files in ((pred_dir, preds), (gt_dir, gts)):
+        stems = [p.stem for p in files]
+        twins = sorted({s for s in stems if stems.count(s) > 1})
+        if twins:
+            raise InputError(f"{folder}: several files share the name {twins[0]!r} (different extensions); keep one per image")
+    pred_by_stem = {p.stem: p for p in preds}
+    pairs: dict[Path, Path] = {}
+    for g in gts:
+        if g.stem in pred_by_stem:
+            pairs[g] = pred_by_stem.pop(g.stem)
+    pred_by_number: dict[int, list[Path]] = {}
+    for p in pred_by_stem.values():
+        number = _trailing_number(p)
+        if number is not None:
+            pred_by_number.setdefault(number, []).append(p)
+    missing = []
+    for g in gts:
+        if g in pairs:
+            continue
+        number = _trailing_number(g)
+        candidates = pred_by_number.get(number, []) if number is not None else []
+        if len(candidates) == 1 and candidates[0].stem in pred_by_stem:
+            pairs[g] = pred_by_stem.pop(candidates[0].stem)
+        else:
+            missing.append(g)
+    if missing:
+        raise InputError(
+            f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {_names(missing)}; "
+            f"unmatched predictions: {_names(sorted(pred_by_stem.values())) or 'none'}. Files pair by name "
+            "(img01.tif <-> img01.png) or by trailing number (mask000.tif <-> man_seg000.tif)"
+        )
+    return [(pairs[g], g) for g in gts], sorted(pred_by_stem.values())
+
+
+def _single_channel(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 2:
+        return array
+    if np.all(array == array[..., :1]):
+        return array[..., 0]
+    raise InputError(
+        f"{path}: image of shape {array.shape} has several channels or pages; give one single-channel 2D image per file"
+    )
+
+
+def load_prediction(path: PathLike, channel: int = 1) -> np.ndarray:
+    """A prediction file as a checked 2D array: float probability of cell interior, or integer labels.
+
+    A float (C, H, W) or (H, W, C) stack gives its channel `channel` (the predict command writes
+    (n_classes, H, W) with the foreground probability at index 1).
+    """
+    path = Path(path)
+    array = read_image(path)
+    if array.ndim == 3 and is_probability(array):
+        first = array.shape[0] < array.shape[-1]
+        n = array.shape[0] if first else array.shape[-1]
+        if not 0 <= channel < n:
+            raise InputError(f"{path}: has {n} channels (shape {array.shape}); --channel {channel} is out of range")
+        array = array[channel] if first else array[..., channel]
+    array = _single_channel(array, path)
+    if is_probability(array):
+        check_probability(array, str(path))
+        return array
+    return as_labels(array, str(path))
+
+
+def load_ground_truth(path: PathLike) -> np.ndarray:
+    """A ground-truth file as a 2D label image (checked: whole numbers, never negative)."""
+    path = Path(path)
+    return as_labels(_single_channel(read_image(path), path), str(path))
+
+
+def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
+    if is_probability(array):
+        return label_components(threshold_mask(array, threshold))
+    return segments(as_labels(array, "pred"))
+
+
+@dataclass
+class Evaluation:
+    """Scores of a folder pair: one row per image, and the pooled overall scores."""
+
+    metrics: tuple[str, ...]
+    threshold: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    overall: dict[str, Score] = field(default_factory=dict)
+    unpaired_predictions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def columns(self) -> list[str]:
+        return [c for m in self.metrics for c in METRICS[m].columns]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready (undefined scores are null)."""
+        return {
+            "metrics": list(self.metrics),
+            "threshold": self.threshold,
+            "rand_thresholds": list(ISBI_THRESHOLDS),
+            "ap_iou_thresholds": list(AP_THRESHOLDS),
+            "images": self.rows,
+            "overall": self.overall,
+            "unpaired_predictions": self.unpaired_predictions,
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        """A plain-text table: one line per image, then the overall line."""
+        columns = self.columns()
+        lines = [["image", *columns]]
+        for row in self.rows:
+            lines.append([row["name"], *(_format(row["scores"].get(c)) for c in columns)])
+        lines.append(["overall", *(_format(self.overall.get(c)) for c in columns)])
+        widths = [max(len(line[k]) for line in lines) for k in range(len(columns) + 1)]
+        text = [
+            "  ".join(cell.ljust(w) if k == 0 else cell.rjust(w) for k, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines
+        ]
+        text.insert(1, "  ".join("-" * w for w in widths))
+        text.insert(-1, text[1])
+        return "\n".join(text)
+
+
+def _format(value: Score) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) or value == 0:
+        return str(int(value))
+    return f"{value:.3e}" if abs(value) < 1e-3 else f"{value:.4f}"
+
+
+def _unprefixed(exc: Exception) -> str:
+    """A metric's message without its leading argument name (the caller names the file)."""
+    return re.sub(r"^(gt|gt_labels|pred|pred_labels): ", "", str(exc))
+
+
+def _finish_or_none(metric: _Metric, stats: np.ndarray, keys: Sequence[str]) -> tuple[dict[str, Score], str | None]:
+    try:
+        return metric.finish(stats), None
+    except InputError as exc:
+        return {k: None for k in keys}, _unprefixed(exc)
+
+
+def evaluate_folders(
+    pred_dir: PathLike,
+    gt_dir: PathLike,
+    metrics: Union[str, Sequence[str]] = DEFAULT_METRICS,
+    threshold: float = 0.5,
+    channel: int = 1,
+) -> Evaluation:
+    """Score every prediction in `pred_dir` against its ground truth in `gt_dir`.
+
+    A score undefined for one image (e.g. a Rand error on a ground truth without foreground) is
+    None for that image and explained in `notes`; an overall score undefined for the whole
+    dataset raises InputError.
+
+    Example:
+        >>> result = evaluate_folders("pred", "gt", metrics="pixel,rand,seg")  # doctest: +SKIP
+        >>> result.overall["seg"]  # doctest: +SKIP
+        0.9203
+    """
+    names = parse_metrics(metrics)
+    threshold = check_threshold(threshold, "--threshold")
+    pairs, unpaired = pair_files(pred_dir, gt_dir)
+    chosen = {name: METRICS[name] for name in names}
+    totals: dict[str, np.ndarray] = {}
+    result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
+    for pred_path, gt_path in pairs:
+        pred = load_prediction(pred_path, channel)
+        gt = load_ground_truth(gt_path)
+        if pred.shape != gt.shape:
+            raise InputError(
+                f"{pred_path.name} has shape {pred.shape} but its ground truth {gt_path.name} has {gt.shape}; "
+                "predictions must have the ground truth's size"
+            )
+        try:
+            objects = (_instances(pred, threshold), segments(gt)) if any(m.objects for m in chosen.values()) else None
+            scores: dict[str, Score] = {}
+            for name, metric in chosen.items():
+                p, g = objects if metric.objects else (pred, gt)
+                stats = metric.stats(p, g, threshold)
+                totals[name] = totals[name] + stats if name in totals else stats
+                values, problem = _finish_or_none(metric, stats, metric.columns)
+                if problem:
+                    result.notes.append(f"{gt_path.name}: {name}: {problem}")
+                scores.update(values)
+        except InputError as exc:
+            raise InputError(f"{pred_path.name} vs {gt_path.name}: {exc}") from exc
+        result.rows.append({"name": gt_path.stem, "pred": str(pred_path), "gt": str(gt_path), "scores": scores})
+    for name, metric in chosen.items():
+        try:
+            result.overall.update(metric.finish(totals[name]))
+        except InputError as exc:
+            where = f"{pairs[0][1]}: " if len(pairs) == 1 else f"{gt_dir}: in all {len(pairs)} images together, "
+            raise InputError(where + _unprefixed(exc)) from exc
+    return result

@@ -1,0 +1,43 @@
+"""Segmentation metrics as the challenges of the U-Net paper define them.
+
+- ISBI 2012 EM segmentation: `pixel_error` (and `pixel_error_fscore`), `rand_error`, `warping_error`;
+- ISBI cell tracking challenge: `seg_score` (SEG, mean IoU of ground-truth objects);
+- object detection: `average_precision` (AP, precision, recall, F1, panoptic quality);
+- connectomics: `adapted_rand_error`, `variation_of_information`;
+- binary masks: `dice`, `iou`.
+
+Every metric takes one 2D image, a stack (N, H, W) or a list of 2D images; a stack is scored as a
+whole, the way each challenge aggregates (each docstring says how). Foreground is cell interior:
+probability maps (float, in [0, 1]) count where `> threshold`, label images where `> 0`.
+Ground truth is a label image: binary {0, 1} or {0, 255} (ISBI: 255 = cell interior) or instance
+labels. User mistakes raise `unetkit.errors.InputError`.
+
+Example:
+    >>> import numpy as np
+    >>> from unetkit.metrics import pixel_error, seg_score
+    >>> gt = np.zeros((4, 4), np.uint8); gt[1:3, 1:3] = 255
+    >>> pixel_error(gt / 255.0, gt), seg_score(gt // 255, gt // 255)
+    (0.0, 1.0)
+"""
+
+from ._inputs import ISBI_THRESHOLDS
+from .objects import AP_THRESHOLDS, average_precision, seg_score
+from .pixel import dice, iou, pixel_error, pixel_error_fscore
+from .rand import adapted_rand_error, rand_error, variation_of_information
+from .warping import ERROR_CLASSES, warping_error
+
+__all__ = [
+    "AP_THRESHOLDS",
+    "ERROR_CLASSES",
+    "ISBI_THRESHOLDS",
+    "adapted_rand_error",
+    "average_precision",
+    "dice",
+    "iou",
+    "pixel_error",
+    "pixel_error_fscore",
+    "rand_error",
+    "seg_score",
+    "variation_of_information",
+    "warping_error",
+]
