@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--tile-size", type=int, default=572)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="default 0.001")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
     parser.add_argument("--min-size", type=int, default=100)
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "dic_hela")
@@ -52,8 +53,8 @@ def main() -> None:
         train = get_ctc_samples(args.data, frames=range(45), normalization=norm)
         val = get_ctc_samples(args.data, frames=range(45, 60), normalization=norm)
         config = TrainConfig(depth=args.depth, base_channels=args.width, tile_size=args.tile_size, iterations=1_000_000,
-                             max_seconds=args.minutes * 60, val_every=200, checkpoint_every=200, workers=args.workers,
-                             **({"lr": args.lr} if args.lr else {}))
+                             max_seconds=args.minutes * 60, val_every=200, checkpoint_every=200, workers=args.workers, optimizer=args.optimizer,
+                             lr=args.lr or 0.001)
         model, summary = train_within(config, train, val[::3], args.runs / "reproduce_dic_hela", norm)
         training = {"iterations": summary["iterations"], "seconds": round(summary["seconds"], 1), "train_config": config.to_dict()}
     samples = get_ctc_samples(args.data, frames=range(45, 60), normalization=norm)

@@ -31,7 +31,7 @@ def run_one(name: str, args, elastic: bool = True, weight_map: bool = True) -> d
     config = TrainConfig(
         depth=args.depth, base_channels=args.width, tile_size=args.tile_size, lr=args.lr, iterations=1_000_000,
         max_seconds=args.minutes * 60, val_every=args.val_every, checkpoint_every=args.val_every,
-        use_weight_map=weight_map, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed,
+        use_weight_map=weight_map, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed, optimizer=args.optimizer,
     )
     run_dir = args.runs / name
     model, summary = train_within(config, train, val, run_dir, norm)
@@ -89,9 +89,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--tile-size", type=int, default=572)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "isbi")
     parser.add_argument("--ablation", action="store_true")
