@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "isbi")
+    parser.add_argument("--name", default="train_isbi", help="run and result name")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
@@ -109,7 +110,8 @@ def main() -> None:
         ]
         write_json(RESULTS / "train_isbi_ablation.json", {"minutes_each": args.minutes, "runs": results, "machine": machine()})
     else:
-        write_json(RESULTS / "train_isbi.json", {**run_one("train_isbi", args), "minutes": args.minutes, "machine": machine()})
+        result = run_one(args.name, args)
+        write_json(RESULTS / f"{args.name}.json", {**result, "optimizer": args.optimizer, "lr": args.lr, "minutes": args.minutes, "machine": machine()})
 
 
 if __name__ == "__main__":
