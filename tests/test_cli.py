@@ -108,3 +108,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "foreground IoU" in capsys.readouterr().out
     assert main(["demo", "--out", str(out), "--seconds", "1", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_evaluate_scores_what_predict_writes(run, dataset, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]) == 0
+    for use in ("probabilities", "labels"):
+        report = tmp_path / f"{use}.json"
+        code = main(["evaluate", "--pred", str(out), "--gt", str(dataset / "masks"), "--use", use,
+                     "--metrics", "pixel,iou,seg", "--json", str(report)])
+        assert code == 0, capsys.readouterr().err
+        scores = json.loads(report.read_text())
+        text = json.dumps(scores)
+        assert "cell0" in text and "cell2" in text

@@ -12,6 +12,7 @@ from unetkit.config import PAPER
 from unetkit.errors import InputError
 from unetkit.targets import (
     as_instances,
+    check_labels,
     foreground_target,
     instances_from_mask,
     make_targets,
@@ -173,6 +174,46 @@ def test_bad_labels_are_rejected(bad):
         make_targets(bad)
     with pytest.raises(InputError):
         weight_map(bad)
+
+
+def test_check_labels_accepts_and_converts():
+    assert check_labels(np.array([[True, False]])).tolist() == [[1, 0]]
+    converted = check_labels(np.array([[0.0, 3.0]], np.float32))
+    assert converted.dtype == np.int64 and converted.tolist() == [[0, 3]]
+    assert check_labels(np.array([[2**63 - 1]], np.uint64)).dtype == np.int64
+    assert check_labels(np.zeros((2, 3, 4), np.uint8)).shape == (2, 3, 4)  # any ndim unless asked
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (np.array([[0, -1]], np.int16), "negative"),
+        (np.array([[0.0, -2.0]]), "negative"),
+        (np.array([[0.0, 0.5]]), "non-integer"),
+        (np.array([[0.0, np.nan]]), "NaN"),
+        (np.array([[0.0, np.inf]]), "infinite"),
+        (np.array([[2**63]], np.uint64), "2\\^63"),
+        (np.array([["a"]]), "unsupported type"),
+        (np.array([[1 + 0j]]), "unsupported type"),
+        (np.zeros((2, 3, 3), np.uint8), "must be 2D"),
+    ],
+)
+def test_check_labels_rejections_start_with_name(bad, words):
+    with pytest.raises(InputError, match=words) as info:
+        check_labels(bad, "gt.tif", ndim=2)
+    assert str(info.value).startswith("gt.tif: ")
+
+
+def test_check_labels_fractional_message_has_hint():
+    with pytest.raises(InputError, match="threshold it$"):
+        check_labels(np.array([[0.25]]), "pred", hint="threshold it")
+
+
+def test_as_instances_does_not_return_its_input():
+    labels = np.array([[0, 3, 3], [7, 0, 0]], np.int64)
+    out = as_instances(labels)
+    out[0, 0] = 9
+    assert labels[0, 0] == 0
 
 
 def test_bad_options_are_rejected(two_squares):

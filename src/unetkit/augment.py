@@ -29,13 +29,13 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from .config import PAPER
+from .config import PAPER, from_dict_strict
 from .errors import InputError
 
 Seed = Union[np.random.Generator, int, None]
@@ -236,13 +236,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AugmentConfig":
         """Inverse of `to_dict`; missing keys take their defaults, unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(
-                f"unknown augmentation setting(s) {unknown}; known settings: {sorted(known)}"
-            )
-        return cls(**values)
+        return from_dict_strict(cls, values, "augmentation")
 
 
 def _pair(name: str, value: Any, positive: bool) -> tuple[float, float]:

@@ -7,7 +7,13 @@ beside each field. Code elsewhere reads these values instead of repeating them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from .errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,3 +47,19 @@ class PaperDefaults:
 
 
 PAPER = PaperDefaults()
+
+
+def from_dict_strict(cls: type[T], values: Mapping[str, Any], what: str) -> T:
+    """Build the dataclass `cls` from `values`; missing keys take their defaults, unknown keys are an error.
+
+    `what` names the settings in the error message (e.g. "training").
+
+    Example:
+        >>> from_dict_strict(PaperDefaults, {"w0": 5.0}, "paper").w0
+        5.0
+    """
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown {what} setting(s) {unknown}; known settings: {sorted(known)}")
+    return cls(**values)

@@ -162,10 +162,35 @@ def _names(paths: Sequence[Path], limit: int = 10) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
-def pair_files(pred_dir: PathLike, gt_dir: PathLike) -> tuple[list[tuple[Path, Path]], list[Path]]:
+#: Name endings of the files `unetkit predict` writes (IMAGE_probabilities.tif, IMAGE_labels.tif).
+PREDICTION_KINDS = ("probabilities", "labels")
+
+
+def _predict_outputs(preds: list[Path], use: str) -> dict[str, Path]:
+    """Prediction files by the stem they pair under: `unetkit predict` outputs by their image's name.
+
+    Where both IMAGE_probabilities and IMAGE_labels exist, the kind named by `use` is taken.
+    """
+    by_stem: dict[str, Path] = {}
+    for path in preds:
+        base, _, kind = path.stem.rpartition("_")
+        if base and kind in PREDICTION_KINDS:
+            other = by_stem.get(base)
+            if other is None or kind == use:
+                by_stem[base] = path
+        else:
+            by_stem.setdefault(path.stem, path)
+    return by_stem
+
+
+def pair_files(
+    pred_dir: PathLike, gt_dir: PathLike, use: str = "probabilities"
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """Pair prediction and ground-truth files; returns (pairs as (pred, gt), unpaired predictions).
 
     Pairs by name stem first, then the remaining files by trailing number (mask000 <-> man_seg000).
+    The outputs of `unetkit predict` pair by their image's name: IMAGE_probabilities.tif (taken by
+    default, `use="probabilities"`) or IMAGE_labels.tif (`use="labels"`) with IMAGE.tif.
     Raises InputError listing every ground-truth file left without a prediction.
 
     Example:
@@ -181,7 +206,9 @@ def pair_files(pred_dir: PathLike, gt_dir: PathLike) -> tuple[list[tuple[Path, P
         twins = sorted({s for s in stems if stems.count(s) > 1})
         if twins:
             raise InputError(f"{folder}: several files share the name {twins[0]!r} (different extensions); keep one per image")
-    pred_by_stem = {p.stem: p for p in preds}
+    if use not in PREDICTION_KINDS:
+        raise InputError(f"use must be one of {PREDICTION_KINDS} (got {use!r})")
+    pred_by_stem = _predict_outputs(preds, use)
     pairs: dict[Path, Path] = {}
     for g in gts:
         if g.stem in pred_by_stem:
@@ -323,6 +350,7 @@ def evaluate_folders(
     metrics: Union[str, Sequence[str]] = DEFAULT_METRICS,
     threshold: float = 0.5,
     channel: int = 1,
+    use: str = "probabilities",
 ) -> Evaluation:
     """Score every prediction in `pred_dir` against its ground truth in `gt_dir`.
 
@@ -337,7 +365,7 @@ def evaluate_folders(
     """
     names = parse_metrics(metrics)
     threshold = check_threshold(threshold, "--threshold")
-    pairs, unpaired = pair_files(pred_dir, gt_dir)
+    pairs, unpaired = pair_files(pred_dir, gt_dir, use)
     chosen = {name: METRICS[name] for name in names}
     totals: dict[str, np.ndarray] = {}
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])

@@ -53,30 +53,69 @@ _NEGLIGIBLE = 1e-9
 _FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    """Validate a 2D label image or mask and return it as a non-negative int64 array."""
-    arr = np.asarray(labels)
-    if arr.ndim != 2:
+def check_labels(
+    array: np.ndarray,
+    name: str = "labels",
+    *,
+    ndim: int | None = None,
+    hint: str = "save the labels as an integer image",
+) -> np.ndarray:
+    """Validate a label image or binary mask and return it as non-negative int64 labels.
+
+    Accepted: bool (True -> 1), integer types with values >= 0 (uint64 up to 2^63 - 1), and
+    float types holding finite whole numbers >= 0. 0 is background. An int64 input may be
+    returned as it is, without a copy.
+
+    Args:
+        array: the label image.
+        name: what the array is (an argument name or a file path); every message starts with it.
+        ndim: the number of dimensions required (e.g. 2 for one (H, W) image); None accepts any.
+        hint: how to fix fractional values, appended to that message.
+
+    Raises:
+        InputError: for a wrong number of dimensions, NaN or infinite values, fractional values,
+            negative values, integers too large for int64, or a non-numeric type.
+
+    Example:
+        >>> import numpy as np
+        >>> check_labels(np.array([[0.0, 2.0], [1.0, 0.0]])).tolist()
+        [[0, 2], [1, 0]]
+        >>> check_labels(np.array([[0, -1]]), "gt")
+        Traceback (most recent call last):
+        ...
+        unetkit.errors.InputError: gt: label image has negative values (min -1); use 0 for background and positive integers for objects
+    """
+    arr = np.asarray(array)
+    if ndim is not None and arr.ndim != ndim:
         raise InputError(
-            f"label image must be 2D (H, W), got shape {arr.shape}; "
-            "pass one image at a time and drop any channel axis"
+            f"{name}: label image must be {ndim}D, got shape {arr.shape}; "
+            "give one image at a time, without a channel axis"
         )
     if arr.dtype == bool:
         return arr.astype(np.int64)
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        if not np.all(np.isfinite(arr)):
             raise InputError(
-                "label image has non-integer values; labels must be whole numbers "
-                "(0 = background, 1, 2, ... = objects); save the annotation as an integer image"
+                f"{name}: label image contains NaN or infinite values; labels must be whole numbers >= 0 "
+                "(0 = background)"
+            )
+        if np.any(arr != np.floor(arr)):
+            raise InputError(
+                f"{name}: label image has non-integer values (fractional, {arr.dtype}); labels must be whole "
+                f"numbers >= 0 (0 = background, 1, 2, ... = objects); {hint}"
             )
     elif not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"label image has unsupported dtype {arr.dtype}; use an integer image")
+        raise InputError(
+            f"{name}: label image has unsupported type {arr.dtype}; use an integer (e.g. 8- or 16-bit) label image"
+        )
     if arr.size and arr.min() < 0:
         raise InputError(
-            f"label image has negative values (min {arr.min()}); "
+            f"{name}: label image has negative values (min {arr.min()}); "
             "use 0 for background and positive integers for objects"
         )
-    return arr.astype(np.int64)
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{name}: label values of 2^63 or more are not supported; renumber the objects 1, 2, ...")
+    return arr.astype(np.int64, copy=False)
 
 
 def instances_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -91,7 +130,7 @@ def instances_from_mask(mask: np.ndarray) -> np.ndarray:
         >>> instances_from_mask(m).tolist()
         [[1, 0, 0], [0, 2, 2], [0, 0, 0]]
     """
-    arr = _check_labels(mask)
+    arr = check_labels(mask, ndim=2)
     labelled, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
     return labelled.astype(np.int64)
 
@@ -117,11 +156,11 @@ def as_instances(mask_or_labels: np.ndarray) -> np.ndarray:
         >>> as_instances(np.array([[0, 9, 0, 9]])).tolist()  # {0, 9}: binary mask
         [[0, 1, 0, 2]]
     """
-    arr = _check_labels(mask_or_labels)
+    arr = check_labels(mask_or_labels, ndim=2)
     if _is_binary(arr):
         labelled, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
         return labelled.astype(np.int64)
-    return arr
+    return arr.copy() if np.may_share_memory(arr, mask_or_labels) else arr
 
 
 def separation_borders(instance_labels: np.ndarray) -> np.ndarray:
@@ -146,7 +185,7 @@ def separation_borders(instance_labels: np.ndarray) -> np.ndarray:
         >>> separation_borders(labels).astype(int).tolist()
         [[0, 1, 1, 0], [0, 1, 1, 0]]
     """
-    labels = _check_labels(instance_labels)
+    labels = check_labels(instance_labels, ndim=2)
     if labels.size == 0:
         return np.zeros(labels.shape, bool)
     footprint = np.ones((3, 3), bool)
@@ -165,7 +204,7 @@ def _objects_and_target(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     A binary mask already draws its borders: its target is the mask itself and its objects are
     its 4-connected components. Instance labels lose their separation borders.
     """
-    arr = _check_labels(labels)
+    arr = check_labels(labels, ndim=2)
     if _is_binary(arr):
         objects, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
         objects = objects.astype(np.int64)

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PAPER
+from .config import PAPER, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
@@ -105,11 +105,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown training settings {unknown}")
-        return cls(**values)
+        return from_dict_strict(cls, values, "training")
 
     def network(self, in_channels: int, n_classes: int = 2) -> UNet:
         return UNet(

@@ -45,11 +45,14 @@ def evaluate_command(
     ] = 0.5,
     channel: Annotated[int, typer.Option("--channel", help="foreground channel of (C, H, W) probability maps")] = 1,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing --json file")] = False,
+    use: Annotated[
+        str, typer.Option("--use", help="with `unetkit predict` outputs: score IMAGE_probabilities or IMAGE_labels")
+    ] = "probabilities",
 ) -> None:
     """Score predictions with the challenges' metrics; print a table per image and overall."""
     if json_path is not None and json_path.exists() and not force:
         raise FileExistsError(f"{json_path}: already exists; use --force to overwrite it")
-    result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel)
+    result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel, use=use)
     typer.echo(result.table())
     for note in result.notes:
         typer.echo(f"note: {note}")

@@ -50,7 +50,7 @@ def train(
     dropout: float = typer.Option(PAPER.dropout),
     batch_norm: bool = typer.Option(False, "--batch-norm/--no-batch-norm"),
     optimizer: str = typer.Option("sgd", help="'sgd' (the paper) or 'adam'."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 0.01 for SGD, 0.001 for Adam)."),
+    lr: float = typer.Option(0.001, help="Learning rate (SGD with momentum 0.99: see TrainConfig; Adam: 0.001)."),
     momentum: float = typer.Option(PAPER.momentum),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     dice: float = typer.Option(0.0, help="Weight of an extra soft Dice loss term (0: the paper's loss only)."),
@@ -96,8 +96,6 @@ def train(
     else:
         if data is None or out is None:
             raise InputError("give --data DIR and --out RUN (or --resume RUN)")
-        if lr is None:
-            lr = 0.001 if optimizer == "adam" else 0.01
         augment = AugmentConfig(elastic=elastic, elastic_grid=elastic_grid, elastic_sigma=elastic_sigma, rotate=rotate,
                                 rotate90=rotate, flip=flip, shift=shift, gamma=gray, contrast=gray, brightness=gray, noise=gray)
         config = TrainConfig(

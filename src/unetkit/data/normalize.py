@@ -14,11 +14,12 @@ above 1) unless `clip=True`, so bright details are not flattened.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
+from ..config import from_dict_strict
 from ..errors import InputError
 
 NormalizationMode = Literal["percentile", "fixed", "none"]
@@ -159,8 +160,4 @@ class Normalization:
         """Inverse of `to_dict`; None gives the default."""
         if data is None:
             return cls()
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown normalization settings {unknown}; expected some of {sorted(known)}")
-        return cls(**data)
+        return from_dict_strict(cls, data, "normalization")

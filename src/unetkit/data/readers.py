@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 
 from ..errors import InputError
 from ..io import list_images, read_image
+from ..targets import check_labels
 
 MASK_FOLDERS = ("masks", "labels")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_seg")
@@ -240,9 +241,9 @@ def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray
     are all equal (a grayscale mask saved as RGB).
 
     Raises:
-        InputError naming `path` for colour (RGB) masks, fractional or non-finite values, negative
-        values, and anti-aliased binary masks (two values cover almost all pixels; a few others sit
-        only on the edges between them).
+        InputError naming `path` for colour (RGB) masks, values `unetkit.targets.check_labels`
+        rejects (fractional, non-finite or negative ones), and anti-aliased binary masks (two values
+        cover almost all pixels; a few others sit only on the edges between them).
 
     Example:
         >>> check_mask(np.array([[0, 255], [255, 0]], np.uint8)).tolist()
@@ -258,33 +259,22 @@ def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray
                 "(0 = background, 1, 2, ... = objects, or a binary 0/255 mask)"
             )
         arr = colour[..., 0]
-    if arr.ndim != 2:
-        raise InputError(f"{path}: mask must be a 2D label image, got shape {arr.shape}; save one 2D mask per file")
+    labels = check_labels(
+        arr, str(path), ndim=2, hint="it looks like a probability map or a resized mask: threshold it, or save integer labels"
+    )
     if arr.dtype == bool:
         return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise InputError(
-                f"{path}: mask has fractional values ({arr.dtype}); it looks like a probability map or a resized "
-                "mask. Threshold it, or save integer labels (0 = background, 1, 2, ... = objects)"
-            )
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{path}: mask has unsupported type {arr.dtype}; save an 8- or 16-bit integer image")
-    if arr.size and arr.min() < 0:
+    if _looks_antialiased(labels):
         raise InputError(
-            f"{path}: mask has negative values (min {arr.min()}); use 0 for background and positive labels"
-        )
-    if _looks_antialiased(arr):
-        raise InputError(
-            f"{path}: looks like an anti-aliased binary mask (almost all pixels are 0 or {arr.max()}, "
+            f"{path}: looks like an anti-aliased binary mask (almost all pixels are 0 or {labels.max()}, "
             "with a few intermediate values on the edges); re-save it without anti-aliasing or threshold it"
         )
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.int64)
-    if arr.size and arr.max() > np.iinfo(np.int32).max:
-        _, inverse = np.unique(arr, return_inverse=True)  # compact huge IDs (0 stays 0)
-        arr = inverse.reshape(arr.shape)
-    return arr
+    if np.issubdtype(arr.dtype, np.integer):
+        labels = arr  # keep the integer type the mask was saved with
+    if labels.size and labels.max() > np.iinfo(np.int32).max:
+        _, inverse = np.unique(labels, return_inverse=True)  # compact huge IDs (0 stays 0)
+        labels = inverse.reshape(labels.shape)
+    return labels
 
 
 def _looks_antialiased(arr: np.ndarray) -> bool:

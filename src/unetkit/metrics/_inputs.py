@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
+from ..targets import check_labels
 
 Images = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -24,6 +25,7 @@ Images = Union[np.ndarray, Sequence[np.ndarray]]
 ISBI_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
 
 _CROSS = ndi.generate_binary_structure(2, 1)
+_FLOAT_LABELS_HINT = "turn a probability map into labels first (unetkit.postprocess.probabilities_to_instances)"
 
 
 def as_slices(images: Images, name: str) -> list[np.ndarray]:
@@ -82,29 +84,8 @@ def check_probability(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def as_labels(array: np.ndarray, name: str) -> np.ndarray:
-    """`array` as an int64 label image, after checking it holds whole numbers >= 0."""
-    a = np.asarray(array)
-    if a.dtype == bool:
-        return a.astype(np.int64)
-    if np.issubdtype(a.dtype, np.integer):
-        if a.size and a.min() < 0:
-            raise InputError(f"{name}: label image has negative values (min {a.min()}); labels must be >= 0 (0 = background)")
-        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
-            raise InputError(f"{name}: label values above 2^63 are not supported; relabel the image")
-        return a.astype(np.int64, copy=False)
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)):
-            raise InputError(f"{name}: label image contains NaN or infinite values")
-        if np.any(a != np.floor(a)):
-            raise InputError(
-                f"{name}: label image has non-integer values; labels must be whole numbers >= 0 "
-                "(0 = background); turn a probability map into labels first "
-                "(unetkit.postprocess.probabilities_to_instances)"
-            )
-        if a.size and a.min() < 0:
-            raise InputError(f"{name}: label image has negative values (min {a.min():g}); labels must be >= 0 (0 = background)")
-        return a.astype(np.int64)
-    raise InputError(f"{name}: unsupported pixel type {a.dtype}; give an integer label image or a float probability map")
+    """`array` as an int64 label image, after checking it holds whole numbers >= 0 (see `check_labels`)."""
+    return check_labels(array, name, hint=_FLOAT_LABELS_HINT)
 
 
 def foreground(array: np.ndarray, threshold: float, name: str) -> np.ndarray:
