@@ -193,8 +193,6 @@ def predict(
         else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
     )
     plan = plan_tiles((height, width), model.geometry, tile_shape)
-    if tta and tile_shape[0] != tile_shape[1]:
-        model.geometry.check(tile_shape[1], "tile height after rotation")
     output = np.empty((model.n_classes, height, width), dtype=np.float32)
     channels_last = device.type == "cpu"
     transforms = range(8) if tta else range(1)
