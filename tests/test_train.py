@@ -20,7 +20,7 @@ def samples():
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(depth=2, base_channels=4, tile_size=34, iterations=4, val_every=2, checkpoint_every=2, lr=0.01, seed=0)
+    values = dict(depth=2, base_channels=4, tile_size=34, iterations=4, val_every=2, checkpoint_every=2, lr=0.01, seed=0, workers=0)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -40,10 +40,11 @@ def test_run_folder_contents(samples, tmp_path):
     assert TrainConfig.from_dict(loaded.train_config) == tiny_config()
 
 
-def test_resumed_run_reaches_the_same_weights(samples, tmp_path):
-    config = tiny_config(iterations=6, checkpoint_every=3, val_every=100)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_reaches_the_same_weights(samples, tmp_path, workers):
+    config = tiny_config(iterations=6, checkpoint_every=3, val_every=100, workers=workers)
     Trainer(config, samples, [], tmp_path / "full", normalization=NORM, progress=False).fit()
-    first = tiny_config(iterations=3, checkpoint_every=3, val_every=100)
+    first = tiny_config(iterations=3, checkpoint_every=3, val_every=100, workers=workers)
     Trainer(first, samples, [], tmp_path / "split", normalization=NORM, progress=False).fit()
     Trainer(config, samples, [], tmp_path / "split", normalization=NORM, resume=True, progress=False).fit()
     full = load_checkpoint(tmp_path / "full" / "last.pt")

@@ -81,7 +81,7 @@ class TrainConfig:
     val_every: int = 200
     checkpoint_every: int = 200
     seed: int = 0
-    workers: int = 0
+    workers: int = 1  # DataLoader processes that augment while the network trains
     device: str = "auto"
 
     def __post_init__(self) -> None:
