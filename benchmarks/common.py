@@ -50,7 +50,7 @@ def save_overlays(folder: Path, samples: Sequence[Sample], labels: Sequence[np.n
     for sample, lab, gt in zip(samples, labels, truth):
         path = folder / f"{sample.name}_overlay.png"
         write_png(path, overlay(sample.image, lab, truth=gt), force=True)
-        paths.append(str(path))
+        paths.append(str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else str(path))
     return paths
 
 
