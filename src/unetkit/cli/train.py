@@ -90,7 +90,8 @@ def train(
             raise InputError(f"{run_dir}: not a run folder (config.json and last.pt missing); give the --out of an earlier `unetkit train`")
         saved = json.loads((run_dir / "config.json").read_text())
         setup = json.loads((run_dir / "data.json").read_text())
-        config = TrainConfig.from_dict({**saved, "iterations": iterations or saved["iterations"]})
+        overrides = {"iterations": iterations or saved["iterations"], "max_seconds": seconds or saved["max_seconds"]}
+        config = TrainConfig.from_dict({**saved, **overrides})
         normalization = load_checkpoint(last).normalization
         data, val_data, val = Path(setup["data"]), setup["val_data"] and Path(setup["val_data"]), setup["val"]
     else:
