@@ -119,3 +119,10 @@ def test_checkpoint_round_trip(tmp_path):
     net.eval(), loaded.model.eval()
     assert torch.equal(net(x), loaded.model(x))
     assert loaded.class_names == ["bg", "cell"]
+
+
+def test_a_new_run_in_a_reused_folder_starts_a_new_log(samples, tmp_path):
+    for _ in range(2):
+        Trainer(tiny_config(iterations=2), samples, [], tmp_path / "run", normalization=NORM, progress=False).fit()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]

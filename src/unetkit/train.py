@@ -41,6 +41,10 @@ class TrainConfig:
     batch of one tile, SGD with momentum 0.99, weight map with w0=10 and sigma=5 px, elastic
     deformation on a 3x3 grid with 10 px standard deviation.
 
+    `w0`, `sigma`, `class_weights`, `use_weight_map` and `pixel_size` say how the samples' weight
+    maps are made: pass them to `unetkit.data.load_samples` (as `unetkit train` does); the trainer
+    records them with the run.
+
     The learning rate is not given in the paper. With momentum 0.99 the effective step is
     lr / (1 - 0.99) = 100 * lr on a per-pixel mean loss. lr=0.01 (an effective step of 1) was not
     stable in our runs: on ISBI 2012 (width 16) the loss stopped falling and the validation IoU
@@ -294,6 +298,8 @@ class Trainer:
         """Train until `config.iterations` (or `max_seconds`); returns a summary dict."""
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.iteration == 0 and self.log_path.exists():
+            self._write_log([])  # a new run in a reused folder starts a new log
         atomic_write(self.run_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)), force=True)
         augmenter = Augmenter(c.augment)
         dataset = TileDataset(
