@@ -58,3 +58,37 @@ def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps(result, indent=2, default=float))
+
+
+def add_budget_arguments(parser, *, minutes: float, runs: str) -> None:
+    """Options shared by the reproduction scripts: load a checkpoint, or train within a budget."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help="skip training and evaluate this checkpoint")
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--tile-size", type=int, default=572)
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
+    parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / runs)
+
+
+def checkpoint_or_train(args, load_train, load_val, run_name: str) -> tuple[unetkit.UNet, Normalization, dict]:
+    """The model of --checkpoint, or one trained within --minutes; returns (model, normalisation, facts).
+
+    `load_train(norm)` and `load_val(norm)` load the training and validation samples.
+    """
+    from unetkit.checkpoint import load_checkpoint
+
+    if args.checkpoint is not None:
+        loaded = load_checkpoint(args.checkpoint)
+        facts = {"checkpoint": str(args.checkpoint), "iterations": loaded.iteration, "train_config": loaded.train_config}
+        return loaded.model, loaded.normalization, facts
+    norm = Normalization()
+    config = TrainConfig(depth=args.depth, base_channels=args.width, tile_size=args.tile_size, iterations=1_000_000,
+                         max_seconds=args.minutes * 60, val_every=200, checkpoint_every=200, workers=args.workers,
+                         optimizer=args.optimizer, lr=args.lr)
+    model, summary = train_within(config, load_train(norm), load_val(norm), args.runs / run_name, norm)
+    facts = {"iterations": summary["iterations"], "seconds": round(summary["seconds"], 1), "train_config": config.to_dict()}
+    return model, norm, facts

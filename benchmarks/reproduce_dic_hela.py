@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, predict_all, save_overlays, train_within, write_json
-from unetkit.checkpoint import load_checkpoint
-from unetkit.data import Normalization, get_ctc_samples
+from common import RESULTS, add_budget_arguments, checkpoint_or_train, machine, predict_all, save_overlays, write_json
+from unetkit.data import get_ctc_samples
 from unetkit.metrics import average_precision, iou, seg_score
 from unetkit.postprocess import probabilities_to_instances
-from unetkit.train import TrainConfig
 
 PAPER_SEG = 0.7756
 
@@ -30,33 +28,17 @@ PAPER_SEG = 0.7756
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: $UNETKIT_DATA or ../shared/data)/ctc-dic-c2dh-hela")
-    parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--tile-size", type=int, default=572)
-    parser.add_argument("--lr", type=float, default=None, help="default 0.001")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
+    add_budget_arguments(parser, minutes=20.0, runs="dic_hela")
     parser.add_argument("--min-size", type=int, default=100)
-    parser.add_argument("--no-tta", action="store_true")
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "dic_hela")
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduce_dic_hela.json")
     args = parser.parse_args()
 
-    if args.checkpoint is not None:
-        loaded = load_checkpoint(args.checkpoint)
-        model, norm = loaded.model, loaded.normalization
-        training = {"checkpoint": str(args.checkpoint), "iterations": loaded.iteration, "train_config": loaded.train_config}
-    else:
-        norm = Normalization()
-        train = get_ctc_samples(args.data, frames=range(45), normalization=norm)
-        val = get_ctc_samples(args.data, frames=range(45, 60), normalization=norm)
-        config = TrainConfig(depth=args.depth, base_channels=args.width, tile_size=args.tile_size, iterations=1_000_000,
-                             max_seconds=args.minutes * 60, val_every=200, checkpoint_every=200, workers=args.workers, optimizer=args.optimizer,
-                             lr=args.lr or 0.001)
-        model, summary = train_within(config, train, val[::3], args.runs / "reproduce_dic_hela", norm)
-        training = {"iterations": summary["iterations"], "seconds": round(summary["seconds"], 1), "train_config": config.to_dict()}
+    model, norm, training = checkpoint_or_train(
+        args,
+        lambda norm: get_ctc_samples(args.data, frames=range(45), normalization=norm),
+        lambda norm: get_ctc_samples(args.data, frames=range(45, 60, 3), normalization=norm),
+        "reproduce_dic_hela",
+    )
     samples = get_ctc_samples(args.data, frames=range(45, 60), normalization=norm)
     maps, seconds_per_image = predict_all(model, samples, tta=not args.no_tta)
     instances = [probabilities_to_instances(m, method="watershed", min_size=args.min_size) for m in maps]

@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, predict_all, save_overlays, train_within, write_json
-from unetkit.checkpoint import load_checkpoint
-from unetkit.data import Normalization, get_isbi2012_samples
+from common import RESULTS, add_budget_arguments, checkpoint_or_train, machine, predict_all, save_overlays, write_json
+from unetkit.data import get_isbi2012_samples
 from unetkit.metrics import pixel_error, rand_error, warping_error
-from unetkit.train import TrainConfig
 
 PAPER_RESULTS = {"pixel_error": 0.0611, "rand_error": 0.0382, "warping_error": 0.000353}
 
@@ -34,33 +32,17 @@ def slice_range(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="ISBI 2012 folder (default: $UNETKIT_DATA or ../shared/data)/isbi2012")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="skip training and evaluate this checkpoint")
     parser.add_argument("--slices", type=slice_range, default=slice_range("20-24"), help="slices to score, e.g. 20-24")
-    parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--tile-size", type=int, default=572)
-    parser.add_argument("--lr", type=float, default=None, help="default 0.001")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
-    parser.add_argument("--no-tta", action="store_true")
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "isbi")
+    add_budget_arguments(parser, minutes=30.0, runs="isbi")
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduce_isbi2012.json")
     args = parser.parse_args()
 
-    if args.checkpoint is not None:
-        loaded = load_checkpoint(args.checkpoint)
-        model, norm, training = loaded.model, loaded.normalization, {"checkpoint": str(args.checkpoint), "iterations": loaded.iteration,
-                                                                     "train_config": loaded.train_config}
-    else:
-        norm = Normalization()
-        train = get_isbi2012_samples(args.data, slices=range(20), normalization=norm)
-        val = get_isbi2012_samples(args.data, slices=args.slices, normalization=norm)
-        config = TrainConfig(depth=args.depth, base_channels=args.width, tile_size=args.tile_size, iterations=1_000_000,
-                             max_seconds=args.minutes * 60, val_every=200, checkpoint_every=200, workers=args.workers, optimizer=args.optimizer,
-                             lr=args.lr or 0.001)
-        model, summary = train_within(config, train, val, args.runs / "reproduce_isbi2012", norm)
-        training = {"iterations": summary["iterations"], "seconds": round(summary["seconds"], 1), "train_config": config.to_dict()}
+    model, norm, training = checkpoint_or_train(
+        args,
+        lambda norm: get_isbi2012_samples(args.data, slices=range(20), normalization=norm),
+        lambda norm: get_isbi2012_samples(args.data, slices=args.slices, normalization=norm),
+        "reproduce_isbi2012",
+    )
     samples = get_isbi2012_samples(args.data, slices=args.slices, normalization=norm)
     maps, seconds_per_image = predict_all(model, samples, tta=not args.no_tta)
     truth = [s.target for s in samples]
