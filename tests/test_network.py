@@ -102,3 +102,10 @@ def test_flops_of_the_paper_tile(paper_net):
         + 2 * 2 * 2  # 1x1, 1 -> 2 classes
     )
     assert UNet(depth=2, base_channels=1).flops(18) == 2 * macs
+
+
+def test_flops_of_a_batch_norm_network_in_training_mode():
+    net = UNet(depth=3, base_channels=4, batch_norm=True).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert net.flops(44) == UNet(depth=3, base_channels=4).flops(44)
+    assert net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

@@ -1,4 +1,5 @@
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -77,13 +78,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(samples, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt").iteration == 2
 
 
-def test_weighted_loss_and_elastic_training_learns_foreground(tmp_path):
+LEARNING_SEEDS = [int(s) for s in os.environ.get("UNETKIT_LEARNING_SEEDS", "0,6").split(",")]
+
+
+@pytest.mark.parametrize("seed", LEARNING_SEEDS)
+def test_weighted_loss_and_elastic_training_learns_foreground(tmp_path, seed):
+    # Adam with batch norm learns this on every seed 0-9 at 1 and 2 threads (validation IoU 0.63-0.80
+    # after 120 steps); SGD with momentum 0.99 at lr 0.01 collapsed on some CPUs and seeds.
+    # Seed 6 is the slowest of 0-9; .ci/run repeats this test with other seeds and one thread.
     pairs = synthetic_dataset(2, shape=(96, 96), seed=1)
     samples = [make_sample(i, l, f"s{k}", NORM) for k, (i, l) in enumerate(pairs)]
-    config = tiny_config(depth=3, base_channels=8, tile_size=76, iterations=60, val_every=60, checkpoint_every=60,
+    config = tiny_config(depth=3, base_channels=8, tile_size=76, iterations=120, val_every=120, checkpoint_every=120,
+                         optimizer="adam", lr=1e-3, batch_norm=True, seed=seed,
                          augment=AugmentConfig(elastic=True, rotate=False))
     summary = Trainer(config, samples[:1], samples[1:], tmp_path / "run", normalization=NORM, progress=False).fit()
-    assert summary["val_iou"] > 0.5  # cells are brighter than the background: learnable in 60 steps
+    assert summary["val_iou"] > 0.5  # cells are brighter than the background
 
 
 def test_config_validation():

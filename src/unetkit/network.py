@@ -165,10 +165,15 @@ class UNet(nn.Module):
         return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in self.modules())
 
     def flops(self, input_size: int | tuple[int, int]) -> float:
-        """Multiply-add FLOPs (2 per MAC) of one forward pass on a single tile of `input_size`."""
+        """Multiply-add FLOPs (2 per MAC) of one forward pass on a single tile of `input_size`.
+
+        Counted on a copy of the network built on the "meta" device, so no memory is used and the
+        network's own state (batch-norm statistics, training mode) is left alone.
+        """
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        with torch.device("meta"):
+            shadow = UNet(**self.config).eval()
         total = 0.0
-        hooks = []
 
         def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             nonlocal total
@@ -178,13 +183,9 @@ class UNet(nn.Module):
             else:
                 total += 2.0 * module.in_channels * module.out_channels * k * output.shape[-2] * output.shape[-1]
 
-        for module in self.modules():
+        for module in shadow.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                hooks.append(module.register_forward_hook(count))
-        try:
-            with torch.no_grad():
-                self.forward(torch.zeros(1, self.in_channels, h, w, device="meta"))
-        finally:
-            for hook in hooks:
-                hook.remove()
+                module.register_forward_hook(count)
+        with torch.no_grad():
+            shadow(torch.zeros(1, self.in_channels, h, w, device="meta"))
         return total
