@@ -1,11 +1,16 @@
+import importlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from unetkit.checkpoint import load_checkpoint
 from unetkit.cli import main
 from unetkit.synthetic import synthetic_dataset
 
@@ -40,13 +45,39 @@ def test_train_writes_a_run(run):
     assert split["validation"] == ["cell2"] and "cell2" not in split["train"]
 
 
+def test_train_uses_the_default_recipe_with_explicit_options_on_top(run):
+    from unetkit.recipes import RECIPES
+
+    config = json.loads((run / "config.json").read_text())
+    default = RECIPES["default"]
+    assert (config["optimizer"], config["batch_norm"], config["lr_schedule"]) == (
+        default["optimizer"], default["batch_norm"], default["lr_schedule"])
+    assert (config["depth"], config["base_channels"], config["tile_size"]) == (2, 2, 34)  # given: TINY
+
+
+def test_recipe_paper_and_overrides(dataset, tmp_path):
+    out = tmp_path / "paper"
+    assert main(["train", "--data", str(dataset), "--out", str(out), "--recipe", "paper", "--iterations", "1",
+                 "--no-gray", "--lr-schedule", "poly", *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["optimizer"], config["momentum"], config["batch_norm"], config["w0"], config["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
+    assert config["lr_schedule"] == "poly" and config["augment"]["elastic"] and not config["augment"]["noise"]
+
+
+def test_unknown_recipe_lists_the_known_ones(dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--recipe", "fast", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "unetkit: error: unknown recipe 'fast'; known recipes: paper, default"
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_continues(run):
     assert main(["train", "--resume", str(run), "--iterations", "3", "--no-progress"]) == 0
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
 
 
-def test_predict_writes_probabilities_and_labels(run, dataset, tmp_path):
+def test_predict_writes_probabilities_and_labels(run, dataset, tmp_path, capsys):
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]) == 0
     prob = tifffile.imread(out / "cell0_probabilities.tif")
@@ -54,10 +85,14 @@ def test_predict_writes_probabilities_and_labels(run, dataset, tmp_path):
     assert prob.shape == (2, 48, 56) and prob.dtype == np.float32
     np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-5)
     assert labels.shape == (48, 56) and labels.dtype == np.uint16
-    # never overwrite without --force
+    # never overwrite without --force: a rerun skips complete images and writes only what is missing
     before = (out / "cell0_labels.tif").read_bytes()
-    assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]) == 2
-    assert (out / "cell0_labels.tif").read_bytes() == before
+    (out / "cell1_labels.tif").unlink()
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping 2 image(s) whose outputs already exist" in printed and "wrote 1 files" in printed
+    assert (out / "cell0_labels.tif").read_bytes() == before and (out / "cell1_labels.tif").is_file()
     assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images" / "cell1.tif"), "--out", str(out),
                  "--tta", "--tile-size", "38", "--force", "--no-progress", "--labels", "binary"]) == 0
     assert set(np.unique(tifffile.imread(out / "cell1_labels.tif"))) <= {0, 1}
@@ -121,3 +156,251 @@ def test_evaluate_scores_what_predict_writes(run, dataset, tmp_path, capsys):
         scores = json.loads(report.read_text())
         text = json.dumps(scores)
         assert "cell0" in text and "cell2" in text
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unetkit: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_command_line_imports_neither_torch_nor_scipy():
+    code = ("import sys, unetkit.cli; unetkit.cli._register_commands(); "
+            "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    code = "import unetkit.predict, unetkit; print(type(unetkit.predict).__name__, type(unetkit.UNet).__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["function", "type"]  # the submodule does not shadow the function
+    result = subprocess.run([sys.executable, "-m", "unetkit", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "unetkit 0.1.0"
+
+
+def test_ctrl_c_in_train_keeps_the_iteration_and_says_how_to_resume(dataset, tmp_path, monkeypatch, capsys):
+    train_module = importlib.import_module("unetkit.train")
+    real_loss, calls = train_module.SegmentationLoss, {"n": 0}
+
+    def loss_interrupted_at_step_3(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+
+        def call(*inputs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return loss(*inputs)
+
+        return call
+
+    monkeypatch.setattr(train_module, "SegmentationLoss", loss_interrupted_at_step_3)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(dataset), "--out", str(out), "--iterations", "4", "--checkpoint-every", "3", *TINY]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unetkit: interrupted") and len(err.splitlines()) == 1
+    assert "iteration 2" in err and f"unetkit train --resume {out}" in err
+    assert load_checkpoint(out / "last.pt").iteration == 2
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert load_checkpoint(out / "last.pt").iteration == 4
+
+
+def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, monkeypatch, capsys):
+    predict_module = importlib.import_module("unetkit.predict")
+    real_predict, calls = predict_module.predict, {"n": 0}
+
+    def interrupted_at_the_second_image(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict", interrupted_at_the_second_image)
+    out = tmp_path / "pred"
+    argv = ["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unetkit: interrupted") and len(err.splitlines()) == 1
+    assert "1 of 3 image(s) segmented (cell0.tif)" in err and "not done: cell1.tif, cell2.tif" in err
+    assert sorted(p.name for p in out.iterdir()) == ["cell0_labels.tif", "cell0_probabilities.tif"]
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "skipping 1 image(s) whose outputs already exist" in capsys.readouterr().out
+    assert len(list(out.glob("cell*_*.tif"))) == 6
+
+
+def test_predict_ctc_masks_are_numbered_by_frame(run, dataset, tmp_path, capsys):
+    frames = tmp_path / "01"
+    frames.mkdir()
+    for name, source in (("t041.tif", "cell0.tif"), ("t043.tif", "cell1.tif")):
+        shutil.copy(dataset / "images" / source, frames / name)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(run / "best.pt"), str(frames), "--out", str(out), "--ctc", "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "ctc").iterdir()) == ["mask041.tif", "mask043.tif"]
+    np.testing.assert_array_equal(tifffile.imread(out / "ctc" / "mask043.tif"), tifffile.imread(out / "t043_labels.tif"))
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(other), "--ctc"]) == 2
+    err = one_line_error(capsys)
+    assert "cell0.tif" in err and "no frame number" in err
+    assert not other.exists()
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--seconds", "0"], "--seconds must be > 0"),
+        (["--seconds", "-5"], "--seconds must be > 0"),
+        (["--epochs", "0"], "--epochs must be > 0"),
+        (["--epochs", "-1"], "--epochs must be > 0"),
+        (["--tile-size", "91"], "--tile-size 91 is not legal"),
+        (["--depth", "0"], "--depth must be >= 2"),
+        (["--padding", "foo"], "--padding must be 'valid'"),
+        (["--device", "gpu"], "use one of auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
+def test_train_options_are_checked_before_the_run_folder_is_created(dataset, tmp_path, capsys, options, words):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--out", str(out), *TINY, *options]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()  # so the corrected command is not refused as "not empty"
+
+
+def test_demo_and_predict_options_are_checked_first(run, dataset, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seconds", "-1"]) == 2
+    assert "--seconds must be > 0" in one_line_error(capsys)
+    assert main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"),
+                 "--device", "gpu"]) == 2
+    assert "'gpu' is not a device; use one of auto, cpu, cuda, cuda:N, mps" in one_line_error(capsys)
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "p").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(run, dataset, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("computed before checking the output")
+
+    monkeypatch.setattr(importlib.import_module("unetkit.predict"), "predict", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # root may write anywhere: report the folder read-only as for a user
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    locked.chmod(0o555)
+    model, images = str(run / "best.pt"), str(dataset / "images")
+    cases = [
+        (["predict", "--model", model, images, "--out", str(locked / "pred")], "permission denied"),
+        (["train", "--data", str(dataset), "--out", str(locked / "run"), *TINY], "permission denied"),
+        (["evaluate", "--pred", str(dataset / "masks"), "--gt", str(dataset / "masks"), "--json", str(locked / "s.json")],
+         "permission denied"),
+        (["predict", "--model", model, images, "--out", str(dataset / "images" / "cell0.tif")], "is a file, not a folder"),
+        (["predict", "--model", model, images, "--out", images], "--out is the input folder"),
+    ]
+    try:
+        for argv, words in cases:
+            assert main(argv) == 2, argv
+            assert words in one_line_error(capsys), argv
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+def test_unreadable_input_stops_predict_before_anything_is_written(run, dataset, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(dataset / "images", images)
+    (images / "broken.png").write_bytes(b"")
+    (images / "._cell0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata: never an input
+    out = tmp_path / "pred"
+    argv = ["predict", "--model", str(run / "best.pt"), str(images), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert "broken.png: empty file" in err and "--skip-unreadable" in err and "pip" not in err
+    assert not out.exists()
+    assert main([*argv, "--skip-unreadable"]) == 0
+    assert "skipping 1 unreadable input(s): broken.png" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"cell{k}_{kind}.tif" for k in range(3) for kind in ("labels", "probabilities")]
+
+
+@pytest.mark.parametrize(
+    "name, array, options, words",
+    [
+        ("stack.tif", np.zeros((5, 48, 56), np.uint8), {"photometric": "minisblack"}, "holds 5 pages"),
+        ("nan.tif", np.full((48, 56), np.nan, np.float32), {}, "NaN"),
+    ],
+)
+def test_predict_messages_name_the_file(run, tmp_path, capsys, name, array, options, words):
+    tifffile.imwrite(tmp_path / name, array, **options)
+    argv = ["predict", "--model", str(run / "best.pt"), str(tmp_path / name), "--out", str(tmp_path / "pred"), "--no-progress"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert f"{tmp_path / name}:" in err and words in err
+
+
+def test_swapped_images_and_masks_are_refused(dataset, tmp_path, capsys):
+    swapped = tmp_path / "swapped"
+    shutil.copytree(dataset / "images", swapped / "masks")
+    shutil.copytree(dataset / "masks", swapped / "images")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(swapped), "--out", str(out), *TINY]) == 2
+    err = one_line_error(capsys)
+    assert "does not look like a mask" in err and "swapped" in err and "--allow-intensity-masks" in err
+    assert not out.exists()
+    assert main(["train", "--data", str(swapped), "--out", str(out), "--iterations", "1", "--allow-intensity-masks", *TINY]) == 0
+
+
+def test_warnings_are_one_line(dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    shutil.copy(data / "masks" / "cell0.tif", data / "masks" / "orphan.tif")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--val", "nope", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("unetkit: warning: masks without an image are ignored") and "orphan.tif" in err[0]
+    assert len(err) == 2 and err[1].startswith("unetkit: error:")
+
+
+def test_resume_refuses_changed_options_and_accepts_a_moved_dataset(dataset, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(dataset, data)
+    assert main(["train", "--data", str(data), "--out", str(out), "--iterations", "2", "--val", "cell2", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--iterations", "3", "--tile-size", "36", "--lr", "0.1", "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "--tile-size, --lr cannot be changed" in err and "Fixed by the run" in err
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    assert main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 2
+    assert "if it moved, give its new place with --data" in one_line_error(capsys)
+    (out / ".curves.png.k3j_9x2a.png").write_bytes(b"")  # left by kill -9 during a write
+    assert main(["train", "--resume", str(out), "--data", str(moved), "--iterations", "3", "--no-progress"]) == 0
+    assert json.loads((out / "data.json").read_text())["data"] == str(moved.resolve())
+    assert not (out / ".curves.png.k3j_9x2a.png").exists()
+    assert load_checkpoint(out / "last.pt").iteration == 3
+
+
+def test_resume_says_exactly_what_is_missing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # kill -9 before the first checkpoint
+    (out / "data.json").write_text("{}")
+    assert main(["train", "--resume", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert "last.pt is missing (config.json and data.json are there)" in err and "before its first checkpoint" in err
+
+
+def test_predict_follows_the_labels_rule_stored_in_the_checkpoint(run, dataset, tmp_path):
+    import unetkit
+    from unetkit.decision import DecisionRule
+    from unetkit.postprocess import probabilities_to_instances
+
+    loaded = load_checkpoint(run / "best.pt")
+    rule = DecisionRule.from_dict(loaded.decision)
+    assert rule.tta and rule.task in ("objects", "membranes")
+    image = dataset / "images" / "cell2.tif"
+    assert main(["predict", "--model", str(run / "best.pt"), str(image), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    probabilities = tifffile.imread(tmp_path / "a" / "cell2_probabilities.tif")
+    expected = unetkit.predict(loaded.model, loaded.normalization(tifffile.imread(image)), tta=True)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)  # the rule's test-time augmentation
+    assert np.array_equal(tifffile.imread(tmp_path / "a" / "cell2_labels.tif"), rule.apply(probabilities[1]))
+    # an explicit option replaces the stored rule
+    assert main(["predict", "--model", str(run / "best.pt"), str(image), "--out", str(tmp_path / "b"), "--no-progress",
+                 "--threshold", "0.7", "--no-tta"]) == 0
+    probabilities = tifffile.imread(tmp_path / "b" / "cell2_probabilities.tif")
+    assert np.array_equal(tifffile.imread(tmp_path / "b" / "cell2_labels.tif"), probabilities_to_instances(probabilities[1], 0.7))

@@ -110,8 +110,8 @@ def test_parse_metrics():
 
 
 def write_pair(tmp_path, pred, gt, pred_name="x.tif", gt_name="x.tif"):
-    (tmp_path / "pred").mkdir(exist_ok=True)
-    (tmp_path / "gt").mkdir(exist_ok=True)
+    (tmp_path / "pred").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "gt").mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(tmp_path / "pred" / pred_name, pred)
     tifffile.imwrite(tmp_path / "gt" / gt_name, gt)
     return tmp_path / "pred", tmp_path / "gt"
@@ -153,3 +153,55 @@ def test_cli_empty_or_missing_folder_exits_2(tmp_path, capsys):
     assert "no prediction images" in capsys.readouterr().err
     assert run("--pred", pred_dir, "--gt", tmp_path / "missing") == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_predict_outputs_pair_with_ctc_ground_truth(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for frame in ("000", "007"):
+        write_tiff(pred / f"t{frame}_probabilities.tif", split_probabilities())
+        write_tiff(pred / f"t{frame}_labels.tif", (one_cell() > 0).astype(np.uint16))
+        write_tiff(gt / f"man_seg{frame}.tif", (one_cell() > 0).astype(np.uint16))
+    for use in ("probabilities", "labels"):
+        pairs, extra = pair_files(pred, gt, use)
+        assert [(p.name, g.name) for p, g in pairs] == [
+            (f"t000_{use}.tif", "man_seg000.tif"), (f"t007_{use}.tif", "man_seg007.tif")
+        ]
+        assert extra == []
+    assert evaluate_folders(pred, gt, metrics="iou", use="labels").overall["iou"] == 1.0
+
+
+def test_img_pairs_with_mask_as_in_training(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for k in (1, 2):
+        write_tiff(pred / f"img_{k:02d}_labels.tif", (one_cell() > 0).astype(np.uint16))
+        write_tiff(pred / f"img_{k:02d}_probabilities.tif", split_probabilities())
+        write_png(gt / f"mask_{k:02d}.png", one_cell())
+    write_png(gt / "mask_1.png", one_cell())  # trailing number 1 twice: only the name rule pairs it
+    write_tiff(pred / "img_1.tif", split_probabilities())
+    pairs, _ = pair_files(pred, gt)
+    assert sorted((p.name, g.name) for p, g in pairs) == [
+        ("img_01_probabilities.tif", "mask_01.png"), ("img_02_probabilities.tif", "mask_02.png"), ("img_1.tif", "mask_1.png")
+    ]
+
+
+def test_ground_truth_that_is_an_intensity_image_is_refused(tmp_path, capsys):
+    from scipy import ndimage as ndi
+
+    truth = np.zeros((40, 40), np.uint8)
+    truth[8:30, 6:26] = 255
+    probability16 = (ndi.gaussian_filter(truth / 255.0, 3) * 65535).astype(np.uint16)
+    raw = (np.random.default_rng(1).random((40, 40)) * 200 + 30).astype(np.uint8)
+    for name, gt in (("prob16.tif", probability16), ("raw.tif", raw)):
+        pred_dir, gt_dir = write_pair(tmp_path / name, (truth > 0).astype(np.uint8), gt, gt_name=name, pred_name=name)
+        assert run("--pred", pred_dir, "--gt", gt_dir, "--metrics", "pixel") == 2
+        err = capsys.readouterr().err
+        assert "does not look like ground truth" in err and name in err and len(err.strip().splitlines()) == 1
+        assert run("--pred", pred_dir, "--gt", gt_dir, "--metrics", "pixel", "--allow-intensity-masks") == 0
+
+
+def test_json_that_is_a_folder_is_refused_before_scoring(isbi_like, capsys):
+    folder = isbi_like / "report"
+    folder.mkdir()
+    assert run("--pred", isbi_like / "pred", "--gt", isbi_like / "gt", "--json", folder, "--force") == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file name for --json" in err and len(err.strip().splitlines()) == 1

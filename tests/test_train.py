@@ -135,3 +135,53 @@ def test_a_new_run_in_a_reused_folder_starts_a_new_log(samples, tmp_path):
         Trainer(tiny_config(iterations=2), samples, [], tmp_path / "run", normalization=NORM, progress=False).fit()
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2]
+
+
+def test_cosine_schedule_sets_the_learning_rate(samples, tmp_path):
+    from unetkit.train import lr_factor
+
+    trainer = Trainer(tiny_config(lr_schedule="cosine"), samples, [], tmp_path / "run", normalization=NORM, progress=False)
+    trainer.fit()
+    # the rate of the last (4th) step was set at iteration 3 of 4
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor("cosine", 0.75))
+    assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == pytest.approx(0.0)
+    assert lr_factor("poly", 1.0) == 0.0 and lr_factor("onecycle", 0.3) == pytest.approx(1.0)
+
+
+def test_time_budget_is_counted_across_resumes(samples, tmp_path):
+    config = tiny_config(iterations=100, max_seconds=1e-6, budget_clock="cpu")
+    first = Trainer(config, samples, [], tmp_path / "run", normalization=NORM, progress=False).fit()
+    assert first["iterations"] == 1  # out of budget after the first step
+    spent = load_checkpoint(tmp_path / "run" / "last.pt").state["seconds_spent"]
+    assert spent > 0
+    Trainer(config, samples, [], tmp_path / "run", normalization=NORM, resume=True, progress=False).fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt").state["seconds_spent"] > spent
+    with pytest.raises(InputError, match="budget_clock"):
+        tiny_config(budget_clock="gpu")
+
+
+def test_best_checkpoint_holds_the_labels_rule_chosen_on_validation(samples, tmp_path):
+    from unetkit.decision import DecisionRule
+
+    summary = Trainer(tiny_config(), samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
+    rule = DecisionRule.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").decision)
+    assert rule.to_dict() == summary["decision"] and rule.task == "objects" and rule.tta and rule.score is not None
+    assert load_checkpoint(tmp_path / "run" / "last.pt").decision == {}
+
+
+def test_ctrl_c_saves_the_interrupted_iteration(samples, tmp_path):
+    trainer = Trainer(tiny_config(iterations=6, checkpoint_every=5, val_every=100), samples, [], tmp_path / "run",
+                      normalization=NORM, progress=False)
+    real_loss = trainer.loss_fn
+    calls = {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    trainer.loss_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt").iteration == 2  # before the first regular checkpoint

@@ -33,6 +33,7 @@ class LoadedModel:
     train_config: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)  # labels rule chosen on validation (see unetkit.decision)
 
 
 def save_checkpoint(
@@ -44,10 +45,12 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     iteration: int = 0,
     state: dict[str, Any] | None = None,
+    decision: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (always replaces `path`: checkpoints belong to the run).
 
-    `state` holds the resumable training state (optimiser, RNG states, metrics).
+    `state` holds the resumable training state (optimiser, RNG states, metrics); `decision` the
+    rule that turns probabilities into labels (`unetkit.decision.DecisionRule.to_dict()`).
     """
     payload = {
         "format": FORMAT,
@@ -59,6 +62,7 @@ def save_checkpoint(
         "train_config": train_config or {},
         "iteration": int(iteration),
         "state": state or {},
+        "decision": decision or {},
     }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
 
@@ -69,8 +73,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     Example:
         >>> loaded = load_checkpoint("run/best.pt")  # doctest: +SKIP
         >>> probabilities = unetkit.predict(loaded.model, loaded.normalization(image))  # doctest: +SKIP
+        >>> loaded = load_checkpoint("em-membranes")  # a packaged model (unetkit.pretrained)  # doctest: +SKIP
     """
-    path = Path(path)
+    from .pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(path)  # a packaged model's name ("em-membranes") stands for its weights file
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found; give the .pt file written by `unetkit train` (RUN/best.pt)")
     try:
@@ -81,13 +88,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise InputError(f"{path}: not a unetkit checkpoint; give RUN/best.pt or RUN/last.pt written by `unetkit train`")
     if int(payload.get("version", 0)) > VERSION:
         raise InputError(f"{path}: written by a newer unetkit (format {payload['version']}); upgrade unetkit")
-    model = UNet(**payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
-    return LoadedModel(
-        model=model,
-        normalization=Normalization.from_dict(payload["normalization"]),
-        class_names=list(payload["class_names"]),
-        train_config=payload.get("train_config", {}),
-        iteration=int(payload.get("iteration", 0)),
-        state=payload.get("state", {}),
-    )
+    try:
+        model = UNet(**payload["model_config"])
+        model.load_state_dict(payload["state_dict"])
+        return LoadedModel(
+            model=model,
+            normalization=Normalization.from_dict(payload["normalization"]),
+            class_names=list(payload["class_names"]),
+            train_config=payload.get("train_config", {}),
+            iteration=int(payload.get("iteration", 0)),
+            state=payload.get("state", {}),
+            decision=dict(payload.get("decision", {})),
+        )
+    except KeyError as exc:
+        problem = f"its entry {exc} is missing"
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:  # InputError is a ValueError
+        detail = " ".join(str(exc).split())  # load_state_dict lists every mismatch on its own line
+        problem = detail if len(detail) <= 300 else detail[:300] + " ..."
+    raise InputError(
+        f"{path}: damaged or incompatible unetkit checkpoint: {problem}; give another checkpoint or retrain"
+    ) from None

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input from the user (file, array or option); the message says how to fix it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a long job; the message says what was finished and how to continue."""

@@ -1,9 +1,12 @@
 """Score a folder of predictions against a folder of ground truth, per image and overall.
 
-Pairing: files are paired by name stem (img01.tif <-> img01.png); ground-truth files left over are
-paired by their trailing number (Cell Tracking Challenge: mask000.tif <-> man_seg000.tif). Every
-ground-truth file needs a prediction; predictions without ground truth (frames the challenge did
-not annotate) are listed and skipped.
+Pairing: files are paired by name stem (img01.tif <-> img01.png), then by the names training pairs
+(img_01 <-> mask_01, a <-> a_mask), then by trailing number (Cell Tracking Challenge:
+mask000.tif or t000_labels.tif <-> man_seg000.tif). The outputs of `unetkit predict`
+(IMAGE_probabilities.tif, IMAGE_labels.tif) pair under their image's name. Every ground-truth file
+needs a prediction; predictions without ground truth (frames the challenge did not annotate) are
+listed and skipped. Ground truth that looks like an intensity image (a raw image, a probability
+map) is refused unless `allow_intensity_masks` (see `unetkit.data.readers.intensity_problem`).
 
 Predictions: float TIFFs are probability maps in [0, 1], either (H, W) or (C, H, W) as written by
 `unetkit predict` (foreground = channel `channel`, 1 by default); integer images are label images
@@ -32,8 +35,10 @@ from typing import Any, Union
 
 import numpy as np
 
+from .data.readers import intensity_problem, mask_stems
 from .errors import InputError
 from .io import list_images, read_image
+from .metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
 from .metrics._inputs import ISBI_THRESHOLDS, as_labels, check_probability, check_threshold, is_probability, segments
 from .metrics.objects import AP_THRESHOLDS, _ap_finish, _ap_stats, _seg_finish, _seg_stats
 from .metrics.pixel import (
@@ -73,65 +78,64 @@ def _warping_scores(stats: np.ndarray) -> dict[str, Score]:
 
 METRICS: dict[str, _Metric] = {
     "pixel": _Metric(
-        "pixel error at --threshold (ISBI 2012)",
+        METRIC_DESCRIPTIONS["pixel"],
         False,
         _pixel_stats,
         lambda s: {"pixel_error": _pixel_finish(s)},
         ("pixel_error",),
     ),
     "pixel_f": _Metric(
-        "1 - maximal pixel F-score over thresholds 0.0..1.0 (ISBI 2012)",
+        METRIC_DESCRIPTIONS["pixel_f"],
         False,
         lambda p, g, t: _fscore_stats(p, g, ISBI_THRESHOLDS),
         lambda s: {"pixel_error_fscore": min(_fscore_finish(s, ISBI_THRESHOLDS).values())},
         ("pixel_error_fscore",),
     ),
     "rand": _Metric(
-        "Rand error, best over thresholds 0.0..1.0 (ISBI 2012)",
+        METRIC_DESCRIPTIONS["rand"],
         False,
         lambda p, g, t: _rand_stats(p, g, ISBI_THRESHOLDS),
         lambda s: {"rand_error": min(_rand_finish(s, ISBI_THRESHOLDS).values())},
         ("rand_error",),
     ),
     "warping": _Metric(
-        "warping error at --threshold (ISBI 2012)",
+        METRIC_DESCRIPTIONS["warping"],
         False,
         _warping_stats,
         _warping_scores,
         ("warping_error",),
     ),
-    "dice": _Metric("Dice of the foreground", False, _overlap_stats, lambda s: {"dice": _dice_finish(s)}, ("dice",)),
-    "iou": _Metric("IoU of the foreground", False, _overlap_stats, lambda s: {"iou": _iou_finish(s)}, ("iou",)),
+    "dice": _Metric(METRIC_DESCRIPTIONS["dice"], False, _overlap_stats, lambda s: {"dice": _dice_finish(s)}, ("dice",)),
+    "iou": _Metric(METRIC_DESCRIPTIONS["iou"], False, _overlap_stats, lambda s: {"iou": _iou_finish(s)}, ("iou",)),
     "seg": _Metric(
-        "SEG, mean IoU of ground-truth objects (cell tracking challenge)",
+        METRIC_DESCRIPTIONS["seg"],
         True,
         lambda p, g, t: _seg_stats(p, g),
         lambda s: {"seg": _seg_finish(s)},
         ("seg",),
     ),
     "ap": _Metric(
-        "AP, precision, recall, F1, PQ at IoU 0.5, 0.75, 0.9",
+        METRIC_DESCRIPTIONS["ap"],
         True,
         lambda p, g, t: _ap_stats(p, g, AP_THRESHOLDS),
         _ap_scores,
         tuple(f"ap@{t:g}" for t in AP_THRESHOLDS),
     ),
     "adapted_rand": _Metric(
-        "adapted Rand error (connectomics)",
+        METRIC_DESCRIPTIONS["adapted_rand"],
         True,
         lambda p, g, t: _adapted_rand_stats(p, g),
         lambda s: {"adapted_rand_error": _adapted_rand_finish(s)},
         ("adapted_rand_error",),
     ),
     "vi": _Metric(
-        "variation of information: split and merge entropies in bits",
+        METRIC_DESCRIPTIONS["vi"],
         True,
         lambda p, g, t: _vi_stats(p, g),
         lambda s: dict(zip(("vi_split", "vi_merge"), _vi_finish(s))),
         ("vi_split", "vi_merge"),
     ),
 }
-DEFAULT_METRICS: tuple[str, ...] = ("pixel", "rand", "warping", "dice", "seg", "ap")
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -152,8 +156,8 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _trailing_number(path: Path) -> int | None:
-    match = _TRAILING_NUMBER.search(path.stem)
+def _trailing_number(stem: str) -> int | None:
+    match = _TRAILING_NUMBER.search(stem)
     return int(match.group(1)) if match else None
 
 
@@ -188,9 +192,11 @@ def pair_files(
 ) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """Pair prediction and ground-truth files; returns (pairs as (pred, gt), unpaired predictions).
 
-    Pairs by name stem first, then the remaining files by trailing number (mask000 <-> man_seg000).
-    The outputs of `unetkit predict` pair by their image's name: IMAGE_probabilities.tif (taken by
-    default, `use="probabilities"`) or IMAGE_labels.tif (`use="labels"`) with IMAGE.tif.
+    Pairs by name stem first, then by the mask names training accepts for an image (img_01 <->
+    mask_01, a <-> a_mask), then the remaining files by trailing number when it is unambiguous
+    (mask000 <-> man_seg000). The outputs of `unetkit predict` pair under their image's name:
+    IMAGE_probabilities.tif (taken by default, `use="probabilities"`) or IMAGE_labels.tif
+    (`use="labels"`), so t000_labels.tif pairs with man_seg000.tif.
     Raises InputError listing every ground-truth file left without a prediction.
 
     Example:
@@ -213,26 +219,32 @@ def pair_files(
     for g in gts:
         if g.stem in pred_by_stem:
             pairs[g] = pred_by_stem.pop(g.stem)
-    pred_by_number: dict[int, list[Path]] = {}
-    for p in pred_by_stem.values():
-        number = _trailing_number(p)
+    gt_by_stem = {g.stem: g for g in gts if g not in pairs}
+    for key in list(pred_by_stem):
+        g = next((gt_by_stem.pop(c) for c in mask_stems(key) if c in gt_by_stem), None)
+        if g is not None:
+            pairs[g] = pred_by_stem.pop(key)
+    pred_by_number: dict[int, list[str]] = {}
+    for key in pred_by_stem:
+        number = _trailing_number(key)
         if number is not None:
-            pred_by_number.setdefault(number, []).append(p)
+            pred_by_number.setdefault(number, []).append(key)
+    gt_numbers = [_trailing_number(g.stem) for g in gts if g not in pairs]
     missing = []
     for g in gts:
         if g in pairs:
             continue
-        number = _trailing_number(g)
+        number = _trailing_number(g.stem)
         candidates = pred_by_number.get(number, []) if number is not None else []
-        if len(candidates) == 1 and candidates[0].stem in pred_by_stem:
-            pairs[g] = pred_by_stem.pop(candidates[0].stem)
+        if len(candidates) == 1 and candidates[0] in pred_by_stem and gt_numbers.count(number) == 1:
+            pairs[g] = pred_by_stem.pop(candidates[0])
         else:
             missing.append(g)
     if missing:
         raise InputError(
             f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {_names(missing)}; "
             f"unmatched predictions: {_names(sorted(pred_by_stem.values())) or 'none'}. Files pair by name "
-            "(img01.tif <-> img01.png) or by trailing number (mask000.tif <-> man_seg000.tif)"
+            "(img01.tif <-> img01.png, img_01 <-> mask_01) or by trailing number (mask000.tif or t000_labels.tif <-> man_seg000.tif)"
         )
     return [(pairs[g], g) for g in gts], sorted(pred_by_stem.values())
 
@@ -254,7 +266,7 @@ def load_prediction(path: PathLike, channel: int = 1) -> np.ndarray:
     (n_classes, H, W) with the foreground probability at index 1).
     """
     path = Path(path)
-    array = read_image(path)
+    array = read_image(path, pages=True)
     if array.ndim == 3 and is_probability(array):
         first = array.shape[0] < array.shape[-1]
         n = array.shape[0] if first else array.shape[-1]
@@ -268,10 +280,19 @@ def load_prediction(path: PathLike, channel: int = 1) -> np.ndarray:
     return as_labels(array, str(path))
 
 
-def load_ground_truth(path: PathLike) -> np.ndarray:
-    """A ground-truth file as a 2D label image (checked: whole numbers, never negative)."""
+def load_ground_truth(path: PathLike, allow_intensity_masks: bool = False) -> np.ndarray:
+    """A ground-truth file as a 2D label image (checked: whole numbers, never negative, and, unless
+    `allow_intensity_masks`, piecewise constant like a label image: not a raw image or probability map)."""
     path = Path(path)
-    return as_labels(_single_channel(read_image(path), path), str(path))
+    labels = as_labels(_single_channel(read_image(path), path), str(path))
+    problem = None if allow_intensity_masks else intensity_problem(labels)
+    if problem:
+        raise InputError(
+            f"{path}: does not look like ground truth: {problem}. This is what a raw image, a probability map or a "
+            "resized (interpolated) or JPEG-compressed mask looks like; give label images (0 = background, "
+            "objects > 0), or score against it as it is with --allow-intensity-masks"
+        )
+    return labels
 
 
 def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
@@ -351,6 +372,7 @@ def evaluate_folders(
     threshold: float = 0.5,
     channel: int = 1,
     use: str = "probabilities",
+    allow_intensity_masks: bool = False,
 ) -> Evaluation:
     """Score every prediction in `pred_dir` against its ground truth in `gt_dir`.
 
@@ -371,7 +393,7 @@ def evaluate_folders(
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
     for pred_path, gt_path in pairs:
         pred = load_prediction(pred_path, channel)
-        gt = load_ground_truth(gt_path)
+        gt = load_ground_truth(gt_path, allow_intensity_masks)
         if pred.shape != gt.shape:
             raise InputError(
                 f"{pred_path.name} has shape {pred.shape} but its ground truth {gt_path.name} has {gt.shape}; "

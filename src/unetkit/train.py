@@ -24,6 +24,8 @@ from .config import PAPER, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
+from .decision import DecisionRule, choose_decision
+from .device import resolve_device
 from .errors import InputError
 from .io import atomic_write
 from .loss import SegmentationLoss
@@ -50,7 +52,14 @@ class TrainConfig:
     stable in our runs: on ISBI 2012 (width 16) the loss stopped falling and the validation IoU
     collapsed to 0 within 200 iterations, and the synthetic demo collapsed likewise. The default
     lr=0.001 (an effective step of 0.1) trains stably; see benchmarks/results/train_isbi_sgd.json.
-    Training stops with a message if the loss becomes NaN. Adam (`optimizer="adam"`, lr 0.001)
+    Training stops with a message if the loss becomes NaN.
+
+    `max_seconds` is the run's whole time budget, counted across resumes, on `budget_clock`:
+    "wall" (elapsed time) or "cpu" (this process's CPU time, which other jobs on the machine do
+    not eat into; use it with `workers=0` so augmentation is counted). `lr_schedule` scales the
+    learning rate by the fraction of the budget used (iterations or seconds, whichever is further
+    along; see `lr_factor`). With validation images, the end of training chooses the rule that
+    turns probabilities into labels (`unetkit.decision`) and stores it in best.pt. Adam (`optimizer="adam"`, lr 0.001)
     converges faster within short CPU budgets and is what the demo and benchmarks use.
 
     Example:
@@ -79,8 +88,11 @@ class TrainConfig:
     momentum: float = PAPER.momentum
     weight_decay: float = 0.0
     dice_weight: float = 0.0
+    lr_schedule: str = "constant"
     iterations: int = 10_000
     max_seconds: float | None = None
+    budget_clock: str = "wall"
+    choose_decision: bool = True
     # bookkeeping
     val_every: int = 200
     checkpoint_every: int = 200
@@ -95,6 +107,10 @@ class TrainConfig:
             self.class_weights = tuple(self.class_weights)
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be 'sgd' or 'adam' (got {self.optimizer!r})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise InputError(f"budget_clock must be 'wall' or 'cpu' (got {self.budget_clock!r})")
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -126,22 +142,35 @@ class TrainConfig:
         )
 
 
+def lr_factor(schedule: str, progress: float) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1] of the budget (iterations or seconds).
+
+    "constant": 1. "poly": (1 - p)^0.9, as nnU-Net. "cosine": half a cosine from 1 to 0.
+    "onecycle": linear warm-up from 0.04 to 1 over the first 30 %, then half a cosine to 0.
+
+    Example:
+        >>> [round(lr_factor(s, 0.5), 3) for s in LR_SCHEDULES]
+        [1.0, 0.536, 0.5, 0.812]
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "poly":
+        return (1.0 - p) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "onecycle":
+        if p < 0.3:
+            return 0.04 + 0.96 * p / 0.3
+        return 0.5 * (1.0 + math.cos(math.pi * (p - 0.3) / 0.7))
+    raise InputError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+LR_SCHEDULES = ("constant", "poly", "cosine", "onecycle")
+
+
 class TrainingDiverged(InputError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple MPS, then the CPU."""
-    if str(device) != "auto":
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def foreground_scores(model: UNet, samples: Sequence[Sample], device: torch.device) -> tuple[float, float]:
@@ -204,6 +233,7 @@ class Trainer:
         geometry.check(config.tile_size, "tile size (--tile-size)")
         self.iteration = 0
         self.best_iou = -math.inf
+        self.seconds_spent = 0.0  # budget used by earlier sessions of this run (see max_seconds)
         if resume:
             self._restore()
         else:
@@ -236,6 +266,7 @@ class Trainer:
             torch.cuda.set_rng_state(loaded.state["cuda_rng"])
         self.iteration = loaded.iteration
         self.best_iou = float(loaded.state.get("best_iou", -math.inf))
+        self.seconds_spent = float(loaded.state.get("seconds_spent", 0.0))
         self._truncate_log(self.iteration)
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -244,6 +275,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "best_iou": self.best_iou,
+            "seconds_spent": self.seconds_spent,
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -294,6 +326,31 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         return foreground_scores(self.model, self.val_samples, self.device)
 
+    def _set_learning_rate(self, seconds_spent: float) -> None:
+        c = self.config
+        progress = self.iteration / c.iterations
+        if c.max_seconds:
+            progress = max(progress, seconds_spent / c.max_seconds)
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.lr * lr_factor(c.lr_schedule, progress)
+
+    def choose_decision(self, tta: bool = True) -> DecisionRule:
+        """Pick the labels rule on the validation images with the best model and store it in best.pt.
+
+        The maps are made as `unetkit predict --tta` makes them (8-fold test-time augmentation),
+        and the rule records that, so prediction uses the same maps it was chosen on.
+        """
+        best_path = self.run_dir / "best.pt"
+        loaded = load_checkpoint(best_path)
+        model = loaded.model.to(self.device).eval()
+        maps = [predict(model, s.image, tta=tta, device=self.device)[1] for s in self.val_samples]
+        rule = choose_decision(maps, [s.instances for s in self.val_samples], tta=tta)
+        save_checkpoint(
+            best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
+            train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
+        )
+        return rule
+
     def fit(self) -> dict[str, Any]:
         """Train until `config.iterations` (or `max_seconds`); returns a summary dict."""
         c = self.config
@@ -312,17 +369,22 @@ class Trainer:
         )
         self.model.train()
         start_iteration = self.iteration
+        clock = time.process_time if c.budget_clock == "cpu" else time.perf_counter
+        spent_before = self.seconds_spent
+        budget_started = clock()
         started = time.perf_counter()
         compute_seconds = 0.0
         last_good = self.iteration
         bar = tqdm(total=c.iterations, initial=self.iteration, disable=not self.progress, desc="train", unit="it")
         val_iou = val_error = float("nan")
+        finished = False
         try:
             for batch in loader:
                 step_started = time.perf_counter()
                 image = batch["image"].to(self.device, non_blocking=True)
                 target = batch["target"].to(self.device, non_blocking=True)
                 weights = batch["weights"].to(self.device, non_blocking=True)
+                self._set_learning_rate(spent_before + clock() - budget_started)
                 logits = self.model(image)
                 loss = self.loss_fn(logits, target, weights)
                 if not torch.isfinite(loss):
@@ -339,8 +401,9 @@ class Trainer:
                 compute_seconds += time.perf_counter() - step_started
                 self.iteration += 1
                 elapsed = time.perf_counter() - started
+                self.seconds_spent = spent_before + clock() - budget_started
                 row = {"iteration": self.iteration, "loss": f"{loss.item():.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
-                out_of_time = c.max_seconds is not None and elapsed >= c.max_seconds
+                out_of_time = c.max_seconds is not None and self.seconds_spent >= c.max_seconds
                 finished = self.iteration >= c.iterations or out_of_time
                 if self.val_samples and (self.iteration % c.val_every == 0 or finished):
                     val_iou, val_error = self.validate()
@@ -361,8 +424,12 @@ class Trainer:
                     self._plot()
                 if finished:
                     break
+        except KeyboardInterrupt:
+            self._save("last.pt")  # Ctrl-C: keep the interrupted iteration so `--resume` continues from it
+            raise
         finally:
             bar.close()
+        decision = self.choose_decision() if finished and self.val_samples and c.choose_decision else None
         seconds = time.perf_counter() - started
         steps = self.iteration - start_iteration
         return {
@@ -375,5 +442,6 @@ class Trainer:
             "best_val_iou": None if self.best_iou == -math.inf else self.best_iou,
             "val_iou": None if math.isnan(val_iou) else val_iou,
             "val_pixel_error": None if math.isnan(val_error) else val_error,
+            "decision": None if decision is None else decision.to_dict(),
             "run_dir": str(self.run_dir),
         }

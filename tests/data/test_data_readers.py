@@ -11,6 +11,8 @@ import tifffile
 
 from unetkit.errors import InputError
 from unetkit.data import ImagePair, check_mask, find_pairs, load_sample, read_mask
+from unetkit.data.readers import ctc_frame, intensity_problem
+from unetkit.io import read_image
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -179,3 +181,75 @@ def test_image_pair_is_frozen():
     pair = ImagePair(Path("a.png"), None, "a")
     with pytest.raises(AttributeError):
         pair.name = "b"  # type: ignore[misc]
+
+
+def _cells(shape=(64, 64)) -> np.ndarray:
+    """A binary 0/255 mask of three round cells."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, np.uint8)
+    for cy, cx, r in ((16, 18, 9), (40, 44, 12), (50, 14, 7)):
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 255
+    return mask
+
+
+def _bilinear_upscale(mask: np.ndarray, factor: int = 4) -> np.ndarray:
+    """The mask resized with bilinear interpolation (what image editors do by default)."""
+    from scipy import ndimage as ndi
+
+    return np.clip(ndi.zoom(mask.astype(np.float64), factor, order=1), 0, 255).round().astype(np.uint8)
+
+
+def _jpeg(tmp_path: Path, mask: np.ndarray) -> Path:
+    path = tmp_path / "mask.jpg"
+    iio.imwrite(path, mask, extension=".jpg", quality=90)
+    return path
+
+
+def test_masks_that_are_intensity_images_are_refused(tmp_path):
+    resized = _bilinear_upscale(_cells())
+    assert ((resized > 0) & (resized < 255)).mean() > 0.03  # interpolated ramps at every edge
+    raw = (np.random.default_rng(0).random((64, 64)) * 200 + 20).astype(np.uint8)  # images/ and masks/ swapped
+    from scipy import ndimage as ndi
+
+    probability = ndi.gaussian_filter(_cells() / 255.0, 3)  # a probability map saved as 16-bit integers
+    cases = {
+        "resized.png": _png(tmp_path / "resized.png", resized),
+        "mask.jpg": _jpeg(tmp_path, _cells((128, 128))),
+        "raw.png": _png(tmp_path / "raw.png", raw),
+        "prob16.tif": _tif(tmp_path / "prob16.tif", (probability * 65535).astype(np.uint16)),
+    }
+    for name, path in cases.items():
+        with pytest.raises(InputError, match="does not look like a mask") as info:
+            read_mask(path)
+        assert name in str(info.value) and "--allow-intensity-masks" in str(info.value)
+        assert read_mask(path, allow_intensity_masks=True).shape == read_image(path).shape
+
+
+def test_label_images_with_small_objects_are_not_intensity_images():
+    labels = np.zeros((60, 60), np.uint16)
+    for k in range(36):  # 36 objects of 3x3 pixels and one large one
+        y, x = divmod(k, 6)
+        labels[4 * y + 1 : 4 * y + 4, 4 * x + 1 : 4 * x + 4] = k + 1
+    labels[30:58, 5:55] = 99
+    assert intensity_problem(labels) is None
+    specks = np.zeros((60, 60), np.uint16)
+    for k in range(100):  # 100 objects of 2x2 pixels
+        y, x = divmod(k, 10)
+        specks[3 * y + 1 : 3 * y + 3, 3 * x + 1 : 3 * x + 3] = k + 1
+    assert intensity_problem(specks) is None
+    assert intensity_problem(_cells()) is None
+
+
+def test_ctc_frame_numbers_keep_their_digits():
+    assert [ctc_frame(s) for s in ("t000", "t041", "t0041", "t5", "cell7", "t04a", "mask041")] == [
+        "000", "041", "0041", "5", None, None, None,
+    ]
+
+
+def test_multi_page_training_image_names_the_page_count(tmp_path):
+    _tif(tmp_path / "images" / "a.tif", np.zeros((4, 20, 24), np.uint8), photometric="minisblack")
+    _png(tmp_path / "masks" / "a.png", _mask())
+    (pair,) = find_pairs(tmp_path)
+    with pytest.raises(InputError, match="4 pages") as info:
+        load_sample(pair)
+    assert "a.tif" in str(info.value) and "4x20" not in str(info.value)

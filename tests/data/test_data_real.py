@@ -43,3 +43,16 @@ def test_other_folders(name, count):
     assert len(pairs) == count
     (sample,) = load_samples(pairs[:1])
     assert np.isfinite(sample.image).all() and sample.instances.max() > 20
+
+
+@pytest.mark.parametrize("name", ["isbi2012", "ctc-dic-c2dh-hela", "ctc-fluo-n2dh-gowt1", "dsb2018-stardist-sample"])
+def test_real_annotations_are_not_taken_for_intensity_images(name):
+    from unetkit.data.readers import intensity_problem, read_mask
+    from unetkit.io import read_image
+
+    pairs = find_pairs(_need(name))
+    for pair in pairs:
+        read_mask(pair.mask)  # every check of the reader, the intensity check included
+        assert intensity_problem(read_image(pair.mask)) is None, pair.mask
+    # the other way round (images/ and masks/ swapped), the images are refused as masks
+    assert intensity_problem(read_image(pairs[0].image)) is not None, pairs[0].image

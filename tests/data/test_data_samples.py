@@ -56,3 +56,25 @@ def test_load_samples_from_folder_and_channel_mismatch(tmp_path):
     iio.imwrite(tmp_path / "masks" / "b.png", mask)
     with pytest.raises(InputError, match="b.png"):
         load_samples(find_pairs(tmp_path))
+
+
+@pytest.mark.parametrize("fill, words", [(0, "are empty"), (3, "are all foreground")])
+def test_warns_when_every_mask_is_empty_or_all_foreground(tmp_path, fill, words):
+    for name in ("a", "b"):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        iio.imwrite(tmp_path / "images" / f"{name}.png", np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8))
+        iio.imwrite(tmp_path / "masks" / f"{name}.png", np.full((16, 16), fill, np.uint8))
+    with pytest.warns(UserWarning, match=f"all 2 mask\\(s\\) {words}"):
+        load_samples(tmp_path)
+
+
+def test_no_warning_for_ordinary_masks(tmp_path, recwarn):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:9, 4:9] = 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    iio.imwrite(tmp_path / "images" / "a.png", np.zeros((16, 16), np.uint8))
+    iio.imwrite(tmp_path / "masks" / "a.png", mask)
+    load_samples(tmp_path)
+    assert not [w for w in recwarn if "mask" in str(w.message)]

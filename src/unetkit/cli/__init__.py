@@ -1,13 +1,20 @@
-"""The `unetkit` command: `demo`, `train`, `predict`, `evaluate`.
+"""The `unetkit` command: `demo`, `train`, `predict`, `evaluate`, `models`.
 
 Each sub-command lives in its own module and registers itself on `app`. User mistakes
-(`ValueError`, `TypeError`, missing or existing files) end as one line on stderr and exit status 2.
+(`ValueError`, `TypeError`, missing, existing or unwritable files) end as one line on stderr and
+exit status 2; Ctrl-C ends with "unetkit: interrupted" (and what was kept) and exit status 130.
+Warnings are printed as one line, "unetkit: warning: ...".
+
+The modules of this package import nothing heavy (torch, SciPy) at their top level, so that
+`unetkit --help` and usage errors are quick; commands import what they need when they run.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from typing import Optional
 
 import typer
 
@@ -19,7 +26,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("demo", "train", "predict", "evaluate")
+_COMMAND_MODULES = ("demo", "train", "predict", "evaluate", "models")
+
+
+class CommandInterrupted(Exception):
+    """Ctrl-C in a command; the message says what was kept and how to continue.
+
+    Commands raise it from a KeyboardInterrupt, which typer would turn into a silent exit 130.
+    """
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"unetkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """U-Net segmentation: train from a few annotated images, segment images of any size, score results."""
+
+
+def _one_line_warnings(previous):  # noqa: ANN001, ANN202
+    """A `warnings.showwarning` that prints user warnings as one line and hands others to `previous`."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if issubclass(category, UserWarning):
+            typer.echo(f"unetkit: warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _register_commands() -> None:
@@ -33,10 +76,15 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    _register_commands()
     try:
-        app(args=argv, prog_name="unetkit", standalone_mode=False)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            _register_commands()
+            status = app(args=argv, prog_name="unetkit", standalone_mode=False)
+    except CommandInterrupted as exc:
+        typer.echo(f"unetkit: interrupted: {exc}", err=True)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
         typer.echo(f"unetkit: error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:
@@ -55,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "Abort":
             return 1
         raise
-    return 0
+    if status == 130:  # typer's exit status for a KeyboardInterrupt it caught
+        typer.echo("unetkit: interrupted", err=True)
+    return status if isinstance(status, int) else 0
 
 
 def run() -> None:  # pragma: no cover - console entry

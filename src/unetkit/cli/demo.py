@@ -18,6 +18,16 @@ def demo(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train a small U-Net on synthetic touching cells, segment a held-out image, score it, draw it."""
+    from ..errors import InputError
+    from ..io import check_output_dir
+    from . import CommandInterrupted
+
+    if not seconds > 0:
+        raise InputError(f"--seconds must be > 0 (got {seconds:g})")
+    check_output_dir(out, force=force)
     from ..demo import DemoSettings, run_demo
 
-    run_demo(out, force=force, settings=DemoSettings(seconds=seconds, seed=seed), progress=progress)
+    try:
+        run_demo(out, force=force, settings=DemoSettings(seconds=seconds, seed=seed), progress=progress)
+    except KeyboardInterrupt:
+        raise CommandInterrupted(f"the demo stopped; run it again with --force to replace {out}") from None

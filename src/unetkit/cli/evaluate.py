@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..evaluate import DEFAULT_METRICS, METRICS, evaluate_folders
-from ..io import atomic_write
+from ..metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
 from . import app
 
-_METRICS_HELP = "comma-separated, from: " + "; ".join(f"{name} = {m.description}" for name, m in METRICS.items())
+_METRICS_HELP = "comma-separated, from: " + "; ".join(f"{name} = {text}" for name, text in METRIC_DESCRIPTIONS.items())
 
 
 @app.command("evaluate")
@@ -48,11 +47,19 @@ def evaluate_command(
     use: Annotated[
         str, typer.Option("--use", help="with `unetkit predict` outputs: score IMAGE_probabilities or IMAGE_labels")
     ] = "probabilities",
+    allow_intensity_masks: Annotated[
+        bool,
+        typer.Option("--allow-intensity-masks", help="score against ground truth that looks like an intensity image (raw image, probability map) as it is"),
+    ] = False,
 ) -> None:
     """Score predictions with the challenges' metrics; print a table per image and overall."""
-    if json_path is not None and json_path.exists() and not force:
-        raise FileExistsError(f"{json_path}: already exists; use --force to overwrite it")
-    result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel, use=use)
+    from ..evaluate import evaluate_folders
+    from ..io import atomic_write, check_writable_file
+
+    if json_path is not None:
+        check_writable_file(json_path, "--json", force=force)
+    result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel, use=use,
+                              allow_intensity_masks=allow_intensity_masks)
     typer.echo(result.table())
     for note in result.notes:
         typer.echo(f"note: {note}")

@@ -32,41 +32,167 @@ def _validation(val: Optional[str]):
     return int(number) if number >= 1 and number == int(number) else number
 
 
+#: `TrainConfig` fields set by the command's options of the same meaning.
+_CONFIG_OPTIONS = {
+    "tile_size": "tile_size", "batch_size": "batch_size", "depth": "depth", "width": "base_channels",
+    "padding": "padding", "dropout": "dropout", "batch_norm": "batch_norm", "optimizer": "optimizer", "lr": "lr",
+    "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay", "dice": "dice_weight",
+    "w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map",
+    "budget_clock": "budget_clock",
+}
+#: `AugmentConfig` fields set by each augmentation option.
+_AUGMENT_OPTIONS = {
+    "elastic": ("elastic",), "elastic_grid": ("elastic_grid",), "elastic_sigma": ("elastic_sigma",),
+    "rotate": ("rotate", "rotate90"), "flip": ("flip",), "shift": ("shift",),
+    "gray": ("gamma", "contrast", "brightness", "noise"),
+}
+
+
+def _recipe_values(recipe: str, options: dict) -> dict:
+    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` a dict)."""
+    from ..recipes import recipe_values
+
+    values = recipe_values(recipe)
+    values.update({field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None})
+    if options["class_weights"] is not None:
+        values["class_weights"] = _class_weights(options["class_weights"])
+    augment = dict(values.get("augment", {}))
+    for name, fields in _AUGMENT_OPTIONS.items():
+        if options[name] is not None:
+            augment.update({field: options[name] for field in fields})
+    values["augment"] = augment
+    return values
+
+
+#: Options `--resume` accepts; everything else is fixed by the run.
+_RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress")
+
+
+def _given_options(ctx: typer.Context, allowed: tuple[str, ...]) -> list[str]:
+    """The options given on the command line (not left at their defaults), other than `allowed`."""
+    given = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name in allowed or source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        negative = ctx.params.get(param.name) is False and getattr(param, "secondary_opts", None)
+        given.append(param.secondary_opts[0] if negative else param.opts[0])
+    return given
+
+
+def _check_budget(iterations: Optional[int], epochs: Optional[float], seconds: Optional[float]) -> None:
+    from ..errors import InputError
+
+    if iterations is not None and iterations < 1:
+        raise InputError(f"--iterations must be >= 1 (got {iterations})")
+    if epochs is not None and not epochs > 0:
+        raise InputError(f"--epochs must be > 0 (got {epochs:g})")
+    if seconds is not None and not seconds > 0:
+        raise InputError(f"--seconds must be > 0 (got {seconds:g})")
+    if iterations is not None and epochs is not None:
+        raise InputError("give --iterations or --epochs, not both")
+
+
+def _check_network(depth: int, width: int, padding: str, dropout: float, tile_size: int) -> None:
+    """The network options, checked before anything is loaded or created."""
+    from ..errors import InputError
+    from ..geometry import Geometry
+
+    if depth < 2:
+        raise InputError(f"--depth must be >= 2 (got {depth}); the paper uses 5")
+    if width < 1:
+        raise InputError(f"--width must be >= 1 (got {width}); the paper uses 64")
+    if padding not in ("valid", "same"):
+        raise InputError(f"--padding must be 'valid' (the paper) or 'same' (got {padding!r})")
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"--dropout must be in [0, 1) (got {dropout:g})")
+    Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")
+
+
+def _read_json(path: Path) -> dict:
+    from ..errors import InputError
+
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: damaged ({exc}); the run cannot be resumed, start a new one") from None
+
+
+def _read_run(run_dir: Path) -> tuple[dict, dict]:
+    """config.json and data.json of a run folder to resume; the message says exactly what is missing."""
+    from ..errors import InputError
+
+    names = ("config.json", "data.json", "last.pt")
+    missing = [name for name in names if not (run_dir / name).is_file()]
+    if len(missing) == len(names):
+        raise InputError(
+            f"{run_dir}: not a run folder (no config.json, data.json or last.pt); give the --out of an earlier `unetkit train`"
+        )
+    if missing == ["last.pt"]:
+        raise InputError(
+            f"{run_dir}: last.pt is missing (config.json and data.json are there): the run stopped before its first "
+            f"checkpoint, so there is nothing to resume; start it again with `unetkit train --out {run_dir} --force` "
+            "and its other options"
+        )
+    if missing:
+        raise InputError(f"{run_dir}: cannot resume, {' and '.join(missing)} missing; start a new run with --out")
+    return _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
+
+
+def _recorded_pairs(pairs: list, names: list, folder: Path, run_dir: Path) -> list:
+    """The pairs the run used, by name, from a (possibly moved) dataset folder."""
+    from ..errors import InputError
+
+    by_name = {pair.name: pair for pair in pairs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise InputError(
+            f"{folder}: {len(missing)} image(s) the run {run_dir} was trained on are not in this dataset "
+            f"(e.g. {', '.join(missing[:3])}); give the run's dataset with --data"
+        )
+    return [by_name[name] for name in names]
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create (must be empty unless --force)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="A separate validation dataset folder (instead of --val)."),
     iterations: Optional[int] = typer.Option(None, help="Training iterations, one tile batch each (default 2000; with --resume: the run's)."),
     epochs: Optional[float] = typer.Option(None, help="Instead of --iterations: passes over the training pixels, counted in output tiles."),
     seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is written)."),
-    tile_size: int = typer.Option(PAPER.tile_size, "--tile-size", help="Input tile size; must be legal for the network (the error names the nearest)."),
-    batch_size: int = typer.Option(PAPER.batch_size, "--batch-size"),
-    depth: int = typer.Option(PAPER.depth, help="Resolution levels (the paper: 5)."),
-    width: int = typer.Option(PAPER.base_channels, help="Channels of the first level (the paper: 64)."),
-    padding: str = typer.Option("valid", help="'valid' (the paper) or 'same'."),
-    dropout: float = typer.Option(PAPER.dropout),
-    batch_norm: bool = typer.Option(False, "--batch-norm/--no-batch-norm"),
-    optimizer: str = typer.Option("sgd", help="'sgd' (the paper) or 'adam'."),
-    lr: float = typer.Option(0.001, help="Learning rate (SGD with momentum 0.99: see TrainConfig; Adam: 0.001)."),
-    momentum: float = typer.Option(PAPER.momentum),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    dice: float = typer.Option(0.0, help="Weight of an extra soft Dice loss term (0: the paper's loss only)."),
-    w0: float = typer.Option(PAPER.w0, help="Weight-map border amplitude."),
-    sigma: float = typer.Option(PAPER.sigma, help="Weight-map border width (pixels, or micrometres with --pixel-size)."),
+    recipe: str = typer.Option("default", "--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it."),
+    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per step. Recipes: 1."),
+    depth: Optional[int] = typer.Option(None, help="Resolution levels. Recipes: 5 (the paper's)."),
+    width: Optional[int] = typer.Option(None, help="Channels of the first level. default: 16, paper: 64."),
+    padding: Optional[str] = typer.Option(None, help="'valid' (the paper, seamless tiles) or 'same'."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout at the end of the contracting path. Recipes: 0.5."),
+    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="default: on, paper: off."),
+    optimizer: Optional[str] = typer.Option(None, help="'adam' (default recipe) or 'sgd' (paper)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate. Recipes: 0.001 (SGD with momentum 0.99: see TrainConfig)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds."),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum (the paper: 0.99)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    dice: Optional[float] = typer.Option(None, help="Weight of an extra soft Dice loss term (recipes: 0, the paper's loss only)."),
+    w0: Optional[float] = typer.Option(None, help="Weight-map border amplitude (the paper: 10)."),
+    sigma: Optional[float] = typer.Option(None, help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size)."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrometres per pixel; makes --sigma micrometres."),
-    class_weights: str = typer.Option("balanced", "--class-weights", help="'balanced' or one weight per class, e.g. '1,1'."),
-    weight_map: bool = typer.Option(True, "--weight-map/--no-weight-map", help="Use the border term of the weight map."),
-    elastic: bool = typer.Option(True, "--elastic/--no-elastic", help="The paper's elastic deformation."),
-    elastic_grid: int = typer.Option(PAPER.elastic_grid, "--elastic-grid"),
-    elastic_sigma: float = typer.Option(PAPER.elastic_sigma, "--elastic-sigma"),
-    rotate: bool = typer.Option(True, "--rotate/--no-rotate"),
-    flip: bool = typer.Option(True, "--flip/--no-flip"),
-    shift: bool = typer.Option(True, "--shift/--no-shift"),
-    gray: bool = typer.Option(True, "--gray/--no-gray", help="Gray-value variation (brightness, contrast, gamma, noise)."),
+    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (recipes) or one weight per class, e.g. '1,1'."),
+    weight_map: Optional[bool] = typer.Option(None, "--weight-map/--no-weight-map", help="Use the border term of the weight map (recipes: on)."),
+    elastic: Optional[bool] = typer.Option(None, "--elastic/--no-elastic", help="The paper's elastic deformation (recipes: on)."),
+    elastic_grid: Optional[int] = typer.Option(None, "--elastic-grid", help="Recipes: 3 (a 3x3 grid)."),
+    elastic_sigma: Optional[float] = typer.Option(None, "--elastic-sigma", help="Recipes: 10 pixels."),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Any-angle and 90-degree rotations (recipes: on)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip"),
+    shift: Optional[bool] = typer.Option(None, "--shift/--no-shift"),
+    gray: Optional[bool] = typer.Option(None, "--gray/--no-gray", help="Gray-value variation (brightness, contrast, gamma, noise; recipes: on)."),
+    budget_clock: Optional[str] = typer.Option(None, "--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time)."),
     normalize: str = typer.Option("percentile", help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'."),
+    allow_intensity_masks: bool = typer.Option(False, "--allow-intensity-masks", help="Accept masks that look like intensity images (raw, resized or JPEG), every distinct value an object."),
     val_every: int = typer.Option(200, "--val-every"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0),
@@ -75,66 +201,123 @@ def train(
     force: bool = typer.Option(False, "--force", help="Use a non-empty --out folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a U-Net as in the paper: weighted loss, elastic deformation, SGD with momentum 0.99."""
+    """Train a U-Net: the paper's network, weighted loss and elastic deformation, with the default
+    recipe (Adam, batch norm, cosine decay; measured best within a CPU budget) or `--recipe paper`."""
+    from ..device import check_device
+    from ..errors import InputError
+    from ..io import check_output_dir
+
+    _check_budget(iterations, epochs, seconds)  # the quick checks first, before torch is imported
+    saved: dict = {}
+    setup: dict = {}
+    if resume is None:
+        if data is None or out is None:
+            raise InputError("give --data DIR and --out RUN (or --resume RUN)")
+        values = _recipe_values(recipe, locals())
+        _check_network(values.get("depth", PAPER.depth), values.get("base_channels", PAPER.base_channels),
+                       values.get("padding", "valid"), values.get("dropout", PAPER.dropout),
+                       values.get("tile_size", PAPER.tile_size))
+        device = check_device(device)
+        if normalize not in ("percentile", "fixed", "none"):
+            raise InputError(f"--normalize must be percentile, fixed or none (got {normalize!r})")
+        check_output_dir(out, force=force)
+    else:
+        fixed = _given_options(ctx, _RESUME_OPTIONS)
+        if fixed:
+            raise InputError(
+                f"{resume}: --resume continues the run with the settings it started with; {', '.join(fixed)} cannot be "
+                "changed. Fixed by the run: network, tiles, loss and weight map, augmentation, optimiser, "
+                f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
+                "--data (a moved dataset), --val-data, --iterations, --seconds or --no-progress"
+            )
+        saved, setup = _read_run(resume)
+
     from ..augment import AugmentConfig
     from ..checkpoint import load_checkpoint
     from ..data import Normalization, find_pairs, load_samples, split_pairs
-    from ..errors import InputError
-    from ..io import prepare_output_dir
+    from ..device import resolve_device
+    from ..geometry import Geometry
+    from ..io import atomic_write, check_writable_folder, prepare_output_dir, remove_stale_temp_files
     from ..train import TrainConfig, Trainer
+    from . import CommandInterrupted
 
+    moved = False  # --resume with a new --data or --val-data
     if resume is not None:
         run_dir = resume
-        last = run_dir / "last.pt"
-        if not (run_dir / "config.json").is_file() or not last.is_file():
-            raise InputError(f"{run_dir}: not a run folder (config.json and last.pt missing); give the --out of an earlier `unetkit train`")
-        saved = json.loads((run_dir / "config.json").read_text())
-        setup = json.loads((run_dir / "data.json").read_text())
-        overrides = {"iterations": iterations or saved["iterations"], "max_seconds": seconds or saved["max_seconds"]}
-        config = TrainConfig.from_dict({**saved, **overrides})
-        normalization = load_checkpoint(last).normalization
-        data, val_data, val = Path(setup["data"]), setup["val_data"] and Path(setup["val_data"]), setup["val"]
+        check_writable_folder(run_dir, "--resume")
+        overrides = {"iterations": iterations if iterations is not None else saved.get("iterations"),
+                     "max_seconds": seconds if seconds is not None else saved.get("max_seconds")}
+        try:
+            config = TrainConfig.from_dict({**saved, **overrides})
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{run_dir / 'config.json'}: {exc}") from None
+        last = load_checkpoint(run_dir / "last.pt")
+        try:
+            TrainConfig.from_dict(last.train_config)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{run_dir / 'last.pt'}: {exc}") from None
+        normalization = last.normalization
+        resolve_device(config.device)
+        moved = data is not None or val_data is not None
+        data = data if data is not None else Path(setup["data"])
+        if val_data is None and setup.get("val_data"):
+            val_data = Path(setup["val_data"])
+        for folder, option in ((data, "--data"), (val_data, "--val-data")):
+            if folder is not None and not folder.is_dir():
+                raise InputError(f"{folder}: the run's dataset folder is not there; if it moved, give its new place with {option}")
+        val = setup.get("val")
+        allow_intensity_masks = bool(setup.get("allow_intensity_masks", False))
     else:
-        if data is None or out is None:
-            raise InputError("give --data DIR and --out RUN (or --resume RUN)")
-        augment = AugmentConfig(elastic=elastic, elastic_grid=elastic_grid, elastic_sigma=elastic_sigma, rotate=rotate,
-                                rotate90=rotate, flip=flip, shift=shift, gamma=gray, contrast=gray, brightness=gray, noise=gray)
+        values["augment"] = AugmentConfig(**values.get("augment", {}))
         config = TrainConfig(
-            depth=depth, base_channels=width, padding=padding, dropout=dropout, batch_norm=batch_norm,
-            tile_size=tile_size, batch_size=batch_size, w0=w0, sigma=sigma, class_weights=_class_weights(class_weights),
-            use_weight_map=weight_map, pixel_size=pixel_size, augment=augment, optimizer=optimizer, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, dice_weight=dice, iterations=iterations or 2000, max_seconds=seconds,
+            **values, iterations=2000 if iterations is None else iterations, max_seconds=seconds,
             val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, workers=workers, device=device,
         )
-        normalization = {"percentile": Normalization(), "fixed": Normalization(mode="fixed", scale=1 / 255), "none": Normalization(mode="none")}.get(normalize)
-        if normalization is None:
-            raise InputError(f"--normalize must be percentile, fixed or none (got {normalize!r})")
+        resolve_device(config.device)
+        normalization = {"percentile": Normalization(), "fixed": Normalization(mode="fixed", scale=1 / 255),
+                         "none": Normalization(mode="none")}[normalize]
         run_dir = out
         val = str(val) if val is not None else None
 
     pairs = find_pairs(data)
-    if val_data is not None:
+    if resume is not None and "train" in setup and "validation" in setup:
+        train_pairs = _recorded_pairs(pairs, setup["train"], data, run_dir)
+        val_pairs = _recorded_pairs(find_pairs(val_data) if val_data is not None else pairs, setup["validation"],
+                                    val_data or data, run_dir)
+    elif val_data is not None:
         train_pairs, val_pairs = pairs, find_pairs(val_data)
     else:
         train_pairs, val_pairs = split_pairs(pairs, _validation(val), seed=config.seed)
     target_options = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights,
-                          pixel_size=config.pixel_size, use_weight_map=config.use_weight_map)
+                          pixel_size=config.pixel_size, use_weight_map=config.use_weight_map,
+                          allow_intensity_masks=allow_intensity_masks)
     train_samples = load_samples(train_pairs, normalization, **target_options)
     val_samples = load_samples(val_pairs, normalization, **target_options) if val_pairs else []
     if epochs is not None and resume is None:
-        geometry = config.network(1).geometry
+        geometry = Geometry(depth=config.depth, padding=config.padding)
         out_pixels = geometry.output_size(config.tile_size) ** 2 * config.batch_size
         total = sum(s.shape[0] * s.shape[1] for s in train_samples)
         config.iterations = max(1, round(epochs * total / out_pixels))
     if resume is None:
         prepare_output_dir(run_dir, force=force)
-        (run_dir / "data.json").write_text(json.dumps({
+    remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
+    if resume is None or moved:
+        setup = {
             "data": str(data.resolve()), "val_data": str(val_data.resolve()) if val_data else None, "val": val,
             "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
-        }, indent=2))
+            "allow_intensity_masks": allow_intensity_masks,
+        }
+        text = json.dumps(setup, indent=2)
+        atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
     typer.echo(f"{len(train_samples)} training and {len(val_samples)} validation images; {config.iterations} iterations "
                f"of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
     trainer = Trainer(config, train_samples, val_samples, run_dir, normalization=normalization,
                       resume=resume is not None, progress=progress)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        raise CommandInterrupted(
+            f"training stopped at iteration {trainer.iteration}, saved in {run_dir / 'last.pt'}; "
+            f"continue with: unetkit train --resume {run_dir}"
+        ) from None
     typer.echo(json.dumps(summary, indent=2))

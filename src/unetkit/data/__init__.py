@@ -14,7 +14,18 @@ from .normalize import Normalization, to_chw
 from .readers import ImagePair, check_mask, find_pairs, read_mask
 from .samples import Sample, get_samples, load_sample, load_samples, make_sample
 from .split import split_pairs
-from .tiles import RangeSampler, TileDataset, augment_margin, get_tile_dataset, get_tile_loader
+
+# Tile sampling needs torch: imported on first use (PEP 562), so reading data stays light.
+_TILES = ("RangeSampler", "TileDataset", "augment_margin", "get_tile_dataset", "get_tile_loader")
+
+
+def __getattr__(name: str):
+    if name in _TILES:
+        from . import tiles
+
+        return getattr(tiles, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ImagePair",

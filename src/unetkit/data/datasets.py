@@ -9,7 +9,6 @@ directory. Each dataset folder follows a layout that `find_pairs` recognises.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterable
 
@@ -17,7 +16,7 @@ from ..config import PAPER
 from ..errors import InputError
 from ..targets import ClassWeights
 from .normalize import Normalization
-from .readers import ImagePair, find_pairs
+from .readers import ImagePair, ctc_frame, find_pairs
 from .samples import Sample, load_samples
 
 ISBI2012 = "isbi2012"
@@ -136,5 +135,5 @@ def get_ctc_samples(
 
 
 def _frame_number(pair: ImagePair) -> int | None:
-    match = re.match(r"^t(\d+)$", pair.image.stem)
-    return int(match.group(1)) if match else None
+    frame = ctc_frame(pair.image.stem)
+    return int(frame) if frame is not None else None

@@ -33,9 +33,25 @@ _IMAGE_WORDS = ("image", "img", "raw")
 _MASK_WORDS = ("mask", "label", "labels", "masks", "seg")
 CtcTruth = Literal["auto", "gold", "silver"]
 
-_CTC_IMAGE = re.compile(r"^t(\d+)$")
+_CTC_IMAGE = re.compile(r"^t(\d+)$")  # the one pattern for Cell Tracking Challenge frame names
 _CTC_MASK = re.compile(r"^man_seg(\d+)$")
 _CTC_SEQUENCE = re.compile(r"^\d+$")
+
+#: Masks with this share of object pixels in values that form no solid region are refused ...
+INTENSITY_SHARE = 0.05
+#: ... when at least this many distinct values do so (a trimap or a few specks are fine).
+INTENSITY_VALUES = 5
+
+
+def ctc_frame(stem: str) -> str | None:
+    """The frame number of a Cell Tracking Challenge image name, digits as written; None otherwise.
+
+    Example:
+        >>> ctc_frame("t041"), ctc_frame("cell7")
+        ('041', None)
+    """
+    match = _CTC_IMAGE.match(stem)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,7 @@ def _missing_masks_error(missing: list[tuple[Path, str]]) -> InputError:
     )
 
 
-def _mask_stems(stem: str) -> list[str]:
+def mask_stems(stem: str) -> list[str]:
     """Mask file stems accepted for an image stem: the same, with a suffix, or with img -> mask."""
     candidates = [stem + suffix for suffix in MASK_SUFFIXES]
     lower = stem.lower()
@@ -104,7 +120,7 @@ def _folder_pairs(image_dir: Path, mask_dir: Path, allow_missing_masks: bool, pr
     masks = _unique_by(_nonempty_images(mask_dir), lambda p: p.stem)
     pairs, missing, used = [], [], set()
     for stem, image in images.items():
-        mask = next((masks[c] for c in _mask_stems(stem) if c in masks), None)
+        mask = next((masks[c] for c in mask_stems(stem) if c in masks), None)
         if mask is None:
             missing.append((image, f"{mask_dir / stem}.png or .tif"))
         else:
@@ -233,7 +249,9 @@ def _sorted(pairs: list[ImagePair]) -> list[ImagePair]:
     return sorted(pairs, key=lambda p: p.name)
 
 
-def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray:
+def check_mask(
+    mask: np.ndarray, path: str | os.PathLike = "mask", *, allow_intensity_masks: bool = False
+) -> np.ndarray:
     """Validate a label image read from `path` and return it as 2D integer labels.
 
     Accepted: bool or integer (H, W) arrays with values >= 0: binary masks ({0, v}) or instance
@@ -242,8 +260,11 @@ def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray
 
     Raises:
         InputError naming `path` for colour (RGB) masks, values `unetkit.targets.check_labels`
-        rejects (fractional, non-finite or negative ones), and anti-aliased binary masks (two values
-        cover almost all pixels; a few others sit only on the edges between them).
+        rejects (fractional, non-finite or negative ones), anti-aliased binary masks (two values
+        cover almost all pixels; a few others sit only on the edges between them), and masks that
+        are not piecewise constant (see `intensity_problem`): a raw image, a resized (interpolated)
+        or JPEG-compressed mask, a probability map. `allow_intensity_masks=True` accepts the last
+        kind as they are, every distinct value an object.
 
     Example:
         >>> check_mask(np.array([[0, 255], [255, 0]], np.uint8)).tolist()
@@ -268,6 +289,14 @@ def check_mask(mask: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray
         raise InputError(
             f"{path}: looks like an anti-aliased binary mask (almost all pixels are 0 or {labels.max()}, "
             "with a few intermediate values on the edges); re-save it without anti-aliasing or threshold it"
+        )
+    problem = None if allow_intensity_masks else intensity_problem(labels)
+    if problem:
+        raise InputError(
+            f"{path}: does not look like a mask: {problem}. This is what a raw image (are images/ and masks/ "
+            "swapped?), a resized (interpolated) or JPEG-compressed mask or a probability map looks like. "
+            "Give labels (0 = background, 1, 2, ... = objects, or a binary 0/255 mask) saved as PNG or TIFF "
+            "without interpolation, or accept it as it is with --allow-intensity-masks"
         )
     if np.issubdtype(arr.dtype, np.integer):
         labels = arr  # keep the integer type the mask was saved with
@@ -295,10 +324,50 @@ def _looks_antialiased(arr: np.ndarray) -> bool:
     return rim >= 0.9 * count and np.count_nonzero(arr == top) > count
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def intensity_problem(labels: np.ndarray) -> str | None:
+    """Why `labels` is not piecewise constant like a label image, or None if it is.
+
+    In a label image every object is a solid region: its pixels share their value with most of
+    their four neighbours (on average 2 of 4 even in a 2x2 object, more in larger ones). Values
+    whose pixels have fewer equal neighbours form no solid region: the one-pixel ramps of an
+    interpolated mask, the ringing of a JPEG, the texture of a raw image or a probability map.
+    A mask is refused when such values are many (>= `INTENSITY_VALUES`) and hold at least
+    `INTENSITY_SHARE` of the object (non-zero) pixels. Binary masks always pass.
+
+    Example:
+        >>> gradient = np.add.outer(np.arange(40), np.arange(40)).astype(np.uint8)
+        >>> intensity_problem(gradient) is not None, intensity_problem(np.eye(40, dtype=np.uint8))
+        (True, None)
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or arr.size == 0:
+        return None
+    values, inverse = np.unique(arr, return_inverse=True)
+    if values.size <= 2:
+        return None
+    padded = np.pad(arr, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    equal = np.zeros(arr.shape, np.uint8)
+    for neighbour in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        equal += centre == neighbour
+    inverse = inverse.reshape(-1)
+    count = np.bincount(inverse, minlength=values.size)
+    equal_neighbours = np.bincount(inverse, weights=equal.reshape(-1), minlength=values.size)
+    objects = values != 0
+    thin = objects & (equal_neighbours < 2 * count)
+    share = count[thin].sum() / max(int(count[objects].sum()), 1)
+    if int(thin.sum()) < INTENSITY_VALUES or share < INTENSITY_SHARE:
+        return None
+    return (
+        f"{share:.0%} of its object pixels carry one of {int(thin.sum())} values (of {values.size} distinct values) "
+        "that form no solid region, changing from pixel to pixel"
+    )
+
+
+def read_mask(path: str | os.PathLike, *, allow_intensity_masks: bool = False) -> np.ndarray:
     """Read and validate a mask file (see `check_mask`); returns 2D integer labels.
 
     Example:
         >>> mask = read_mask("masks/a.png")  # doctest: +SKIP
     """
-    return check_mask(read_image(path), path)
+    return check_mask(read_image(path), path, allow_intensity_masks=allow_intensity_masks)

@@ -7,6 +7,7 @@ the same, so tile sampling during training only crops arrays.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -71,11 +72,13 @@ def make_sample(
     class_weights: ClassWeights = "balanced",
     pixel_size: float | None = None,
     use_weight_map: bool = True,
+    allow_intensity_masks: bool = False,
 ) -> Sample:
     """A `Sample` from in-memory arrays: image (H, W) / (H, W, C), mask a binary mask or instance labels.
 
     `name` is used in error messages (pass the file names when the arrays come from files).
-    The target options are those of `unetkit.targets.make_targets`.
+    The target options are those of `unetkit.targets.make_targets`; `allow_intensity_masks` that
+    of `check_mask`.
 
     Example:
         >>> mask = np.zeros((16, 16), np.uint8); mask[4:12, 4:12] = 255
@@ -83,7 +86,7 @@ def make_sample(
         1
     """
     normalization = normalization or Normalization()
-    mask = check_mask(mask, name)
+    mask = check_mask(mask, name, allow_intensity_masks=allow_intensity_masks)
     chw = to_chw(np.asarray(image), name=name)
     if chw.shape[1:] != mask.shape:
         raise InputError(
@@ -113,12 +116,14 @@ def load_sample(
     class_weights: ClassWeights = "balanced",
     pixel_size: float | None = None,
     use_weight_map: bool = True,
+    allow_intensity_masks: bool = False,
 ) -> Sample:
     """Read, check and prepare one image/mask pair (target and weight map via `make_targets`).
 
     Raises:
         InputError naming the files: no mask, image and mask sizes differ (both shapes are given),
-        bad mask values (see `check_mask`), unreadable files.
+        bad mask values or a mask that looks like an intensity image (see `check_mask`;
+        `allow_intensity_masks` accepts the latter), unreadable or multi-page files.
 
     Example:
         >>> sample = load_sample(find_pairs("my_dataset")[0])  # doctest: +SKIP
@@ -126,7 +131,7 @@ def load_sample(
     if pair.mask is None:
         raise InputError(f"{pair.image}: image has no mask; training needs a mask for every image")
     image = read_image(pair.image)
-    mask = read_mask(pair.mask)
+    mask = read_mask(pair.mask, allow_intensity_masks=allow_intensity_masks)
     if image.shape[:2] != mask.shape:
         raise InputError(
             f"{pair.image} is {image.shape[0]}x{image.shape[1]} pixels but its mask {pair.mask} is "
@@ -148,10 +153,12 @@ def load_samples(
     class_weights: ClassWeights = "balanced",
     pixel_size: float | None = None,
     use_weight_map: bool = True,
+    allow_intensity_masks: bool = False,
 ) -> list[Sample]:
     """Load every pair of a dataset folder (see `find_pairs`) or of a list of pairs.
 
     Weight maps are computed here, once per image. All images must have the same number of channels.
+    Warns when every mask is empty or every mask is all foreground (nothing to tell apart).
 
     Example:
         >>> samples = load_samples("my_dataset")  # doctest: +SKIP
@@ -164,7 +171,8 @@ def load_samples(
         pairs = list(root_or_pairs)
     if not pairs:
         raise InputError("no image/mask pairs to load; check the dataset folder or the list of pairs")
-    options = dict(w0=w0, sigma=sigma, class_weights=class_weights, pixel_size=pixel_size, use_weight_map=use_weight_map)
+    options = dict(w0=w0, sigma=sigma, class_weights=class_weights, pixel_size=pixel_size, use_weight_map=use_weight_map,
+                   allow_intensity_masks=allow_intensity_masks)
     samples = [load_sample(pair, normalization, **options) for pair in pairs]
     first = samples[0].image.shape[0]
     for pair, sample in zip(pairs, samples):
@@ -173,6 +181,11 @@ def load_samples(
                 f"{pair.image} has {sample.image.shape[0]} channel(s) but {pairs[0].image} has {first}; "
                 "save all images either as grayscale or as RGB"
             )
+    for degenerate, what, learns in ((lambda s: not s.instances.any(), "empty (no object pixel)", "background"),
+                                     (lambda s: s.instances.all(), "all foreground (no background pixel)", "foreground")):
+        if all(degenerate(sample) for sample in samples):
+            warnings.warn(f"all {len(samples)} mask(s) are {what}, e.g. {pairs[0].mask}: the network can only learn "
+                          f"{learns}; check the masks (0 = background, objects > 0)", stacklevel=2)
     return samples
 
 

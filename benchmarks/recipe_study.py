@@ -1,0 +1,146 @@
+"""Recipe study: which training choices win within a CPU budget, one change at a time.
+
+Every arm trains the same width-16 U-Net on ISBI 2012 slices 00-17 for the same CPU time (one
+thread, `budget_clock="cpu"`, so arms run two at a time without eating each other's budget),
+keeps the best checkpoint on slices 18-19 and chooses its labels rule there, and is scored on
+slices 20-24, which no arm sees before scoring. An arm is a set of `TrainConfig` overrides on top
+of the baseline (the recipe `unetkit train` used before this study: the paper's loss and
+augmentation with Adam 1e-3).
+
+    python benchmarks/recipe_study.py --list
+    python benchmarks/recipe_study.py --arm bn --seed 0 --minutes 6      # one arm, one seed
+    python benchmarks/recipe_study.py --table                            # collect results
+
+Each arm writes runs/recipe/<arm>_s<seed>/result.json; `--table` writes
+benchmarks/results/recipe_study.json and prints a Markdown table (docs/TRAINING.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+RUNS = Path("runs") / "recipe"
+
+BASELINE = dict(base_channels=16, optimizer="adam", lr=1e-3)
+
+ARMS: dict[str, dict] = {
+    "baseline": {},
+    "bn": {"batch_norm": True},
+    "no_dropout": {"dropout": 0.0},
+    "unweighted": {"class_weights": (1.0, 1.0), "use_weight_map": False},
+    "no_weight_map": {"use_weight_map": False},
+    "w0_3": {"w0": 3.0},
+    "cosine": {"lr_schedule": "cosine"},
+    "poly": {"lr_schedule": "poly"},
+    "onecycle": {"lr_schedule": "onecycle", "lr": 3e-3},
+    "dice": {"dice_weight": 1.0},
+    "tile_380_batch_2": {"tile_size": 380, "batch_size": 2},
+    "sgd_paper": {"optimizer": "sgd", "lr": 1e-3},
+    "elastic_off": {"augment": {"elastic": False}},
+    "no_rotation": {"augment": {"rotate": False}},
+    "no_gray": {"augment": {"gamma": False, "contrast": False, "brightness": False, "noise": False}},
+    # combinations of the single changes that won
+    "bn_cosine": {"batch_norm": True, "lr_schedule": "cosine"},
+    "bn_cosine_no_dropout": {"batch_norm": True, "lr_schedule": "cosine", "dropout": 0.0},
+    "bn_cosine_unweighted": {"batch_norm": True, "lr_schedule": "cosine", "class_weights": (1.0, 1.0), "use_weight_map": False},
+    "bn_cosine_dice": {"batch_norm": True, "lr_schedule": "cosine", "dice_weight": 1.0},
+}
+
+
+def run_arm(name: str, seed: int, minutes: float, data: Path | None) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from unetkit.augment import AugmentConfig
+    from unetkit.checkpoint import load_checkpoint
+    from unetkit.data import Normalization, get_isbi2012_samples
+    from unetkit.decision import DecisionRule
+    from unetkit.metrics import pixel_error, rand_error, warping_error
+    from unetkit.predict import predict
+    from unetkit.train import TrainConfig, Trainer
+
+    overrides = dict(ARMS[name])
+    augment = AugmentConfig(**overrides.pop("augment", {}))
+    config = TrainConfig(**{**BASELINE, **overrides}, augment=augment, iterations=1_000_000, max_seconds=minutes * 60,
+                         budget_clock="cpu", workers=0, seed=seed, val_every=100, checkpoint_every=100)
+    norm = Normalization()
+    target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
+    train = get_isbi2012_samples(data, slices=range(18), normalization=norm, **target)
+    val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm, **target)
+    test = get_isbi2012_samples(data, slices=range(20, 25), normalization=norm)
+    run_dir = RUNS / f"{name}_s{seed}"
+    resume = (run_dir / "last.pt").is_file()
+    summary = Trainer(config, train, val, run_dir, normalization=norm, resume=resume, progress=False).fit()
+    loaded = load_checkpoint(run_dir / "best.pt")
+    rule = DecisionRule.from_dict(loaded.decision)
+    started = time.perf_counter()
+    maps = [predict(loaded.model, s.image, tta=True)[1] for s in test]
+    predict_seconds = (time.perf_counter() - started) / len(test)
+    truth = [s.instances for s in test]
+    labels = [rule.apply(m) for m in maps]
+    result = {
+        "arm": name, "seed": seed, "overrides": ARMS[name], "cpu_minutes": minutes,
+        "iterations": summary["iterations"], "best_iteration": loaded.iteration,
+        "rand_error_labels": rand_error(labels, truth),
+        "rand_error_best_threshold": rand_error(maps, truth),
+        "pixel_error": pixel_error(maps, truth),
+        "warping_error": warping_error(maps, truth),
+        "decision": rule.to_dict(),
+        "predict_seconds_per_slice_tta": round(predict_seconds, 2),
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, default=float))
+    return result
+
+
+def table() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import RESULTS, machine, write_json
+
+    rows = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+    by_arm: dict[str, list[dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    order = [a for a in ARMS if a in by_arm]
+    lines = ["| arm | change | seeds | iterations | Rand error (labels) | Rand error (best threshold) | pixel error | warping error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in order:
+        group = by_arm[arm]
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        change = json.dumps(ARMS[arm]) if ARMS[arm] else "(baseline)"
+        lines.append(f"| {arm} | `{change}` | {len(group)} | {round(mean('iterations'))} | {mean('rand_error_labels'):.4f} | "
+                     f"{mean('rand_error_best_threshold'):.4f} | {mean('pixel_error'):.4f} | {mean('warping_error'):.5f} |")
+    print("\n".join(lines))
+    result = {"runs": rows, "markdown": lines, "machine": machine()}
+    write_json(RESULTS / "recipe_study.json", result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arm", choices=sorted(ARMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=6.0, help="CPU minutes of training per arm (one thread)")
+    parser.add_argument("--data", type=Path, default=None, help="ISBI 2012 folder (default: $UNETKIT_DATA or ../shared/data)/isbi2012")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.list:
+        print("\n".join(f"{k}: {v}" for k, v in ARMS.items()))
+    elif args.table:
+        table()
+    elif args.arm:
+        run_arm(args.arm, args.seed, args.minutes, args.data)
+    else:
+        parser.error("give --arm NAME, --table or --list")
+
+
+if __name__ == "__main__":
+    main()

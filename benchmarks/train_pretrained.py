@@ -1,0 +1,229 @@
+"""Train, score and pack one of unetkit's packaged pretrained models (see `unetkit.pretrained`).
+
+Trains the "default" recipe (`unetkit.recipes`) at width --width for --minutes on the model's
+training images, keeps the best checkpoint on its validation images (which also choose the labels
+rule), scores the held-out images with 8-fold test-time augmentation and the chosen rule, packs
+best.pt into the package (float16, src/unetkit/models/NAME.pt) and records the scores and training
+facts in src/unetkit/models/models.json and benchmarks/results/pretrained_NAME.json.
+
+The splits come from the registry (`unetkit.pretrained.REGISTRY`):
+
+* em-membranes: ISBI 2012 slices 00-17 train, 18-19 validation, 20-24 held out;
+* dic-hela: DIC-C2DH-HeLa t000-t039 train, t040-t044 validation, t045-t059 held out;
+* fluo-nuclei: Fluo-N2DH-GOWT1 t01, t21, t39, t72 train, t52 validation, t31 held out.
+
+The run folder (--runs/NAME) is resumed when it holds last.pt; the budget counts across resumes.
+The packaged models together must stay within 10 MB (`unetkit.pretrained.SIZE_LIMIT`): a width-16
+model is about 3.9 MB, width 14 about 3.0 MB, width 12 about 2.2 MB.
+
+    python benchmarks/train_pretrained.py --model em-membranes --minutes 60 --width 14
+    python benchmarks/train_pretrained.py --model dic-hela --checkpoint runs/x/best.pt   # score and pack only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_json  # noqa: E402
+
+from unetkit import pretrained  # noqa: E402
+from unetkit.checkpoint import load_checkpoint  # noqa: E402
+from unetkit.data import Normalization, data_root, get_ctc_samples, get_isbi2012_samples  # noqa: E402
+from unetkit.decision import DecisionRule  # noqa: E402
+from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error  # noqa: E402
+from unetkit.predict import predict  # noqa: E402
+from unetkit.recipes import RECIPE_NOTES, recipe_config  # noqa: E402
+from unetkit.train import Trainer  # noqa: E402
+
+RECIPE = "default"
+
+
+def load(info: pretrained.PretrainedModel, root: Path, ids, norm: Normalization, config=None):
+    """Samples `ids` of the model's dataset; with `config`, with the weight maps its recipe trains on."""
+    target: dict[str, Any] = {"use_weight_map": False}
+    if config is not None:
+        target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
+    if info.dataset == "isbi2012":
+        return get_isbi2012_samples(root, slices=list(ids), normalization=norm, **target)
+    if config is not None:
+        target["pixel_size"] = config.pixel_size
+    return get_ctc_samples(root, frames=list(ids), normalization=norm, **target)
+
+
+def sessions_total(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "pretrained_sessions.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    return {
+        "sessions": len(sessions),
+        "wall_minutes": round(sum(s["wall_seconds"] for s in sessions) / 60, 2),
+        "cpu_minutes": round(sum(s["cpu_seconds"] for s in sessions) / 60, 2),
+        "threads": max((s["threads"] for s in sessions), default=torch.get_num_threads()),
+    }
+
+
+def add_session(run_dir: Path, session: dict[str, Any]) -> None:
+    path = run_dir / "pretrained_sessions.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append(session)
+    path.write_text(json.dumps(sessions, indent=2))
+
+
+def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
+    """Train (or resume) in --runs/NAME; returns best.pt and the training facts."""
+    config = recipe_config(
+        RECIPE, base_channels=args.width, iterations=1_000_000, max_seconds=args.minutes * 60, workers=0,
+        budget_clock=args.budget_clock, seed=args.seed,
+    )
+    norm = Normalization()
+    train_samples = load(info, root, info.train_ids, norm, config)
+    val_samples = load(info, root, info.val_ids, norm, config)
+    run_dir = args.runs / info.name
+    resume = (run_dir / "last.pt").is_file()
+    print(f"{'resuming' if resume else 'training'} {info.name} in {run_dir}: width {args.width}, {args.minutes:g} min "
+          f"({args.budget_clock} clock), {torch.get_num_threads()} threads", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = Trainer(config, train_samples, val_samples, run_dir, normalization=norm, resume=resume,
+                      progress=not args.quiet).fit()
+    add_session(run_dir, {
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed": resume,
+        "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
+        "threads": torch.get_num_threads(), "iterations": summary["iterations"],
+    })
+    facts = {
+        "recipe": RECIPE, "recipe_note": RECIPE_NOTES[RECIPE], "width": args.width, "depth": config.depth,
+        "tile_size": config.tile_size, "iterations": summary["iterations"], "budget_minutes": args.minutes,
+        "budget_clock": args.budget_clock, "seed": args.seed, "best_val_iou": summary["best_val_iou"],
+        **sessions_total(run_dir), "run_dir": str(run_dir),
+    }
+    return run_dir / "best.pt", facts
+
+
+def score(info, root: Path, checkpoint: Path, tta: bool) -> dict[str, Any]:
+    """Held-out scores of `checkpoint` with its labels rule; per-image details too."""
+    loaded = load_checkpoint(checkpoint)
+    if loaded.decision:
+        rule = DecisionRule.from_dict(loaded.decision)
+    else:
+        print(f"note: {checkpoint} has no labels rule (training did not finish); using the default rule", flush=True)
+        rule = DecisionRule()
+    samples = load(info, root, info.test_ids, loaded.normalization)
+    started = time.perf_counter()
+    maps = [predict(loaded.model, s.image, tta=tta)[1] for s in samples]
+    seconds = (time.perf_counter() - started) / len(samples)
+    labels = [rule.apply(m) for m in maps]
+    truth = [s.instances for s in samples]
+    names = [s.name for s in samples]
+    if info.task == "membranes":
+        scores = {
+            "rand_error_labels": rand_error(labels, truth),
+            "rand_error_best_threshold": rand_error(maps, truth),
+            "pixel_error": pixel_error(maps, truth),
+            "warping_error": warping_error(maps, truth),
+        }
+        per_image = {n: {"rand_error_labels": rand_error(lab, t), "pixel_error": pixel_error(m, t)}
+                     for n, lab, m, t in zip(names, labels, maps, truth)}
+    else:
+        ap = average_precision(labels, truth, thresholds=(0.5,))[0.5]
+        scores = {
+            "seg": seg_score(labels, truth), "ap50": ap["ap"], "pq50": ap["pq"], "f1_50": ap["f1"],
+            "precision50": ap["precision"], "recall50": ap["recall"],
+            "objects_predicted": int(sum(len(np.unique(lab[lab > 0])) for lab in labels)),
+            "objects_true": int(sum(len(np.unique(t[t > 0])) for t in truth)),
+        }
+        per_image = {}
+        for n, lab, t in zip(names, labels, truth):
+            ap1 = average_precision(lab, t, thresholds=(0.5,))[0.5]
+            per_image[n] = {"seg": seg_score(lab, t), "ap50": ap1["ap"], "pq50": ap1["pq"],
+                            "objects_predicted": int(len(np.unique(lab[lab > 0]))), "objects_true": int(len(np.unique(t[t > 0])))}
+    return {
+        "scores": scores, "per_image": per_image, "decision": rule.to_dict(), "tta": tta,
+        "best_iteration": loaded.iteration, "predict_seconds_per_image": round(seconds, 2),
+        "scored_on": pretrained.ids_text(info.dataset, info.test_ids),
+    }
+
+
+def pack(info, best: Path, root: Path, run_dir: Path, force_size: bool) -> dict[str, Any]:
+    """Pack best.pt into the package, after checking the size limit and that it predicts like best.pt."""
+    trial = pretrained.pack_checkpoint(best, info.name, run_dir / "packed.pt")
+    size = trial.stat().st_size
+    current = info.path.stat().st_size if info.installed else 0
+    total = pretrained.total_size() - current + size
+    if total > pretrained.SIZE_LIMIT and not force_size:
+        raise SystemExit(
+            f"packing {info.name} ({size / 1e6:.2f} MB) would bring the packaged models to {total / 1e6:.2f} MB, over the "
+            f"{pretrained.SIZE_LIMIT / 1e6:.0f} MB limit; train a narrower model (--width) or pass --force-size. "
+            f"The packed file is {trial}"
+        )
+    original = load_checkpoint(best)
+    sample = load(info, root, info.test_ids[:1], original.normalization)[0]
+    full = predict(original.model, sample.image)[1]
+    half = predict(load_checkpoint(trial).model, sample.image)[1]
+    path = pretrained.pack_checkpoint(best, info.name)
+    return {"file": str(path), "size_bytes": path.stat().st_size, "source": str(best),
+            "max_probability_difference_float16": float(np.abs(full - half).max())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=list(pretrained.REGISTRY))
+    parser.add_argument("--minutes", type=float, default=60.0, help="training budget in minutes (across resumes)")
+    parser.add_argument("--width", type=int, default=14, help="base channels (the recipe's default is 16; see the size limit)")
+    parser.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
+                        help="count --minutes in elapsed time (default) or in this process's CPU time")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None, help="folder of the datasets (default: $UNETKIT_DATA or ../shared/data)")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "pretrained", help="run folders go to RUNS/NAME")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="skip training: score and pack this best.pt")
+    parser.add_argument("--no-tta", action="store_true", help="score without test-time augmentation")
+    parser.add_argument("--no-pack", action="store_true", help="score only; leave the package and models.json alone")
+    parser.add_argument("--force-size", action="store_true", help="pack even if the packaged models exceed 10 MB")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/pretrained_NAME.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    info = pretrained.get_model(args.model)
+    root = (args.data or data_root()) / info.dataset
+    if args.checkpoint is not None:
+        best = args.checkpoint
+        loaded = load_checkpoint(best)
+        config = loaded.train_config
+        run_dir = best.parent
+        training = {"recipe": RECIPE, "width": config.get("base_channels"), "depth": config.get("depth"),
+                    "iterations": loaded.iteration, "checkpoint": str(best), **sessions_total(run_dir)}
+    else:
+        best, training = train(info, root, args)
+        run_dir = Path(training["run_dir"])
+    result = score(info, root, best, tta=not args.no_tta)
+    training["best_iteration"] = result["best_iteration"]
+    training["trained_on"] = pretrained.ids_text(info.dataset, info.train_ids)
+    training["validated_on"] = pretrained.ids_text(info.dataset, info.val_ids)
+    training["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    training["torch"] = torch.__version__
+    packed = None
+    if not args.no_pack:
+        packed = pack(info, best, root, run_dir, args.force_size)
+        pretrained.record_model(info.name, scores=result["scores"], training=training, scored_on=result["scored_on"],
+                                decision=result["decision"], tta=result["tta"])
+    report = {"model": info.name, "dataset": info.dataset, **result, "training": training, "packed": packed,
+              "total_packaged_bytes": pretrained.total_size(), "machine": machine()}
+    write_json(args.out or RESULTS / f"pretrained_{info.name}.json", report)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

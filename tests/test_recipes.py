@@ -1,0 +1,36 @@
+import pytest
+
+from unetkit.augment import AugmentConfig
+from unetkit.config import PAPER
+from unetkit.errors import InputError
+from unetkit.recipes import RECIPES, recipe_config, recipe_values
+from unetkit.train import TrainConfig
+
+
+def test_paper_recipe_is_pinned():
+    """Nothing in --recipe paper may change silently: every setting the paper states, spelled out."""
+    c = recipe_config("paper")
+    assert c == TrainConfig()
+    assert (c.depth, c.base_channels, c.padding, c.dropout, c.batch_norm) == (5, 64, "valid", 0.5, False)
+    assert (c.tile_size, c.batch_size) == (572, 1)
+    assert (c.optimizer, c.momentum, c.lr, c.weight_decay, c.lr_schedule) == ("sgd", 0.99, 0.001, 0.0, "constant")
+    assert (c.w0, c.sigma, c.class_weights, c.use_weight_map, c.dice_weight) == (10.0, 5.0, "balanced", True, 0.0)
+    assert (c.augment.elastic, c.augment.elastic_grid, c.augment.elastic_sigma) == (True, 3, 10.0)
+    assert (PAPER.w0, PAPER.sigma, PAPER.momentum, PAPER.elastic_grid, PAPER.elastic_sigma) == (10.0, 5.0, 0.99, 3, 10.0)
+
+
+def test_default_recipe_differs_from_the_paper_only_where_stated():
+    paper, default = recipe_config("paper").to_dict(), recipe_config("default").to_dict()
+    changed = {key for key in paper if paper[key] != default[key]}
+    assert changed and changed <= set(RECIPES["default"])
+
+
+def test_overrides_win_and_augment_dicts_become_configs():
+    c = recipe_config("default", base_channels=8, augment={"elastic": False})
+    assert c.base_channels == 8 and isinstance(c.augment, AugmentConfig) and not c.augment.elastic
+    assert recipe_values("default") == RECIPES["default"] and recipe_values("default") is not RECIPES["default"]
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(InputError, match="unknown recipe 'fast'; known recipes: paper, default"):
+        recipe_config("fast")
