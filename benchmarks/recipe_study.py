@@ -45,23 +45,25 @@ ARMS: dict[str, dict] = {
     "no_rotation": {"augment": {"rotate": False}},
     "no_gray": {"augment": {"gamma": False, "contrast": False, "brightness": False, "noise": False}},
     # combinations of the single changes that won
-    "bn_cosine": {"batch_norm": True, "lr_schedule": "cosine"},
-    "bn_cosine_no_dropout": {"batch_norm": True, "lr_schedule": "cosine", "dropout": 0.0},
-    "bn_cosine_unweighted": {"batch_norm": True, "lr_schedule": "cosine", "class_weights": (1.0, 1.0), "use_weight_map": False},
-    "bn_cosine_dice": {"batch_norm": True, "lr_schedule": "cosine", "dice_weight": 1.0},
+    "bn_unweighted": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False},
+    "bn_unweighted_cosine": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False, "lr_schedule": "cosine"},
+    "bn_no_dropout": {"batch_norm": True, "dropout": 0.0},
+    "bn_unweighted_no_dropout": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False, "dropout": 0.0},
+    "bn_unweighted_no_dropout_cosine": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False,
+                                        "dropout": 0.0, "lr_schedule": "cosine"},
 }
 
 
-def run_arm(name: str, seed: int, minutes: float, data: Path | None) -> dict:
+def run_arm(name: str, seed: int, minutes: float, data: Path | None, dataset: str = "isbi") -> dict:
     import numpy as np
     import torch
 
     torch.set_num_threads(1)
     from unetkit.augment import AugmentConfig
     from unetkit.checkpoint import load_checkpoint
-    from unetkit.data import Normalization, get_isbi2012_samples
+    from unetkit.data import Normalization, get_ctc_samples, get_isbi2012_samples
     from unetkit.decision import DecisionRule
-    from unetkit.metrics import pixel_error, rand_error, warping_error
+    from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error
     from unetkit.predict import predict
     from unetkit.train import TrainConfig, Trainer
 
@@ -71,10 +73,15 @@ def run_arm(name: str, seed: int, minutes: float, data: Path | None) -> dict:
                          budget_clock="cpu", workers=0, seed=seed, val_every=100, checkpoint_every=100)
     norm = Normalization()
     target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
-    train = get_isbi2012_samples(data, slices=range(18), normalization=norm, **target)
-    val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm, **target)
-    test = get_isbi2012_samples(data, slices=range(20, 25), normalization=norm)
-    run_dir = RUNS / f"{name}_s{seed}"
+    if dataset == "isbi":
+        train = get_isbi2012_samples(data, slices=range(18), normalization=norm, **target)
+        val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm, **target)
+        test = get_isbi2012_samples(data, slices=range(20, 25), normalization=norm)
+    else:
+        train = get_ctc_samples(data, frames=range(40), normalization=norm, **target)
+        val = get_ctc_samples(data, frames=range(40, 45), normalization=norm, **target)
+        test = get_ctc_samples(data, frames=range(45, 60), normalization=norm)
+    run_dir = RUNS / (f"{name}_s{seed}" if dataset == "isbi" else f"{dataset}_{name}_s{seed}")
     resume = (run_dir / "last.pt").is_file()
     summary = Trainer(config, train, val, run_dir, normalization=norm, resume=resume, progress=False).fit()
     loaded = load_checkpoint(run_dir / "best.pt")
@@ -85,15 +92,27 @@ def run_arm(name: str, seed: int, minutes: float, data: Path | None) -> dict:
     truth = [s.instances for s in test]
     labels = [rule.apply(m) for m in maps]
     result = {
-        "arm": name, "seed": seed, "overrides": ARMS[name], "cpu_minutes": minutes,
+        "dataset": dataset, "arm": name, "seed": seed, "overrides": ARMS[name], "cpu_minutes": minutes,
         "iterations": summary["iterations"], "best_iteration": loaded.iteration,
-        "rand_error_labels": rand_error(labels, truth),
-        "rand_error_best_threshold": rand_error(maps, truth),
-        "pixel_error": pixel_error(maps, truth),
-        "warping_error": warping_error(maps, truth),
+    }
+    if dataset == "isbi":
+        result.update({
+            "rand_error_labels": rand_error(labels, truth),
+            "rand_error_best_threshold": rand_error(maps, truth),
+            "pixel_error": pixel_error(maps, truth),
+            "warping_error": warping_error(maps, truth),
+        })
+    else:
+        detection = average_precision(labels, truth, thresholds=(0.5,))[0.5]
+        result.update({
+            "seg": seg_score(labels, truth), "ap50": detection["ap"], "pq50": detection["pq"],
+            "objects_predicted": int(sum(int(l.max()) for l in labels)),
+            "objects_labelled": int(sum(len(np.unique(t)) - 1 for t in truth)),
+        })
+    result.update({
         "decision": rule.to_dict(),
         "predict_seconds_per_slice_tta": round(predict_seconds, 2),
-    }
+    })
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps(result, default=float))
     return result
@@ -127,7 +146,9 @@ def main() -> None:
     parser.add_argument("--arm", choices=sorted(ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=6.0, help="CPU minutes of training per arm (one thread)")
-    parser.add_argument("--data", type=Path, default=None, help="ISBI 2012 folder (default: $UNETKIT_DATA or ../shared/data)/isbi2012")
+    parser.add_argument("--dataset", choices=("isbi", "dic"), default="isbi",
+                        help="isbi: train 00-17, validate 18-19, score 20-24; dic (DIC-HeLa): train t000-t039, validate t040-t044, score t045-t059")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: the one under $UNETKIT_DATA or ../shared/data)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
@@ -137,7 +158,7 @@ def main() -> None:
     elif args.table:
         table()
     elif args.arm:
-        run_arm(args.arm, args.seed, args.minutes, args.data)
+        run_arm(args.arm, args.seed, args.minutes, args.data, args.dataset)
     else:
         parser.error("give --arm NAME, --table or --list")
 
