@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
 
 from unetkit import pretrained  # noqa: E402
-from unetkit.checkpoint import load_checkpoint  # noqa: E402
+from unetkit.checkpoint import load_checkpoint, pack_checkpoint  # noqa: E402
 from unetkit.data import Normalization, data_root, get_ctc_samples, get_isbi2012_samples  # noqa: E402
 from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error  # noqa: E402
@@ -156,7 +156,7 @@ def score(info, root: Path, checkpoint: Path, tta: bool) -> dict[str, Any]:
 
 def pack(info, best: Path, root: Path, run_dir: Path, force_size: bool) -> dict[str, Any]:
     """Pack best.pt into the package, after checking the size limit and that it predicts like best.pt."""
-    trial = pretrained.pack_checkpoint(best, info.name, run_dir / "packed.pt")
+    trial = pack_checkpoint(best, info.name, run_dir / "packed.pt")
     size = trial.stat().st_size
     current = info.path.stat().st_size if info.installed else 0
     total = pretrained.total_size() - current + size
@@ -170,7 +170,7 @@ def pack(info, best: Path, root: Path, run_dir: Path, force_size: bool) -> dict[
     sample = load(info, root, info.test_ids[:1], original.normalization)[0]
     full = predict(original.model, sample.image)[1]
     half = predict(load_checkpoint(trial).model, sample.image)[1]
-    path = pretrained.pack_checkpoint(best, info.name)
+    path = pack_checkpoint(best, info.name)
     return {"file": str(path), "size_bytes": path.stat().st_size, "source": str(best),
             "max_probability_difference_float16": float(np.abs(full - half).max())}
 

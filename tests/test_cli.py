@@ -205,8 +205,8 @@ def test_ctrl_c_in_train_keeps_the_iteration_and_says_how_to_resume(dataset, tmp
 
 
 def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, monkeypatch, capsys):
-    predict_module = importlib.import_module("unetkit.predict")
-    real_predict, calls = predict_module.predict, {"n": 0}
+    segment_module = importlib.import_module("unetkit.segment")
+    real_predict, calls = segment_module.predict, {"n": 0}
 
     def interrupted_at_the_second_image(*args, **kwargs):
         calls["n"] += 1
@@ -214,7 +214,7 @@ def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, mo
             raise KeyboardInterrupt
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict", interrupted_at_the_second_image)
+    monkeypatch.setattr(segment_module, "predict", interrupted_at_the_second_image)
     out = tmp_path / "pred"
     argv = ["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]
     assert main(argv) == 130
@@ -279,7 +279,7 @@ def test_unwritable_outputs_are_refused_before_any_work(run, dataset, tmp_path, 
     def never(*args, **kwargs):
         raise AssertionError("computed before checking the output")
 
-    monkeypatch.setattr(importlib.import_module("unetkit.predict"), "predict", never)
+    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", never)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access  # root may write anywhere: report the folder read-only as for a user

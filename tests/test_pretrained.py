@@ -10,12 +10,12 @@ import torch
 
 from conftest import data_dir
 from unetkit import pretrained
-from unetkit.checkpoint import load_checkpoint, save_checkpoint
+from unetkit.checkpoint import load_checkpoint, load_pretrained, pack_checkpoint, save_checkpoint
 from unetkit.cli import main
 from unetkit.data import Normalization
 from unetkit.errors import InputError
 from unetkit.network import UNet
-from unetkit.pretrained import check_input, list_models, model_path, pack_checkpoint
+from unetkit.pretrained import check_input, list_models, model_path
 
 NAMES = ["em-membranes", "dic-hela", "fluo-nuclei"]
 KNOWN = "known models: em-membranes, dic-hela, fluo-nuclei"
@@ -138,7 +138,7 @@ def test_load_checkpoint_accepts_a_model_name(package):
     assert model_path("em-membranes") == package / "em-membranes.pt"
     loaded = load_checkpoint("em-membranes")
     assert loaded.model.config["base_channels"] == 2 and loaded.iteration == 7
-    assert pretrained.load_pretrained("em-membranes").iteration == 7
+    assert load_pretrained("em-membranes").iteration == 7
     assert pretrained.pretrained_name("em-membranes") == "em-membranes"
     assert pretrained.pretrained_name(package / "em-membranes.pt") == "em-membranes"
     assert pretrained.pretrained_name("best.pt") is None

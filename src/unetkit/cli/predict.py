@@ -35,7 +35,7 @@ def predict(
 
     check_device(device)  # the quick checks first, before torch is imported
     check_writable_folder(out, "--out")
-    from ..predict import segment_files
+    from ..segment import segment_files
     from . import CommandInterrupted
 
     try:
