@@ -396,7 +396,7 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
         uk_inst = [unetkit_instances(loaded, p) for p in uk_fg]
         mo_inst = [monai_instances(p) for p in mo_probs]
     else:
-        from unetkit.postprocess import label_components
+        from unetkit.labels import label_components
 
         uk_inst = [unetkit_instances(loaded, p) if decision else label_components(p > 0.5) for p in uk_fg]
         mo_inst = [label_components(p > 0.5) for p in mo_fg]

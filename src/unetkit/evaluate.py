@@ -37,9 +37,9 @@ import numpy as np
 
 from .data.readers import intensity_problem, mask_stems
 from .errors import InputError
-from .io import list_images, read_image
+from .io import list_images, listing, read_image, repeated
 from .metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
-from .metrics._inputs import ISBI_THRESHOLDS, as_labels, check_probability, check_threshold, is_probability, segments
+from .metrics._inputs import ISBI_THRESHOLDS, as_labels, check_probability, check_threshold, is_probability
 from .metrics.objects import AP_THRESHOLDS, _ap_finish, _ap_stats, _seg_finish, _seg_stats
 from .metrics.pixel import (
     _dice_finish,
@@ -52,7 +52,8 @@ from .metrics.pixel import (
 )
 from .metrics.rand import _adapted_rand_finish, _adapted_rand_stats, _rand_finish, _rand_stats, _vi_finish, _vi_stats
 from .metrics.warping import _warping_finish, _warping_stats
-from .postprocess import label_components, threshold_mask
+from .labels import as_instances, label_components
+from .postprocess import threshold_mask
 
 PathLike = Union[str, os.PathLike]
 Score = Union[float, int, None]
@@ -161,11 +162,6 @@ def _trailing_number(stem: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _names(paths: Sequence[Path], limit: int = 10) -> str:
-    shown = ", ".join(p.name for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
 #: Name endings of the files `unetkit predict` writes (IMAGE_probabilities.tif, IMAGE_labels.tif).
 PREDICTION_KINDS = ("probabilities", "labels")
 
@@ -209,7 +205,7 @@ def pair_files(
         raise InputError(f"{pred_dir}: no prediction images (PNG/TIFF) found; check --pred")
     for folder, files in ((pred_dir, preds), (gt_dir, gts)):
         stems = [p.stem for p in files]
-        twins = sorted({s for s in stems if stems.count(s) > 1})
+        twins = sorted(repeated(stems))
         if twins:
             raise InputError(f"{folder}: several files share the name {twins[0]!r} (different extensions); keep one per image")
     if use not in PREDICTION_KINDS:
@@ -242,8 +238,8 @@ def pair_files(
             missing.append(g)
     if missing:
         raise InputError(
-            f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {_names(missing)}; "
-            f"unmatched predictions: {_names(sorted(pred_by_stem.values())) or 'none'}. Files pair by name "
+            f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {listing(missing, 10)}; "
+            f"unmatched predictions: {listing(sorted(pred_by_stem.values()), 10) or 'none'}. Files pair by name "
             "(img01.tif <-> img01.png, img_01 <-> mask_01) or by trailing number (mask000.tif or t000_labels.tif <-> man_seg000.tif)"
         )
     return [(pairs[g], g) for g in gts], sorted(pred_by_stem.values())
@@ -298,7 +294,7 @@ def load_ground_truth(path: PathLike, allow_intensity_masks: bool = False) -> np
 def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
     if is_probability(array):
         return label_components(threshold_mask(array, threshold))
-    return segments(as_labels(array, "pred"))
+    return as_instances(as_labels(array, "pred"))
 
 
 @dataclass
@@ -400,7 +396,7 @@ def evaluate_folders(
                 "predictions must have the ground truth's size"
             )
         try:
-            objects = (_instances(pred, threshold), segments(gt)) if any(m.objects for m in chosen.values()) else None
+            objects = (_instances(pred, threshold), as_instances(gt)) if any(m.objects for m in chosen.values()) else None
             scores: dict[str, Score] = {}
             for name, metric in chosen.items():
                 p, g = objects if metric.objects else (pred, gt)

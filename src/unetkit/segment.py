@@ -19,14 +19,9 @@ from .data.readers import ctc_frame
 from .decision import DecisionRule
 from .device import resolve_device
 from .errors import InputError, Interrupted
-from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, read_header, read_image, remove_stale_temp_files, write_tiff
+from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, listing, read_header, read_image, remove_stale_temp_files, repeated, write_tiff
 from .predict import predict
 from .pretrained import check_input, pretrained_name
-
-
-def _names(paths: Sequence, limit: int = 5) -> str:
-    shown = ", ".join(p.name for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def labels_rule(
@@ -115,7 +110,7 @@ def segment_files(
         else:
             raise InputError(f"{item}: no such file or folder")
     stems = [f.stem for f in files]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    duplicates = sorted(repeated(stems))
     if duplicates:
         raise InputError(f"several inputs share the name(s) {duplicates}; their outputs would collide, predict them separately")
     check_writable_folder(out, "--out")
@@ -153,7 +148,7 @@ def segment_files(
         more = f" ({len(unreadable) - 1} more unreadable input(s))" if len(unreadable) > 1 else ""
         raise InputError(f"{unreadable[0][1]}{more}; nothing was segmented; add --skip-unreadable to segment the others")
     if unreadable:
-        note(f"skipping {len(unreadable)} unreadable input(s): {_names([f for f, _ in unreadable])}")
+        note(f"skipping {len(unreadable)} unreadable input(s): {listing([f for f, _ in unreadable])}")
         if not readable:
             raise InputError("none of the inputs is a readable image; nothing to segment")
 
@@ -165,7 +160,7 @@ def segment_files(
     if not force:
         complete = [f for f, paths in jobs if all(p.exists() for p in paths)]
         if complete:
-            note(f"skipping {len(complete)} image(s) whose outputs already exist in {out}: {_names(complete)} "
+            note(f"skipping {len(complete)} image(s) whose outputs already exist in {out}: {listing(complete)} "
                  "(add --force to segment them again)")
         jobs = [(f, paths) for f, paths in jobs if f not in complete]
     for folder in (out, ctc_dir) if ctc else (out,):
@@ -194,9 +189,9 @@ def segment_files(
             done.append(path)
     except KeyboardInterrupt:
         left = [f for f, _ in jobs[len(done):]]
-        finished = f" ({_names(done)})" if done else ""
+        finished = f" ({listing(done)})" if done else ""
         raise Interrupted(
-            f"{len(done)} of {len(jobs)} image(s) segmented{finished}; not done: {_names(left)}. Run the same "
+            f"{len(done)} of {len(jobs)} image(s) segmented{finished}; not done: {listing(left)}. Run the same "
             "command again to segment the rest (images whose outputs exist are skipped)"
         ) from None
     return written

@@ -13,7 +13,7 @@ Conventions used throughout:
 * Objects are the non-zero labels of an instance label image. A binary mask (at most one non-zero
   value) already draws its borders, so its binary target is the mask itself; its objects are its
   4-connected foreground components (the connectivity of the ISBI 2012 Rand error), see
-  `as_instances`. Separation borders are taken out of instance labels only.
+  `unetkit.labels.as_instances`. Separation borders are taken out of instance labels only.
 * Distances are Euclidean distances between pixel centres: d_i(x) is the distance from x to the
   nearest pixel of object i, so a pixel adjacent to an object (sharing an edge) has distance 1,
   and one diagonal to it has distance sqrt(2). Distances are measured to the objects as they are
@@ -45,122 +45,12 @@ from scipy import ndimage as ndi
 
 from .config import PAPER
 from .errors import InputError
+from .labels import check_labels, instances_from_mask, is_binary
 
 ClassWeights = Union[str, Sequence[float]]
 
 # The border term is dropped where it is below this value (relative to w0); see `_two_nearest`.
 _NEGLIGIBLE = 1e-9
-_FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
-
-
-def check_labels(
-    array: np.ndarray,
-    name: str = "labels",
-    *,
-    ndim: int | None = None,
-    hint: str = "save the labels as an integer image",
-) -> np.ndarray:
-    """Validate a label image or binary mask and return it as non-negative int64 labels.
-
-    Accepted: bool (True -> 1), integer types with values >= 0 (uint64 up to 2^63 - 1), and
-    float types holding finite whole numbers >= 0. 0 is background. An int64 input may be
-    returned as it is, without a copy.
-
-    Args:
-        array: the label image.
-        name: what the array is (an argument name or a file path); every message starts with it.
-        ndim: the number of dimensions required (e.g. 2 for one (H, W) image); None accepts any.
-        hint: how to fix fractional values, appended to that message.
-
-    Raises:
-        InputError: for a wrong number of dimensions, NaN or infinite values, fractional values,
-            negative values, integers too large for int64, or a non-numeric type.
-
-    Example:
-        >>> import numpy as np
-        >>> check_labels(np.array([[0.0, 2.0], [1.0, 0.0]])).tolist()
-        [[0, 2], [1, 0]]
-        >>> check_labels(np.array([[0, -1]]), "gt")
-        Traceback (most recent call last):
-        ...
-        unetkit.errors.InputError: gt: label image has negative values (min -1); use 0 for background and positive integers for objects
-    """
-    arr = np.asarray(array)
-    if ndim is not None and arr.ndim != ndim:
-        raise InputError(
-            f"{name}: label image must be {ndim}D, got shape {arr.shape}; "
-            "give one image at a time, without a channel axis"
-        )
-    if arr.dtype == bool:
-        return arr.astype(np.int64)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise InputError(
-                f"{name}: label image contains NaN or infinite values; labels must be whole numbers >= 0 "
-                "(0 = background)"
-            )
-        if np.any(arr != np.floor(arr)):
-            raise InputError(
-                f"{name}: label image has non-integer values (fractional, {arr.dtype}); labels must be whole "
-                f"numbers >= 0 (0 = background, 1, 2, ... = objects); {hint}"
-            )
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(
-            f"{name}: label image has unsupported type {arr.dtype}; use an integer (e.g. 8- or 16-bit) label image"
-        )
-    if arr.size and arr.min() < 0:
-        raise InputError(
-            f"{name}: label image has negative values (min {arr.min()}); "
-            "use 0 for background and positive integers for objects"
-        )
-    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise InputError(f"{name}: label values of 2^63 or more are not supported; renumber the objects 1, 2, ...")
-    return arr.astype(np.int64, copy=False)
-
-
-def instances_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Label the 4-connected components of a binary mask's foreground (any non-zero pixel).
-
-    4-connectivity keeps cells that touch only diagonally through a membrane apart, and matches
-    the component labelling of the ISBI 2012 Rand error.
-
-    Example:
-        >>> import numpy as np
-        >>> m = np.array([[255, 0, 0], [0, 255, 255], [0, 0, 0]], np.uint8)
-        >>> instances_from_mask(m).tolist()
-        [[1, 0, 0], [0, 2, 2], [0, 0, 0]]
-    """
-    arr = check_labels(mask, ndim=2)
-    labelled, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
-    return labelled.astype(np.int64)
-
-
-def _is_binary(arr: np.ndarray) -> bool:
-    return np.unique(arr[arr > 0]).size <= 1
-
-
-def as_instances(mask_or_labels: np.ndarray) -> np.ndarray:
-    """Return instance labels from either a binary mask or an instance label image.
-
-    An array with at most two values, 0 and one other value v (e.g. {0, 255} or a bool mask),
-    is a binary mask and becomes its 4-connected components (`instances_from_mask`); any other
-    array is taken as instance labels (0 = background) and returned as int64 unchanged.
-
-    Raises:
-        InputError: for a non-2D array, negative or non-integer labels.
-
-    Example:
-        >>> import numpy as np
-        >>> as_instances(np.array([[0, 3, 3], [7, 0, 0]])).tolist()  # three values: instances
-        [[0, 3, 3], [7, 0, 0]]
-        >>> as_instances(np.array([[0, 9, 0, 9]])).tolist()  # {0, 9}: binary mask
-        [[0, 1, 0, 2]]
-    """
-    arr = check_labels(mask_or_labels, ndim=2)
-    if _is_binary(arr):
-        labelled, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
-        return labelled.astype(np.int64)
-    return arr.copy() if np.may_share_memory(arr, mask_or_labels) else arr
 
 
 def separation_borders(instance_labels: np.ndarray) -> np.ndarray:
@@ -205,9 +95,8 @@ def _objects_and_target(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     its 4-connected components. Instance labels lose their separation borders.
     """
     arr = check_labels(labels, ndim=2)
-    if _is_binary(arr):
-        objects, _ = ndi.label(arr > 0, structure=_FOUR_CONNECTED)
-        objects = objects.astype(np.int64)
+    if is_binary(arr):
+        objects = instances_from_mask(arr)
     else:
         objects = np.where(separation_borders(arr), 0, arr)
     return objects, (objects > 0).astype(np.int64)
@@ -323,7 +212,7 @@ def weight_map(
     left out where it is below w0 * 1e-9.
 
     Args:
-        instance_labels: instance labels (0 = background) or a binary mask (see `as_instances`).
+        instance_labels: instance labels (0 = background) or a binary mask (see `unetkit.labels.as_instances`).
         w0: amplitude of the border term.
         sigma: width of the border term, in pixels, or in micrometres when `pixel_size` is given.
         class_weights: "balanced" (inverse class frequency, mean of w_c over the image = 1) or
@@ -357,7 +246,7 @@ def make_targets(
     """Binary target and weights from a binary mask or instance labels.
 
     Args:
-        labels: instance labels (0 = background) or a binary mask (see `as_instances`).
+        labels: instance labels (0 = background) or a binary mask (see `unetkit.labels.as_instances`).
         w0, sigma, class_weights, pixel_size: as in `weight_map`.
         use_weight_map: if False, the weights are the class weights w_c alone.
 

@@ -14,6 +14,7 @@ from typing import Iterable
 
 from ..config import PAPER
 from ..errors import InputError
+from ..io import repeated
 from ..targets import ClassWeights
 from .normalize import Normalization
 from .readers import ImagePair, ctc_frame, find_pairs
@@ -117,7 +118,7 @@ def get_ctc_samples(
     pairs = find_pairs(folder)
     if frames is not None:
         numbers = [_frame_number(p) for p in pairs]
-        duplicates = {n for n in numbers if numbers.count(n) > 1}
+        duplicates = repeated(numbers)
         if duplicates:
             raise InputError(
                 f"{folder}: frame {min(duplicates)} exists in several sequences; pass the sequence folder as root"

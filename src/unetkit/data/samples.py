@@ -17,7 +17,8 @@ import numpy as np
 from ..config import PAPER
 from ..errors import InputError
 from ..io import read_image
-from ..targets import ClassWeights, as_instances, make_targets
+from ..labels import as_instances
+from ..targets import ClassWeights, make_targets
 from .normalize import Normalization, to_chw
 from .readers import ImagePair, check_mask, find_pairs, read_mask
 

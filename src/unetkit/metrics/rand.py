@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..labels import as_instances, label_components
 from ._inputs import (
     ISBI_THRESHOLDS,
     Images,
@@ -22,12 +23,10 @@ from ._inputs import (
     check_probability,
     check_thresholds,
     compact_labels,
-    components,
     is_probability,
     pair_counts,
     paired_slices,
     safe_ratio,
-    segments,
 )
 
 
@@ -50,8 +49,8 @@ def _pred_segmentations(pred: np.ndarray, thresholds: Sequence[float]) -> list[n
     """One predicted segmentation per threshold (label 0 = predicted background)."""
     if is_probability(pred):
         values = check_probability(pred, "pred")
-        return [components(values > t) for t in thresholds]
-    return [segments(as_labels(pred, "pred"))] * len(thresholds)
+        return [label_components(values > t) for t in thresholds]
+    return [as_instances(as_labels(pred, "pred"))] * len(thresholds)
 
 
 def _vrand_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> tuple[float, float, float]:
@@ -68,7 +67,7 @@ def _vrand_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> tuple[float, floa
 
 def _rand_stats(pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     """Rows (sum n_ij^2, sum a_i^2, sum b_j^2), one per threshold, of one 2D pair."""
-    gt_seg = segments(as_labels(gt, "gt"))
+    gt_seg = as_instances(as_labels(gt, "gt"))
     return np.array([_vrand_counts(gt_seg, seg) for seg in _pred_segmentations(pred, thresholds)], dtype=np.float64)
 
 

@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..labels import EIGHT_CONNECTED, label_components
 from ._inputs import Images, as_labels, check_probability, check_threshold, is_probability, paired_slices
 
 #: Error classes reported by `warping_error(..., return_details=True)`, from the prediction's view.
@@ -29,8 +30,6 @@ ERROR_CLASSES = ("split", "merge", "object_added", "object_removed", "hole_added
 # neighbour k of the 3x3 neighbourhood sets bit k of the configuration code
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _FOUR_BITS = (1, 3, 4, 6)
-_CROSS = ndi.generate_binary_structure(2, 1)
-_SQUARE = np.ones((3, 3), dtype=bool)
 
 
 @lru_cache(maxsize=1)
@@ -42,12 +41,12 @@ def topological_numbers() -> tuple[np.ndarray, np.ndarray]:
         patch = np.zeros((3, 3), dtype=bool)
         for k, (dr, dc) in enumerate(_OFFSETS):
             patch[1 + dr, 1 + dc] = bool(code >> k & 1)
-        fg_labels, _ = ndi.label(patch, structure=_CROSS)
+        fg_labels = label_components(patch)
         four = {fg_labels[1 + _OFFSETS[k][0], 1 + _OFFSETS[k][1]] for k in _FOUR_BITS}
         t_fg[code] = len(four - {0})
         background = ~patch
         background[1, 1] = False
-        _, t_bg[code] = ndi.label(background, structure=_SQUARE)
+        _, t_bg[code] = ndi.label(background, structure=EIGHT_CONNECTED)
     return t_fg, t_bg
 
 
@@ -137,8 +136,8 @@ def _classify(warped: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
     tf, tb = t_fg[code], t_bg[code]
     value = flat[index].astype(bool)
 
-    fg_labels = ndi.label(warped, structure=_CROSS)[0].ravel()
-    bg_labels = ndi.label(warped == 0, structure=_SQUARE)[0].ravel()
+    fg_labels = label_components(warped).ravel()
+    bg_labels = ndi.label(warped == 0, structure=EIGHT_CONNECTED)[0].ravel()
     fg_pieces = _distinct_nonzero(np.stack([fg_labels[index + o] for o in (-width, -1, 1, width)], axis=1))
     bg_pieces = _distinct_nonzero(
         np.stack([bg_labels[index + dr * width + dc] for dr, dc in _OFFSETS], axis=1)
@@ -169,7 +168,7 @@ def _warping_stats(pred: np.ndarray, gt: np.ndarray, threshold: float) -> np.nda
     target = np.pad(target, 1).astype(np.uint8)
     warped = _warp(source, target, np.pad(priority, 1))
     masks = _classify(warped, target)
-    counts = [ndi.label(masks[name], structure=_SQUARE)[1] for name in ERROR_CLASSES]
+    counts = [ndi.label(masks[name], structure=EIGHT_CONNECTED)[1] for name in ERROR_CLASSES]
     return np.array([np.count_nonzero(warped != target), pred.size, *counts], dtype=np.float64)
 
 
