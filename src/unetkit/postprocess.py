@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 from .errors import InputError
 from .io import prepare_output_dir, write_tiff
 from .labels import EIGHT_CONNECTED, label_components, relabel_consecutive, remove_small_objects
-from .metrics._inputs import as_labels, as_slices, check_probability, check_threshold
+from .metrics.inputs import as_labels, as_slices, check_probability, check_threshold
 
 Method = Literal["components", "watershed", "seeded"]
 METHODS: tuple[str, ...] = ("components", "watershed", "seeded")

@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..labels import EIGHT_CONNECTED, label_components
-from ._inputs import Images, as_labels, check_probability, check_threshold, is_probability, paired_slices
+from .base import CumulativeMetric
+from .inputs import Images, as_labels, check_probability, check_threshold, is_probability
 
 #: Error classes reported by `warping_error(..., return_details=True)`, from the prediction's view.
 ERROR_CLASSES = ("split", "merge", "object_added", "object_removed", "hole_added", "hole_removed")
@@ -157,25 +158,42 @@ def _classify(warped: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
     return masks
 
 
-def _warping_stats(pred: np.ndarray, gt: np.ndarray, threshold: float) -> np.ndarray:
-    """[disagreeing pixels after warping, pixels, errors of each class in ERROR_CLASSES order]."""
-    if is_probability(pred):
-        values = check_probability(pred, "pred")
-        target, priority = values > threshold, np.abs(values - threshold)
-    else:
-        target, priority = as_labels(pred, "pred") > 0, np.zeros(pred.shape)
-    source = np.pad(as_labels(gt, "gt") > 0, 1).astype(np.uint8)
-    target = np.pad(target, 1).astype(np.uint8)
-    warped = _warp(source, target, np.pad(priority, 1))
-    masks = _classify(warped, target)
-    counts = [ndi.label(masks[name], structure=EIGHT_CONNECTED)[1] for name in ERROR_CLASSES]
-    return np.array([np.count_nonzero(warped != target), pred.size, *counts], dtype=np.float64)
+class WarpingError(CumulativeMetric):
+    """Accumulator of `warping_error`: [disagreeing pixels after warping, pixels, errors of each
+    class in ERROR_CLASSES order] summed over images."""
 
+    key = "warping_error"
 
-def _warping_finish(stats: np.ndarray) -> tuple[float, dict[str, int]]:
-    details = {name: int(v) for name, v in zip(ERROR_CLASSES, stats[2:])}
-    details["mismatched_pixels"] = int(stats[0])
-    return float(stats[0] / stats[1]), details
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = check_threshold(threshold)
+        super().__init__()
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        if is_probability(pred):
+            values = check_probability(pred, "pred")
+            target, priority = values > self.threshold, np.abs(values - self.threshold)
+        else:
+            target, priority = as_labels(pred, "pred") > 0, np.zeros(pred.shape)
+        source = np.pad(as_labels(gt, "gt") > 0, 1).astype(np.uint8)
+        target = np.pad(target, 1).astype(np.uint8)
+        warped = _warp(source, target, np.pad(priority, 1))
+        masks = _classify(warped, target)
+        counts = [ndi.label(masks[name], structure=EIGHT_CONNECTED)[1] for name in ERROR_CLASSES]
+        return np.array([np.count_nonzero(warped != target), pred.size, *counts], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> float:
+        return float(stats[0] / stats[1])
+
+    def details(self, stats: np.ndarray | None = None) -> dict[str, int]:
+        """Errors of each class and `mismatched_pixels` of `stats` (default: of all updates)."""
+        stats = self._total() if stats is None else stats
+        details = {name: int(v) for name, v in zip(ERROR_CLASSES, stats[2:])}
+        details["mismatched_pixels"] = int(stats[0])
+        return details
+
+    def scores(self, stats: np.ndarray | None = None) -> dict[str, float | int]:
+        stats = self._total() if stats is None else stats
+        return {"warping_error": self.finish(stats), **{f"warping_{k}": v for k, v in self.details(stats).items()}}
 
 
 def warping_error(
@@ -207,7 +225,6 @@ def warping_error(
         >>> warping_error(pred, gt, return_details=True)         # one pixel of the cut remains
         (0.025, {'split': 1, 'merge': 0, 'object_added': 0, 'object_removed': 0, 'hole_added': 0, 'hole_removed': 0, 'mismatched_pixels': 1})
     """
-    t = check_threshold(threshold)
-    stats = sum(_warping_stats(p, g, t) for p, g in paired_slices(pred, gt))
-    error, details = _warping_finish(stats)
-    return (error, details) if return_details else error
+    metric = WarpingError(threshold)
+    error = metric.compute(pred, gt)
+    return (error, metric.details()) if return_details else error
