@@ -57,6 +57,7 @@ from common import RESULTS, machine, write_json
 
 import unetkit
 from unetkit.data import Normalization, Sample, data_root, get_ctc_samples, get_isbi2012_samples
+from unetkit.targets import TargetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -90,7 +91,7 @@ def load_split(dataset: str, part: str, normalization: Normalization | None = No
     norm = normalization or Normalization()
     loader = get_isbi2012_samples if dataset == "isbi" else get_ctc_samples
     key = "slices" if dataset == "isbi" else "frames"
-    return loader(dataset_folder(dataset), **{key: spec[part]}, normalization=norm, use_weight_map=use_weight_map)
+    return loader(dataset_folder(dataset), **{key: spec[part]}, normalization=norm, targets=TargetConfig(use_weight_map=use_weight_map))
 
 
 def test_names(dataset: str) -> list[str]:

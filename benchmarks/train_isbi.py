@@ -21,17 +21,19 @@ from common import RESULTS, machine, predict_all, save_overlays, train_within, w
 from unetkit.augment import AugmentConfig
 from unetkit.data import Normalization, get_isbi2012_samples
 from unetkit.metrics import iou, pixel_error
+from unetkit.targets import TargetConfig
 from unetkit.train import TrainConfig, Trainer
 
 
 def run_one(name: str, args, elastic: bool = True, weight_map: bool = True) -> dict:
     norm = Normalization()
-    train = get_isbi2012_samples(args.data, slices=range(20), normalization=norm, use_weight_map=weight_map)
+    targets = TargetConfig(use_weight_map=weight_map)
+    train = get_isbi2012_samples(args.data, slices=range(20), normalization=norm, targets=targets)
     val = get_isbi2012_samples(args.data, slices=range(20, 25), normalization=norm)
     config = TrainConfig(
         depth=args.depth, base_channels=args.width, tile_size=args.tile_size, lr=args.lr, iterations=1_000_000,
         max_seconds=args.minutes * 60, val_every=args.val_every, checkpoint_every=args.val_every,
-        use_weight_map=weight_map, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed, optimizer=args.optimizer,
+        targets=targets, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed, optimizer=args.optimizer,
     )
     run_dir = args.runs / name
     model, summary = train_within(config, train, val, run_dir, norm)

@@ -44,6 +44,7 @@ from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error  # noqa: E402
 from unetkit.predict import predict  # noqa: E402
 from unetkit.recipes import RECIPE_NOTES, recipe_config  # noqa: E402
+from unetkit.targets import TargetConfig  # noqa: E402
 from unetkit.train import Trainer  # noqa: E402
 
 RECIPE = "default"
@@ -51,14 +52,10 @@ RECIPE = "default"
 
 def load(info: pretrained.PretrainedModel, root: Path, ids, norm: Normalization, config=None):
     """Samples `ids` of the model's dataset; with `config`, with the weight maps its recipe trains on."""
-    target: dict[str, Any] = {"use_weight_map": False}
-    if config is not None:
-        target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
+    targets = config.targets if config is not None else TargetConfig(use_weight_map=False)
     if info.dataset == "isbi2012":
-        return get_isbi2012_samples(root, slices=list(ids), normalization=norm, **target)
-    if config is not None:
-        target["pixel_size"] = config.pixel_size
-    return get_ctc_samples(root, frames=list(ids), normalization=norm, **target)
+        return get_isbi2012_samples(root, slices=list(ids), normalization=norm, targets=targets)
+    return get_ctc_samples(root, frames=list(ids), normalization=norm, targets=targets)
 
 
 def sessions_total(run_dir: Path) -> dict[str, float]:

@@ -60,7 +60,7 @@ def test_recipe_paper_and_overrides(dataset, tmp_path):
     assert main(["train", "--data", str(dataset), "--out", str(out), "--recipe", "paper", "--iterations", "1",
                  "--no-gray", "--lr-schedule", "poly", *TINY]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["optimizer"], config["momentum"], config["batch_norm"], config["w0"], config["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
+    assert (config["optimizer"], config["momentum"], config["batch_norm"], config["targets"]["w0"], config["targets"]["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
     assert config["lr_schedule"] == "poly" and config["augment"]["elastic"] and not config["augment"]["noise"]
 
 

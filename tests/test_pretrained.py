@@ -16,6 +16,7 @@ from unetkit.data import Normalization
 from unetkit.errors import InputError
 from unetkit.network import UNet
 from unetkit.pretrained import check_input, list_models, model_path
+from unetkit.targets import TargetConfig
 
 NAMES = ["em-membranes", "dic-hela", "fluo-nuclei"]
 KNOWN = "known models: em-membranes, dic-hela, fluo-nuclei"
@@ -225,8 +226,8 @@ def _samples(name, ids, normalization=None):
 
     folder = _dataset(name)
     if name == "em-membranes":
-        return get_isbi2012_samples(folder, slices=ids, normalization=normalization, use_weight_map=False)
-    return get_ctc_samples(folder, frames=ids, normalization=normalization, use_weight_map=False)
+        return get_isbi2012_samples(folder, slices=ids, normalization=normalization, targets=TargetConfig(use_weight_map=False))
+    return get_ctc_samples(folder, frames=ids, normalization=normalization, targets=TargetConfig(use_weight_map=False))
 
 
 @pytest.mark.data

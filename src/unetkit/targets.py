@@ -38,16 +38,62 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence, Union
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from .config import PAPER
+from .config import PAPER, from_dict_strict
 from .errors import InputError
 from .labels import check_labels, instances_from_mask, is_binary
 
 ClassWeights = Union[str, Sequence[float]]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """How the binary target and the weight map are made from ground truth (paper Eq. 2).
+
+    Attributes:
+        w0: amplitude of the border term.
+        sigma: width of the border term, in pixels, or in micrometres when `pixel_size` is given.
+        class_weights: "balanced" (inverse class frequency, mean of w_c over the image = 1) or
+            explicit (background, foreground) weights, e.g. (1.0, 1.0).
+        pixel_size: micrometres per pixel; sigma in pixels is then sigma / pixel_size.
+        use_weight_map: add the border term; if False, the weights are the class weights w_c alone.
+
+    Example:
+        >>> TargetConfig(w0=5.0).sigma
+        5.0
+        >>> TargetConfig.from_dict(TargetConfig(class_weights=(1.0, 1.0)).to_dict()).class_weights
+        (1.0, 1.0)
+    """
+
+    w0: float = PAPER.w0
+    sigma: float = PAPER.sigma
+    class_weights: ClassWeights = "balanced"
+    pixel_size: float | None = None
+    use_weight_map: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.class_weights, list):
+            object.__setattr__(self, "class_weights", tuple(self.class_weights))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if isinstance(self.class_weights, tuple):
+            values["class_weights"] = list(self.class_weights)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TargetConfig":
+        return from_dict_strict(cls, values, "target")
+
+
+def _config(config: TargetConfig | None, overrides: dict[str, Any]) -> TargetConfig:
+    config = config if config is not None else TargetConfig()
+    return replace(config, **overrides) if overrides else config
 
 # The border term is dropped where it is below this value (relative to w0); see `_two_nearest`.
 _NEGLIGIBLE = 1e-9
@@ -196,13 +242,7 @@ def _weights(
     return weights
 
 
-def weight_map(
-    instance_labels: np.ndarray,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-) -> np.ndarray:
+def weight_map(instance_labels: np.ndarray, config: TargetConfig | None = None, **overrides: Any) -> np.ndarray:
     """The paper's weight map, w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).
 
     d1, d2 are the Euclidean distances from x to the nearest pixels of the nearest and the
@@ -213,11 +253,9 @@ def weight_map(
 
     Args:
         instance_labels: instance labels (0 = background) or a binary mask (see `unetkit.labels.as_instances`).
-        w0: amplitude of the border term.
-        sigma: width of the border term, in pixels, or in micrometres when `pixel_size` is given.
-        class_weights: "balanced" (inverse class frequency, mean of w_c over the image = 1) or
-            explicit (background, foreground) weights, e.g. (1.0, 1.0).
-        pixel_size: micrometres per pixel; sigma in pixels is then sigma / pixel_size.
+        config: w0, sigma, class_weights and pixel_size (`TargetConfig`; its `use_weight_map` is
+            not read here: this is the weight map).
+        overrides: `TargetConfig` fields replacing those of `config` (e.g. ``w0=5.0``).
 
     Returns:
         float32 array of the image's shape.
@@ -230,25 +268,20 @@ def weight_map(
         >>> round(float(w[5, 10]), 4), float(w[5, 0])  # 1 + 10 * exp(-(1 + 1)^2 / 50); object: 1
         (10.2312, 1.0)
     """
+    c = _config(config, overrides)
     objects, target = _objects_and_target(instance_labels)
-    return _weights(objects, target, w0, sigma, class_weights, pixel_size, True)
+    return _weights(objects, target, c.w0, c.sigma, c.class_weights, c.pixel_size, True)
 
 
 def make_targets(
-    labels: np.ndarray,
-    *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-    use_weight_map: bool = True,
+    labels: np.ndarray, config: TargetConfig | None = None, **overrides: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Binary target and weights from a binary mask or instance labels.
 
     Args:
         labels: instance labels (0 = background) or a binary mask (see `unetkit.labels.as_instances`).
-        w0, sigma, class_weights, pixel_size: as in `weight_map`.
-        use_weight_map: if False, the weights are the class weights w_c alone.
+        config: the `TargetConfig` (default: the paper's).
+        overrides: `TargetConfig` fields replacing those of `config` (e.g. ``use_weight_map=False``).
 
     Returns:
         (target, weights): int64 (H, W) with 1 = object interior, 0 = background incl.
@@ -262,6 +295,7 @@ def make_targets(
         >>> int(target.sum()), float(weights.mean())
         (4, 1.0)
     """
+    c = _config(config, overrides)
     objects, target = _objects_and_target(labels)
-    weights = _weights(objects, target, w0, sigma, class_weights, pixel_size, use_weight_map)
+    weights = _weights(objects, target, c.w0, c.sigma, c.class_weights, c.pixel_size, c.use_weight_map)
     return target, weights

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,8 +31,11 @@ from .io import atomic_write
 from .loss import SegmentationLoss
 from .network import UNet
 from .predict import predict
+from .targets import TargetConfig
 
 LOG_COLUMNS = ("iteration", "loss", "seconds", "val_iou", "val_pixel_error")
+#: `TargetConfig` fields, which configs written before `TrainConfig.targets` held at their top level.
+TARGET_KEYS = tuple(f.name for f in fields(TargetConfig))
 
 
 @dataclass
@@ -43,9 +46,10 @@ class TrainConfig:
     batch of one tile, SGD with momentum 0.99, weight map with w0=10 and sigma=5 px, elastic
     deformation on a 3x3 grid with 10 px standard deviation.
 
-    `w0`, `sigma`, `class_weights`, `use_weight_map` and `pixel_size` say how the samples' weight
-    maps are made: pass them to `unetkit.data.load_samples` (as `unetkit train` does); the trainer
-    records them with the run.
+    `targets` (`unetkit.targets.TargetConfig`: w0, sigma, class_weights, pixel_size,
+    use_weight_map) says how the samples' weight maps are made: pass it to
+    `unetkit.data.load_samples` (as `Trainer.from_run` and `unetkit train` do); the trainer
+    records it with the run. `from_dict` also reads the flat keys of older config.json files.
 
     The learning rate is not given in the paper. With momentum 0.99 the effective step is
     lr / (1 - 0.99) = 100 * lr on a per-pixel mean loss. lr=0.01 (an effective step of 1) was not
@@ -76,11 +80,7 @@ class TrainConfig:
     # tiles, targets, augmentation
     tile_size: int = PAPER.tile_size
     batch_size: int = PAPER.batch_size
-    w0: float = PAPER.w0
-    sigma: float = PAPER.sigma
-    class_weights: Any = "balanced"
-    use_weight_map: bool = True
-    pixel_size: float | None = None
+    targets: TargetConfig = field(default_factory=TargetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # optimisation
     optimizer: str = "sgd"
@@ -103,8 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment)
-        if isinstance(self.class_weights, list):
-            self.class_weights = tuple(self.class_weights)
+        if isinstance(self.targets, dict):
+            self.targets = TargetConfig.from_dict(self.targets)
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be 'sgd' or 'adam' (got {self.optimizer!r})")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -122,12 +122,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["augment"] = self.augment.to_dict()
-        if isinstance(self.class_weights, tuple):
-            values["class_weights"] = list(self.class_weights)
+        values["targets"] = self.targets.to_dict()
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; also reads the flat target keys (w0, sigma, ...) of older runs.
+
+        Example:
+            >>> TrainConfig.from_dict({"w0": 3.0, "iterations": 5}).targets.w0
+            3.0
+        """
+        values = dict(values)
+        flat = {key: values.pop(key) for key in TARGET_KEYS if key in values}
+        if flat:
+            values["targets"] = {**flat, **dict(values.get("targets") or {})}
         return from_dict_strict(cls, values, "training")
 
     def network(self, in_channels: int, n_classes: int = 2) -> UNet:

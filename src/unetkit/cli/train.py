@@ -37,9 +37,10 @@ _CONFIG_OPTIONS = {
     "tile_size": "tile_size", "batch_size": "batch_size", "depth": "depth", "width": "base_channels",
     "padding": "padding", "dropout": "dropout", "batch_norm": "batch_norm", "optimizer": "optimizer", "lr": "lr",
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay", "dice": "dice_weight",
-    "w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map",
     "budget_clock": "budget_clock",
 }
+#: `TargetConfig` fields set by the target options (--class-weights is parsed first).
+_TARGET_OPTIONS = {"w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map"}
 #: `AugmentConfig` fields set by each augmentation option.
 _AUGMENT_OPTIONS = {
     "elastic": ("elastic",), "elastic_grid": ("elastic_grid",), "elastic_sigma": ("elastic_sigma",),
@@ -49,13 +50,17 @@ _AUGMENT_OPTIONS = {
 
 
 def _recipe_values(recipe: str, options: dict) -> dict:
-    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` a dict)."""
+    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` and
+    `targets` as dicts)."""
     from ..recipes import recipe_values
 
     values = recipe_values(recipe)
     values.update({field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None})
+    targets = dict(values.get("targets", {}))
+    targets.update({field: options[name] for name, field in _TARGET_OPTIONS.items() if options[name] is not None})
     if options["class_weights"] is not None:
-        values["class_weights"] = _class_weights(options["class_weights"])
+        targets["class_weights"] = _class_weights(options["class_weights"])
+    values["targets"] = targets
     augment = dict(values.get("augment", {}))
     for name, fields in _AUGMENT_OPTIONS.items():
         if options[name] is not None:
@@ -288,9 +293,7 @@ def train(
         train_pairs, val_pairs = pairs, find_pairs(val_data)
     else:
         train_pairs, val_pairs = split_pairs(pairs, _validation(val), seed=config.seed)
-    target_options = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights,
-                          pixel_size=config.pixel_size, use_weight_map=config.use_weight_map,
-                          allow_intensity_masks=allow_intensity_masks)
+    target_options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
     train_samples = load_samples(train_pairs, normalization, **target_options)
     val_samples = load_samples(val_pairs, normalization, **target_options) if val_pairs else []
     if epochs is not None and resume is None:
