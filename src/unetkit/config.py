@@ -48,6 +48,10 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
+#: Training iterations when none are given (`TrainConfig`, `unetkit train`); not from the paper,
+#: which does not state its number of iterations.
+DEFAULT_ITERATIONS = 2000
+
 
 def from_dict_strict(cls: type[T], values: Mapping[str, Any], what: str) -> T:
     """Build the dataclass `cls` from `values`; missing keys take their defaults, unknown keys are an error.

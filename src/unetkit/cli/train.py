@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..config import PAPER
+from ..config import DEFAULT_ITERATIONS, PAPER
 from . import app
 
 
@@ -19,17 +19,6 @@ def _class_weights(text: str):
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--class-weights must be 'balanced' or numbers like '1,1' (got {text!r})") from None
-
-
-def _validation(val: Optional[str]):
-    """--val: a fraction (0.2), a count (5) or comma-separated names (t045,t046)."""
-    if val is None:
-        return 0.2
-    try:
-        number = float(val)
-    except ValueError:
-        return [name.strip() for name in val.split(",") if name.strip()]
-    return int(number) if number >= 1 and number == int(number) else number
 
 
 #: `TrainConfig` fields set by the command's options of the same meaning.
@@ -114,50 +103,6 @@ def _check_network(depth: int, width: int, padding: str, dropout: float, tile_si
     Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")
 
 
-def _read_json(path: Path) -> dict:
-    from ..errors import InputError
-
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: damaged ({exc}); the run cannot be resumed, start a new one") from None
-
-
-def _read_run(run_dir: Path) -> tuple[dict, dict]:
-    """config.json and data.json of a run folder to resume; the message says exactly what is missing."""
-    from ..errors import InputError
-
-    names = ("config.json", "data.json", "last.pt")
-    missing = [name for name in names if not (run_dir / name).is_file()]
-    if len(missing) == len(names):
-        raise InputError(
-            f"{run_dir}: not a run folder (no config.json, data.json or last.pt); give the --out of an earlier `unetkit train`"
-        )
-    if missing == ["last.pt"]:
-        raise InputError(
-            f"{run_dir}: last.pt is missing (config.json and data.json are there): the run stopped before its first "
-            f"checkpoint, so there is nothing to resume; start it again with `unetkit train --out {run_dir} --force` "
-            "and its other options"
-        )
-    if missing:
-        raise InputError(f"{run_dir}: cannot resume, {' and '.join(missing)} missing; start a new run with --out")
-    return _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
-
-
-def _recorded_pairs(pairs: list, names: list, folder: Path, run_dir: Path) -> list:
-    """The pairs the run used, by name, from a (possibly moved) dataset folder."""
-    from ..errors import InputError
-
-    by_name = {pair.name: pair for pair in pairs}
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        raise InputError(
-            f"{folder}: {len(missing)} image(s) the run {run_dir} was trained on are not in this dataset "
-            f"(e.g. {', '.join(missing[:3])}); give the run's dataset with --data"
-        )
-    return [by_name[name] for name in names]
-
-
 @app.command()
 def train(
     ctx: typer.Context,
@@ -166,7 +111,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="A separate validation dataset folder (instead of --val)."),
-    iterations: Optional[int] = typer.Option(None, help="Training iterations, one tile batch each (default 2000; with --resume: the run's)."),
+    iterations: Optional[int] = typer.Option(None, help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's)."),
     epochs: Optional[float] = typer.Option(None, help="Instead of --iterations: passes over the training pixels, counted in output tiles."),
     seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is written)."),
     recipe: str = typer.Option("default", "--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it."),
@@ -213,8 +158,6 @@ def train(
     from ..io import check_output_dir
 
     _check_budget(iterations, epochs, seconds)  # the quick checks first, before torch is imported
-    saved: dict = {}
-    setup: dict = {}
     if resume is None:
         if data is None or out is None:
             raise InputError("give --data DIR and --out RUN (or --resume RUN)")
@@ -235,87 +178,31 @@ def train(
                 f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
                 "--data (a moved dataset), --val-data, --iterations, --seconds or --no-progress"
             )
-        saved, setup = _read_run(resume)
 
-    from ..augment import AugmentConfig
-    from ..checkpoint import load_checkpoint
-    from ..data import Normalization, find_pairs, load_samples, split_pairs
-    from ..device import resolve_device
-    from ..geometry import Geometry
-    from ..io import atomic_write, check_writable_folder, prepare_output_dir, remove_stale_temp_files
-    from ..train import TrainConfig, Trainer
+    from ..data import Normalization
+    from ..train import TrainConfig, Trainer, parse_validation
     from . import CommandInterrupted
 
-    moved = False  # --resume with a new --data or --val-data
     if resume is not None:
         run_dir = resume
-        check_writable_folder(run_dir, "--resume")
-        overrides = {"iterations": iterations if iterations is not None else saved.get("iterations"),
-                     "max_seconds": seconds if seconds is not None else saved.get("max_seconds")}
-        try:
-            config = TrainConfig.from_dict({**saved, **overrides})
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{run_dir / 'config.json'}: {exc}") from None
-        last = load_checkpoint(run_dir / "last.pt")
-        try:
-            TrainConfig.from_dict(last.train_config)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{run_dir / 'last.pt'}: {exc}") from None
-        normalization = last.normalization
-        resolve_device(config.device)
-        moved = data is not None or val_data is not None
-        data = data if data is not None else Path(setup["data"])
-        if val_data is None and setup.get("val_data"):
-            val_data = Path(setup["val_data"])
-        for folder, option in ((data, "--data"), (val_data, "--val-data")):
-            if folder is not None and not folder.is_dir():
-                raise InputError(f"{folder}: the run's dataset folder is not there; if it moved, give its new place with {option}")
-        val = setup.get("val")
-        allow_intensity_masks = bool(setup.get("allow_intensity_masks", False))
+        trainer = Trainer.from_run(resume, data=data, val_data=val_data, iterations=iterations, max_seconds=seconds,
+                                   progress=progress)
     else:
-        values["augment"] = AugmentConfig(**values.get("augment", {}))
+        run_dir = out
         config = TrainConfig(
-            **values, iterations=2000 if iterations is None else iterations, max_seconds=seconds,
+            **values, iterations=DEFAULT_ITERATIONS if iterations is None else iterations, max_seconds=seconds,
             val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, workers=workers, device=device,
         )
-        resolve_device(config.device)
         normalization = {"percentile": Normalization(), "fixed": Normalization(mode="fixed", scale=1 / 255),
                          "none": Normalization(mode="none")}[normalize]
-        run_dir = out
-        val = str(val) if val is not None else None
-
-    pairs = find_pairs(data)
-    if resume is not None and "train" in setup and "validation" in setup:
-        train_pairs = _recorded_pairs(pairs, setup["train"], data, run_dir)
-        val_pairs = _recorded_pairs(find_pairs(val_data) if val_data is not None else pairs, setup["validation"],
-                                    val_data or data, run_dir)
-    elif val_data is not None:
-        train_pairs, val_pairs = pairs, find_pairs(val_data)
-    else:
-        train_pairs, val_pairs = split_pairs(pairs, _validation(val), seed=config.seed)
-    target_options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
-    train_samples = load_samples(train_pairs, normalization, **target_options)
-    val_samples = load_samples(val_pairs, normalization, **target_options) if val_pairs else []
-    if epochs is not None and resume is None:
-        geometry = Geometry(depth=config.depth, padding=config.padding)
-        out_pixels = geometry.output_size(config.tile_size) ** 2 * config.batch_size
-        total = sum(s.shape[0] * s.shape[1] for s in train_samples)
-        config.iterations = max(1, round(epochs * total / out_pixels))
-    if resume is None:
-        prepare_output_dir(run_dir, force=force)
-    remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
-    if resume is None or moved:
-        setup = {
-            "data": str(data.resolve()), "val_data": str(val_data.resolve()) if val_data else None, "val": val,
-            "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
-            "allow_intensity_masks": allow_intensity_masks,
-        }
-        text = json.dumps(setup, indent=2)
-        atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
-    typer.echo(f"{len(train_samples)} training and {len(val_samples)} validation images; {config.iterations} iterations "
-               f"of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
-    trainer = Trainer(config, train_samples, val_samples, run_dir, normalization=normalization,
-                      resume=resume is not None, progress=progress)
+        trainer = Trainer.start(
+            config, data, out, val=None if val is None else parse_validation(val), val_data=val_data,
+            normalization=normalization, allow_intensity_masks=allow_intensity_masks, epochs=epochs, force=force,
+            progress=progress,
+        )
+    config = trainer.config
+    typer.echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation images; "
+               f"{config.iterations} iterations of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
