@@ -404,3 +404,24 @@ def test_predict_follows_the_labels_rule_stored_in_the_checkpoint(run, dataset, 
                  "--threshold", "0.7", "--no-tta"]) == 0
     probabilities = tifffile.imread(tmp_path / "b" / "cell2_probabilities.tif")
     assert np.array_equal(tifffile.imread(tmp_path / "b" / "cell2_labels.tif"), probabilities_to_instances(probabilities[1], 0.7))
+
+
+def test_a_bug_keeps_its_traceback(run, dataset, tmp_path, monkeypatch):
+    def bug(*args, **kwargs):
+        raise ValueError("not a user mistake")
+
+    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", bug)
+    with pytest.raises(ValueError, match="not a user mistake"):
+        main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"),
+              "--no-progress"])
+
+
+def test_every_command_declares_its_options_with_annotated():
+    import inspect
+
+    from unetkit.cli import _register_commands, app
+
+    _register_commands()
+    for command in app.registered_commands:
+        for parameter in inspect.signature(command.callback).parameters.values():
+            assert type(parameter.default).__name__ not in ("OptionInfo", "ArgumentInfo"), (command.name, parameter.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,15 +13,19 @@ from . import app
 
 
 def _class_weights(text: str):
+    from ..errors import InputError
+
     if text == "balanced":
         return text
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--class-weights must be 'balanced' or numbers like '1,1' (got {text!r})") from None
+        raise InputError(f"--class-weights must be 'balanced' or numbers like '1,1' (got {text!r})") from None
 
 
-#: `TrainConfig` fields set by the command's options of the same meaning.
+#: `TrainConfig` fields set by the command's options of the same meaning. Where the names differ
+#: the option is an alias, named so in its help: --width = base_channels, --dice = dice_weight,
+#: --seconds = max_seconds, --weight-map = TargetConfig.use_weight_map.
 _CONFIG_OPTIONS = {
     "tile_size": "tile_size", "batch_size": "batch_size", "depth": "depth", "width": "base_channels",
     "padding": "padding", "dropout": "dropout", "batch_norm": "batch_norm", "optimizer": "optimizer", "lr": "lr",
@@ -106,50 +110,50 @@ def _check_network(depth: int, width: int, padding: str, dropout: float, tile_si
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create (must be empty unless --force)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it."),
-    val: Optional[str] = typer.Option(None, "--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on."),
-    val_data: Optional[Path] = typer.Option(None, "--val-data", help="A separate validation dataset folder (instead of --val)."),
-    iterations: Optional[int] = typer.Option(None, help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's)."),
-    epochs: Optional[float] = typer.Option(None, help="Instead of --iterations: passes over the training pixels, counted in output tiles."),
-    seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is written)."),
-    recipe: str = typer.Option("default", "--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it."),
-    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per step. Recipes: 1."),
-    depth: Optional[int] = typer.Option(None, help="Resolution levels. Recipes: 5 (the paper's)."),
-    width: Optional[int] = typer.Option(None, help="Channels of the first level. default: 16, paper: 64."),
-    padding: Optional[str] = typer.Option(None, help="'valid' (the paper, seamless tiles) or 'same'."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout at the end of the contracting path. Recipes: 0.5."),
-    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="default: on, paper: off."),
-    optimizer: Optional[str] = typer.Option(None, help="'adam' (default recipe) or 'sgd' (paper)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate. Recipes: 0.001 (SGD with momentum 0.99: see TrainConfig)."),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds."),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum (the paper: 0.99)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    dice: Optional[float] = typer.Option(None, help="Weight of an extra soft Dice loss term (recipes: 0, the paper's loss only)."),
-    w0: Optional[float] = typer.Option(None, help="Weight-map border amplitude (the paper: 10)."),
-    sigma: Optional[float] = typer.Option(None, help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size)."),
-    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrometres per pixel; makes --sigma micrometres."),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (recipes) or one weight per class, e.g. '1,1'."),
-    weight_map: Optional[bool] = typer.Option(None, "--weight-map/--no-weight-map", help="Use the border term of the weight map (recipes: on)."),
-    elastic: Optional[bool] = typer.Option(None, "--elastic/--no-elastic", help="The paper's elastic deformation (recipes: on)."),
-    elastic_grid: Optional[int] = typer.Option(None, "--elastic-grid", help="Recipes: 3 (a 3x3 grid)."),
-    elastic_sigma: Optional[float] = typer.Option(None, "--elastic-sigma", help="Recipes: 10 pixels."),
-    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Any-angle and 90-degree rotations (recipes: on)."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip"),
-    shift: Optional[bool] = typer.Option(None, "--shift/--no-shift"),
-    gray: Optional[bool] = typer.Option(None, "--gray/--no-gray", help="Gray-value variation (brightness, contrast, gamma, noise; recipes: on)."),
-    budget_clock: Optional[str] = typer.Option(None, "--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time)."),
-    normalize: str = typer.Option("percentile", help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'."),
-    allow_intensity_masks: bool = typer.Option(False, "--allow-intensity-masks", help="Accept masks that look like intensity images (raw, resized or JPEG), every distinct value an object."),
-    val_every: int = typer.Option(200, "--val-every"),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
-    seed: int = typer.Option(0),
-    workers: int = typer.Option(1, help="DataLoader worker processes for augmentation."),
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    force: bool = typer.Option(False, "--force", help="Use a non-empty --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it.")] = None,
+    val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Instead of --iterations: passes over the training pixels, counted in output tiles.")] = None,
+    seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (a checkpoint is written); counted across resumes. TrainConfig.max_seconds.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it.")] = "default",
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Tiles per step. Recipes: 1.")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Resolution levels. Recipes: 5 (the paper's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Channels of the first level (TrainConfig.base_channels). default: 16, paper: 64.")] = None,
+    padding: Annotated[Optional[str], typer.Option(help="'valid' (the paper, seamless tiles) or 'same'.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout at the end of the contracting path. Recipes: 0.5.")] = None,
+    batch_norm: Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="default: on, paper: off.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="'adam' (default recipe) or 'sgd' (paper).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. Recipes: 0.001 (SGD with momentum 0.99: see TrainConfig).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds.")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (the paper: 0.99).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
+    dice: Annotated[Optional[float], typer.Option(help="Weight of an extra soft Dice loss term (TrainConfig.dice_weight; recipes: 0, the paper's loss only).")] = None,
+    w0: Annotated[Optional[float], typer.Option(help="Weight-map border amplitude (the paper: 10).")] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size).")] = None,
+    pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel; makes --sigma micrometres.")] = None,
+    class_weights: Annotated[Optional[str], typer.Option("--class-weights", help="'balanced' (recipes) or one weight per class, e.g. '1,1'.")] = None,
+    weight_map: Annotated[Optional[bool], typer.Option("--weight-map/--no-weight-map", help="Use the border term of the weight map (TargetConfig.use_weight_map; recipes: on).")] = None,
+    elastic: Annotated[Optional[bool], typer.Option("--elastic/--no-elastic", help="The paper's elastic deformation (recipes: on).")] = None,
+    elastic_grid: Annotated[Optional[int], typer.Option("--elastic-grid", help="Recipes: 3 (a 3x3 grid).")] = None,
+    elastic_sigma: Annotated[Optional[float], typer.Option("--elastic-sigma", help="Recipes: 10 pixels.")] = None,
+    rotate: Annotated[Optional[bool], typer.Option("--rotate/--no-rotate", help="Any-angle and 90-degree rotations (AugmentConfig.rotate and rotate90; recipes: on).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
+    shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift")] = None,
+    gray: Annotated[Optional[bool], typer.Option("--gray/--no-gray", help="Gray-value variation (AugmentConfig.brightness, contrast, gamma, noise; recipes: on).")] = None,
+    budget_clock: Annotated[Optional[str], typer.Option("--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time).")] = None,
+    normalize: Annotated[str, typer.Option(help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'.")] = "percentile",
+    allow_intensity_masks: Annotated[bool, typer.Option("--allow-intensity-masks", help="Accept masks that look like intensity images (raw, resized or JPEG), every distinct value an object.")] = False,
+    val_every: Annotated[int, typer.Option("--val-every")] = 200,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for augmentation.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Use a non-empty --out folder.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a U-Net: the paper's network, weighted loss and elastic deformation, with the default
     recipe (Adam, batch norm, cosine decay; measured best within a CPU budget) or `--recipe paper`."""
