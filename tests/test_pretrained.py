@@ -8,11 +8,10 @@ import pytest
 import tifffile
 import torch
 
-from conftest import data_dir
 from unetkit import pretrained
 from unetkit.checkpoint import load_checkpoint, load_pretrained, pack_checkpoint, save_checkpoint
 from unetkit.cli import main
-from unetkit.data import Normalization
+from unetkit.data import Normalization, data_root
 from unetkit.errors import InputError
 from unetkit.network import UNet
 from unetkit.pretrained import check_input, list_models, model_path
@@ -215,7 +214,7 @@ def test_check_input_accepts_images_like_the_training_data():
 
 
 def _dataset(name):
-    folder = data_dir() / pretrained.REGISTRY[name].dataset
+    folder = data_root() / pretrained.REGISTRY[name].dataset
     if not folder.is_dir():
         pytest.skip(f"{folder} not found (set UNETKIT_DATA)")
     return folder

@@ -176,5 +176,3 @@ def load_samples(
                           f"{learns}; check the masks (0 = background, objects > 0)", stacklevel=2)
     return samples
 
-
-get_samples = load_samples
