@@ -60,9 +60,8 @@ def write_json(path: Path, result: dict) -> None:
     print(json.dumps(result, indent=2, default=float))
 
 
-def add_budget_arguments(parser, *, minutes: float, runs: str) -> None:
-    """Options shared by the reproduction scripts: load a checkpoint, or train within a budget."""
-    parser.add_argument("--checkpoint", type=Path, default=None, help="skip training and evaluate this checkpoint")
+def add_training_arguments(parser, *, minutes: float, runs: str) -> None:
+    """Options of training within a time budget, shared by the benchmark scripts."""
     parser.add_argument("--minutes", type=float, default=minutes)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
@@ -70,8 +69,14 @@ def add_budget_arguments(parser, *, minutes: float, runs: str) -> None:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
-    parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs") / runs)
+
+
+def add_budget_arguments(parser, *, minutes: float, runs: str) -> None:
+    """Options shared by the reproduction scripts: load a checkpoint, or train within a budget."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help="skip training and evaluate this checkpoint")
+    add_training_arguments(parser, minutes=minutes, runs=runs)
+    parser.add_argument("--no-tta", action="store_true")
 
 
 def checkpoint_or_train(args, load_train, load_val, run_name: str) -> tuple[unetkit.UNet, Normalization, dict]:

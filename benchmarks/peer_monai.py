@@ -59,6 +59,7 @@ from common import RESULTS, machine, write_json
 
 import unetkit
 from unetkit.data import Normalization, Sample, data_root, get_ctc_samples, get_isbi2012_samples
+from unetkit.targets import TargetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -92,7 +93,7 @@ def load_split(dataset: str, part: str, normalization: Normalization | None = No
     norm = normalization or Normalization()
     loader = get_isbi2012_samples if dataset == "isbi" else get_ctc_samples
     key = "slices" if dataset == "isbi" else "frames"
-    return loader(dataset_folder(dataset), **{key: spec[part]}, normalization=norm, use_weight_map=use_weight_map)
+    return loader(dataset_folder(dataset), **{key: spec[part]}, normalization=norm, targets=TargetConfig(use_weight_map=use_weight_map))
 
 
 def test_names(dataset: str) -> list[str]:
@@ -400,7 +401,7 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
         uk_inst = [unetkit_instances(loaded, p) for p in uk_fg]
         mo_inst = [monai_instances(p) for p in mo_probs]
     else:
-        from unetkit.postprocess import label_components
+        from unetkit.labels import label_components
 
         uk_inst = [unetkit_instances(loaded, p) if decision else label_components(p > 0.5) for p in uk_fg]
         mo_inst = [label_components(p > 0.5) for p in mo_fg]

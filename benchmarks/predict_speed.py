@@ -78,7 +78,6 @@ def main() -> None:
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predict_speed.json")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     result = run(args.size, args.tile_size)
     model = result.pop("_model")
     if args.rss_only:

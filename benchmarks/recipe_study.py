@@ -32,9 +32,9 @@ ARMS: dict[str, dict] = {
     "baseline": {},
     "bn": {"batch_norm": True},
     "no_dropout": {"dropout": 0.0},
-    "unweighted": {"class_weights": (1.0, 1.0), "use_weight_map": False},
-    "no_weight_map": {"use_weight_map": False},
-    "w0_3": {"w0": 3.0},
+    "unweighted": {"targets": {"class_weights": (1.0, 1.0), "use_weight_map": False}},
+    "no_weight_map": {"targets": {"use_weight_map": False}},
+    "w0_3": {"targets": {"w0": 3.0}},
     "cosine": {"lr_schedule": "cosine"},
     "poly": {"lr_schedule": "poly"},
     "onecycle": {"lr_schedule": "onecycle", "lr": 3e-3},
@@ -45,11 +45,11 @@ ARMS: dict[str, dict] = {
     "no_rotation": {"augment": {"rotate": False}},
     "no_gray": {"augment": {"gamma": False, "contrast": False, "brightness": False, "noise": False}},
     # combinations of the single changes that won
-    "bn_unweighted": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False},
-    "bn_unweighted_cosine": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False, "lr_schedule": "cosine"},
+    "bn_unweighted": {"batch_norm": True, "targets": {"class_weights": (1.0, 1.0), "use_weight_map": False}},
+    "bn_unweighted_cosine": {"batch_norm": True, "targets": {"class_weights": (1.0, 1.0), "use_weight_map": False}, "lr_schedule": "cosine"},
     "bn_no_dropout": {"batch_norm": True, "dropout": 0.0},
-    "bn_unweighted_no_dropout": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False, "dropout": 0.0},
-    "bn_unweighted_no_dropout_cosine": {"batch_norm": True, "class_weights": (1.0, 1.0), "use_weight_map": False,
+    "bn_unweighted_no_dropout": {"batch_norm": True, "targets": {"class_weights": (1.0, 1.0), "use_weight_map": False}, "dropout": 0.0},
+    "bn_unweighted_no_dropout_cosine": {"batch_norm": True, "targets": {"class_weights": (1.0, 1.0), "use_weight_map": False},
                                         "dropout": 0.0, "lr_schedule": "cosine"},
 }
 
@@ -72,14 +72,13 @@ def run_arm(name: str, seed: int, minutes: float, data: Path | None, dataset: st
     config = TrainConfig(**{**BASELINE, **overrides}, augment=augment, iterations=1_000_000, max_seconds=minutes * 60,
                          budget_clock="cpu", workers=0, seed=seed, val_every=100, checkpoint_every=100)
     norm = Normalization()
-    target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
     if dataset == "isbi":
-        train = get_isbi2012_samples(data, slices=range(18), normalization=norm, **target)
-        val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm, **target)
+        train = get_isbi2012_samples(data, slices=range(18), normalization=norm, targets=config.targets)
+        val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm, targets=config.targets)
         test = get_isbi2012_samples(data, slices=range(20, 25), normalization=norm)
     else:
-        train = get_ctc_samples(data, frames=range(40), normalization=norm, **target)
-        val = get_ctc_samples(data, frames=range(40, 45), normalization=norm, **target)
+        train = get_ctc_samples(data, frames=range(40), normalization=norm, targets=config.targets)
+        val = get_ctc_samples(data, frames=range(40, 45), normalization=norm, targets=config.targets)
         test = get_ctc_samples(data, frames=range(45, 60), normalization=norm)
     run_dir = RUNS / (f"{name}_s{seed}" if dataset == "isbi" else f"{dataset}_{name}_s{seed}")
     resume = (run_dir / "last.pt").is_file()

@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import RESULTS, add_budget_arguments, checkpoint_or_train, machine, predict_all, save_overlays, write_json
 from unetkit.data import get_ctc_samples
@@ -61,5 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     main()

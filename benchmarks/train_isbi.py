@@ -17,21 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, predict_all, save_overlays, train_within, write_json
+from common import RESULTS, add_training_arguments, machine, predict_all, save_overlays, train_within, write_json
 from unetkit.augment import AugmentConfig
 from unetkit.data import Normalization, get_isbi2012_samples
 from unetkit.metrics import iou, pixel_error
+from unetkit.targets import TargetConfig
 from unetkit.train import TrainConfig, Trainer
 
 
 def run_one(name: str, args, elastic: bool = True, weight_map: bool = True) -> dict:
     norm = Normalization()
-    train = get_isbi2012_samples(args.data, slices=range(20), normalization=norm, use_weight_map=weight_map)
+    targets = TargetConfig(use_weight_map=weight_map)
+    train = get_isbi2012_samples(args.data, slices=range(20), normalization=norm, targets=targets)
     val = get_isbi2012_samples(args.data, slices=range(20, 25), normalization=norm)
     config = TrainConfig(
         depth=args.depth, base_channels=args.width, tile_size=args.tile_size, lr=args.lr, iterations=1_000_000,
         max_seconds=args.minutes * 60, val_every=args.val_every, checkpoint_every=args.val_every,
-        use_weight_map=weight_map, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed, optimizer=args.optimizer,
+        targets=targets, augment=AugmentConfig(elastic=elastic), workers=args.workers, seed=args.seed, optimizer=args.optimizer,
     )
     run_dir = args.runs / name
     model, summary = train_within(config, train, val, run_dir, norm)
@@ -91,22 +93,14 @@ def throughput(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="ISBI 2012 folder (default: $UNETKIT_DATA or ../shared/data)/isbi2012")
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--tile-size", type=int, default=572)
-    parser.add_argument("--lr", type=float, default=0.001)
+    add_training_arguments(parser, minutes=20.0, runs="isbi")
     parser.add_argument("--val-every", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--optimizer", default="adam", help="adam (default here: converges within a CPU budget) or sgd (the paper)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "isbi")
     parser.add_argument("--name", default="train_isbi", help="run and result name")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.throughput:
         write_json(RESULTS / "train_isbi_throughput.json", {**throughput(args), "machine": machine()})
     elif args.ablation:

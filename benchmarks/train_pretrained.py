@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
 
 from unetkit import pretrained  # noqa: E402
-from unetkit.checkpoint import load_checkpoint  # noqa: E402
+from unetkit.checkpoint import load_checkpoint, pack_checkpoint  # noqa: E402
 from unetkit.data import Normalization, data_root, get_ctc_samples, get_isbi2012_samples  # noqa: E402
 from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error  # noqa: E402
 from unetkit.predict import predict  # noqa: E402
 from unetkit.recipes import RECIPE_NOTES, recipe_config  # noqa: E402
+from unetkit.targets import TargetConfig  # noqa: E402
 from unetkit.train import Trainer  # noqa: E402
 
 RECIPE = "default"
@@ -51,14 +52,10 @@ RECIPE = "default"
 
 def load(info: pretrained.PretrainedModel, root: Path, ids, norm: Normalization, config=None):
     """Samples `ids` of the model's dataset; with `config`, with the weight maps its recipe trains on."""
-    target: dict[str, Any] = {"use_weight_map": False}
-    if config is not None:
-        target = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights, use_weight_map=config.use_weight_map)
+    targets = config.targets if config is not None else TargetConfig(use_weight_map=False)
     if info.dataset == "isbi2012":
-        return get_isbi2012_samples(root, slices=list(ids), normalization=norm, **target)
-    if config is not None:
-        target["pixel_size"] = config.pixel_size
-    return get_ctc_samples(root, frames=list(ids), normalization=norm, **target)
+        return get_isbi2012_samples(root, slices=list(ids), normalization=norm, targets=targets)
+    return get_ctc_samples(root, frames=list(ids), normalization=norm, targets=targets)
 
 
 def sessions_total(run_dir: Path) -> dict[str, float]:
@@ -156,7 +153,7 @@ def score(info, root: Path, checkpoint: Path, tta: bool) -> dict[str, Any]:
 
 def pack(info, best: Path, root: Path, run_dir: Path, force_size: bool) -> dict[str, Any]:
     """Pack best.pt into the package, after checking the size limit and that it predicts like best.pt."""
-    trial = pretrained.pack_checkpoint(best, info.name, run_dir / "packed.pt")
+    trial = pack_checkpoint(best, info.name, run_dir / "packed.pt")
     size = trial.stat().st_size
     current = info.path.stat().st_size if info.installed else 0
     total = pretrained.total_size() - current + size
@@ -170,7 +167,7 @@ def pack(info, best: Path, root: Path, run_dir: Path, force_size: bool) -> dict[
     sample = load(info, root, info.test_ids[:1], original.normalization)[0]
     full = predict(original.model, sample.image)[1]
     half = predict(load_checkpoint(trial).model, sample.image)[1]
-    path = pretrained.pack_checkpoint(best, info.name)
+    path = pack_checkpoint(best, info.name)
     return {"file": str(path), "size_bytes": path.stat().st_size, "source": str(best),
             "max_probability_difference_float16": float(np.abs(full - half).max())}
 

@@ -60,7 +60,7 @@ def test_recipe_paper_and_overrides(dataset, tmp_path):
     assert main(["train", "--data", str(dataset), "--out", str(out), "--recipe", "paper", "--iterations", "1",
                  "--no-gray", "--lr-schedule", "poly", *TINY]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["optimizer"], config["momentum"], config["batch_norm"], config["w0"], config["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
+    assert (config["optimizer"], config["momentum"], config["batch_norm"], config["targets"]["w0"], config["targets"]["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
     assert config["lr_schedule"] == "poly" and config["augment"]["elastic"] and not config["augment"]["noise"]
 
 
@@ -205,8 +205,8 @@ def test_ctrl_c_in_train_keeps_the_iteration_and_says_how_to_resume(dataset, tmp
 
 
 def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, monkeypatch, capsys):
-    predict_module = importlib.import_module("unetkit.predict")
-    real_predict, calls = predict_module.predict, {"n": 0}
+    segment_module = importlib.import_module("unetkit.segment")
+    real_predict, calls = segment_module.predict, {"n": 0}
 
     def interrupted_at_the_second_image(*args, **kwargs):
         calls["n"] += 1
@@ -214,7 +214,7 @@ def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, mo
             raise KeyboardInterrupt
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict", interrupted_at_the_second_image)
+    monkeypatch.setattr(segment_module, "predict", interrupted_at_the_second_image)
     out = tmp_path / "pred"
     argv = ["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]
     assert main(argv) == 130
@@ -279,7 +279,7 @@ def test_unwritable_outputs_are_refused_before_any_work(run, dataset, tmp_path, 
     def never(*args, **kwargs):
         raise AssertionError("computed before checking the output")
 
-    monkeypatch.setattr(importlib.import_module("unetkit.predict"), "predict", never)
+    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", never)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access  # root may write anywhere: report the folder read-only as for a user
@@ -404,3 +404,24 @@ def test_predict_follows_the_labels_rule_stored_in_the_checkpoint(run, dataset, 
                  "--threshold", "0.7", "--no-tta"]) == 0
     probabilities = tifffile.imread(tmp_path / "b" / "cell2_probabilities.tif")
     assert np.array_equal(tifffile.imread(tmp_path / "b" / "cell2_labels.tif"), probabilities_to_instances(probabilities[1], 0.7))
+
+
+def test_a_bug_keeps_its_traceback(run, dataset, tmp_path, monkeypatch):
+    def bug(*args, **kwargs):
+        raise ValueError("not a user mistake")
+
+    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", bug)
+    with pytest.raises(ValueError, match="not a user mistake"):
+        main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"),
+              "--no-progress"])
+
+
+def test_every_command_declares_its_options_with_annotated():
+    import inspect
+
+    from unetkit.cli import _register_commands, app
+
+    _register_commands()
+    for command in app.registered_commands:
+        for parameter in inspect.signature(command.callback).parameters.values():
+            assert type(parameter.default).__name__ not in ("OptionInfo", "ArgumentInfo"), (command.name, parameter.name)

@@ -4,12 +4,10 @@ import tifffile
 
 from unetkit.errors import InputError
 from unetkit.metrics import seg_score
+from unetkit.labels import label_components, relabel_consecutive, remove_small_objects
 from unetkit.postprocess import (
     fill_label_holes,
-    label_components,
     probabilities_to_instances,
-    relabel_consecutive,
-    remove_small_objects,
     threshold_mask,
     watershed_split,
     write_ctc_masks,

@@ -39,12 +39,11 @@ def test_tiled_prediction_equals_whole_image_prediction(net, rng, shape, tile):
 
 def test_tiled_equals_whole_for_a_deeper_net_with_partial_last_tiles(rng):
     torch.manual_seed(1)
-    net = UNet(depth=4, base_channels=4)
     image = rng.random((2, 150, 171)).astype(np.float32)
-    net2 = UNet(in_channels=2, depth=4, base_channels=4)
-    tiled = predict(net2, image, tile_size=(108, 124), batch_size=3)
-    np.testing.assert_allclose(tiled, whole_image_probabilities(net2, image), atol=1e-5)
-    assert net.training  # untouched
+    net = UNet(in_channels=2, depth=4, base_channels=4)
+    tiled = predict(net, image, tile_size=(108, 124), batch_size=3)
+    assert net.training  # predict restores the training mode
+    np.testing.assert_allclose(tiled, whole_image_probabilities(net, image), atol=1e-5)
 
 
 def test_result_does_not_depend_on_tile_size_or_batch(net, rng):

@@ -8,14 +8,14 @@ import pytest
 import tifffile
 import torch
 
-from conftest import data_dir
 from unetkit import pretrained
-from unetkit.checkpoint import load_checkpoint, save_checkpoint
+from unetkit.checkpoint import load_checkpoint, load_pretrained, pack_checkpoint, save_checkpoint
 from unetkit.cli import main
-from unetkit.data import Normalization
+from unetkit.data import Normalization, data_root
 from unetkit.errors import InputError
 from unetkit.network import UNet
-from unetkit.pretrained import check_input, list_models, model_path, pack_checkpoint
+from unetkit.pretrained import check_input, list_models, model_path
+from unetkit.targets import TargetConfig
 
 NAMES = ["em-membranes", "dic-hela", "fluo-nuclei"]
 KNOWN = "known models: em-membranes, dic-hela, fluo-nuclei"
@@ -138,7 +138,7 @@ def test_load_checkpoint_accepts_a_model_name(package):
     assert model_path("em-membranes") == package / "em-membranes.pt"
     loaded = load_checkpoint("em-membranes")
     assert loaded.model.config["base_channels"] == 2 and loaded.iteration == 7
-    assert pretrained.load_pretrained("em-membranes").iteration == 7
+    assert load_pretrained("em-membranes").iteration == 7
     assert pretrained.pretrained_name("em-membranes") == "em-membranes"
     assert pretrained.pretrained_name(package / "em-membranes.pt") == "em-membranes"
     assert pretrained.pretrained_name("best.pt") is None
@@ -214,7 +214,7 @@ def test_check_input_accepts_images_like_the_training_data():
 
 
 def _dataset(name):
-    folder = data_dir() / pretrained.REGISTRY[name].dataset
+    folder = data_root() / pretrained.REGISTRY[name].dataset
     if not folder.is_dir():
         pytest.skip(f"{folder} not found (set UNETKIT_DATA)")
     return folder
@@ -225,8 +225,8 @@ def _samples(name, ids, normalization=None):
 
     folder = _dataset(name)
     if name == "em-membranes":
-        return get_isbi2012_samples(folder, slices=ids, normalization=normalization, use_weight_map=False)
-    return get_ctc_samples(folder, frames=ids, normalization=normalization, use_weight_map=False)
+        return get_isbi2012_samples(folder, slices=ids, normalization=normalization, targets=TargetConfig(use_weight_map=False))
+    return get_ctc_samples(folder, frames=ids, normalization=normalization, targets=TargetConfig(use_weight_map=False))
 
 
 @pytest.mark.data

@@ -14,7 +14,7 @@ def test_paper_recipe_is_pinned():
     assert (c.depth, c.base_channels, c.padding, c.dropout, c.batch_norm) == (5, 64, "valid", 0.5, False)
     assert (c.tile_size, c.batch_size) == (572, 1)
     assert (c.optimizer, c.momentum, c.lr, c.weight_decay, c.lr_schedule) == ("sgd", 0.99, 0.001, 0.0, "constant")
-    assert (c.w0, c.sigma, c.class_weights, c.use_weight_map, c.dice_weight) == (10.0, 5.0, "balanced", True, 0.0)
+    assert (c.targets.w0, c.targets.sigma, c.targets.class_weights, c.targets.use_weight_map, c.dice_weight) == (10.0, 5.0, "balanced", True, 0.0)
     assert (c.augment.elastic, c.augment.elastic_grid, c.augment.elastic_sigma) == (True, 3, 10.0)
     assert (PAPER.w0, PAPER.sigma, PAPER.momentum, PAPER.elastic_grid, PAPER.elastic_sigma) == (10.0, 5.0, 0.99, 3, 10.0)
 
@@ -34,3 +34,16 @@ def test_overrides_win_and_augment_dicts_become_configs():
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(InputError, match="unknown recipe 'fast'; known recipes: paper, default"):
         recipe_config("fast")
+
+
+def test_config_json_of_older_runs_with_flat_target_keys_still_loads():
+    from unetkit.targets import TargetConfig
+    from unetkit.train import TrainConfig
+
+    old = TrainConfig().to_dict()
+    nested = old.pop("targets")
+    old.update({**nested, "w0": 3.0, "class_weights": [1.0, 1.0]})  # the flat layout of earlier versions
+    config = TrainConfig.from_dict(old)
+    assert config.targets == TargetConfig(w0=3.0, class_weights=(1.0, 1.0))
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["targets"]["class_weights"] == [1.0, 1.0]

@@ -10,15 +10,8 @@ from scipy import ndimage as ndi
 
 from unetkit.config import PAPER
 from unetkit.errors import InputError
-from unetkit.targets import (
-    as_instances,
-    check_labels,
-    foreground_target,
-    instances_from_mask,
-    make_targets,
-    separation_borders,
-    weight_map,
-)
+from unetkit.labels import as_instances, check_labels, instances_from_mask
+from unetkit.targets import foreground_target, make_targets, separation_borders, weight_map
 
 
 def border_term(d1: float, d2: float, w0: float = PAPER.w0, sigma: float = PAPER.sigma) -> float:

@@ -185,3 +185,29 @@ def test_ctrl_c_saves_the_interrupted_iteration(samples, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert load_checkpoint(tmp_path / "run" / "last.pt").iteration == 2  # before the first regular checkpoint
+
+
+def test_start_and_from_run_continue_a_run_exactly(tmp_path):
+    import tifffile
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i, (image, labels) in enumerate(synthetic_dataset(3, shape=(48, 56), seed=5)):
+        tifffile.imwrite(data / "images" / f"cell{i}.tif", (image * 255).astype(np.uint8))
+        tifffile.imwrite(data / "masks" / f"cell{i}.tif", labels)
+    config = tiny_config(iterations=4, checkpoint_every=2, val_every=100, choose_decision=False)
+    Trainer.start(config, data, tmp_path / "whole", val=["cell2"], progress=False).fit()
+    first = Trainer.start(tiny_config(iterations=2, val_every=100, choose_decision=False), data, tmp_path / "split",
+                          val=["cell2"], progress=False)
+    assert [s.name for s in first.val_samples] == ["cell2"] and first.config.geometry.depth == 2
+    first.fit()
+    resumed = Trainer.from_run(tmp_path / "split", iterations=4, progress=False)
+    assert resumed.iteration == 2 and [s.name for s in resumed.val_samples] == ["cell2"]
+    resumed.fit()
+    whole, split = (load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "split"))
+    assert split.iteration == 4
+    for a, b in zip(whole.model.state_dict().values(), split.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(InputError, match="not a run folder"):
+        Trainer.from_run(tmp_path / "data")

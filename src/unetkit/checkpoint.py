@@ -108,3 +108,51 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     raise InputError(
         f"{path}: damaged or incompatible unetkit checkpoint: {problem}; give another checkpoint or retrain"
     ) from None
+
+
+def load_pretrained(name: str, map_location: str = "cpu"):
+    """The `LoadedModel` of packaged model `name` (same as `load_checkpoint(name)`; `unetkit.pretrained` lists the names)."""
+    from .pretrained import model_path
+
+    return load_checkpoint(model_path(name, installed=True), map_location=map_location)
+
+
+def pack_checkpoint(src_checkpoint: str | os.PathLike, name: str, dst: str | os.PathLike | None = None) -> Path:
+    """Write a small copy of a checkpoint for shipping as model `name`, atomically; returns its path.
+
+    Keeps what prediction needs (model_config, normalization, class_names, decision) and the
+    record of how it was made (train_config, iteration); drops the optimiser, RNG and other
+    training state; stores floating-point tensors as float16 (half the size; `load_checkpoint`
+    copies them into float32 parameters). `dst` defaults to the model's place in the package
+    (`model_path(name)`), replacing what is there.
+
+    Raises InputError for an unknown name, an unreadable checkpoint, or weights that overflow float16.
+    """
+    from .pretrained import model_path
+
+    packaged = model_path(name)  # InputError for an unknown name
+    target = Path(dst) if dst is not None else packaged
+    loaded = load_checkpoint(src_checkpoint)
+    state_dict = {}
+    for key, tensor in loaded.model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            half = tensor.to(torch.float16)
+            if not torch.isfinite(half).all():
+                raise InputError(f"{src_checkpoint}: weight {key} does not fit in float16 (|value| > 65504); cannot pack it")
+            tensor = half
+        state_dict[key] = tensor.clone().contiguous()
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dict(loaded.model.config),
+        "state_dict": state_dict,
+        "normalization": loaded.normalization.to_dict(),
+        "class_names": list(loaded.class_names),
+        "train_config": dict(loaded.train_config),
+        "iteration": int(loaded.iteration),
+        "state": {},
+        "decision": dict(loaded.decision),
+        "pretrained": {"name": name, "weights_dtype": "float16"},
+    }
+    return atomic_write(target, lambda tmp: torch.save(payload, tmp), force=True)

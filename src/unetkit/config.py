@@ -8,7 +8,7 @@ beside each field. Code elsewhere reads these values instead of repeating them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from .errors import InputError
@@ -39,14 +39,13 @@ class PaperDefaults:
     # Section 3.1: data augmentation.
     elastic_grid: int = 3  # "random displacement vectors on a coarse 3 by 3 grid"
     elastic_sigma: float = 10.0  # "Gaussian distribution with 10 pixels standard deviation"
-    # Section 4.1: test-time averaging (the paper used 7 rotated versions; we use the 8 dihedral ones).
-    tta_transforms: int = 8
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PAPER = PaperDefaults()
+
+#: Training iterations when none are given (`TrainConfig`, `unetkit train`); not from the paper,
+#: which does not state its number of iterations.
+DEFAULT_ITERATIONS = 2000
 
 
 def from_dict_strict(cls: type[T], values: Mapping[str, Any], what: str) -> T:

@@ -149,7 +149,7 @@ def choose_decision(
     """
     if len(probabilities) != len(truths) or not truths:
         raise InputError("choose_decision needs one ground truth per probability map, and at least one")
-    from .targets import as_instances
+    from .labels import as_instances
 
     truths = [as_instances(np.asarray(t)) for t in truths]
     task = task or infer_task(truths)

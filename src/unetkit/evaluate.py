@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -37,105 +37,16 @@ import numpy as np
 
 from .data.readers import intensity_problem, mask_stems
 from .errors import InputError
-from .io import list_images, read_image
+from .io import list_images, listing, read_image, repeated
 from .metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
-from .metrics._inputs import ISBI_THRESHOLDS, as_labels, check_probability, check_threshold, is_probability, segments
-from .metrics.objects import AP_THRESHOLDS, _ap_finish, _ap_stats, _seg_finish, _seg_stats
-from .metrics.pixel import (
-    _dice_finish,
-    _fscore_finish,
-    _fscore_stats,
-    _iou_finish,
-    _overlap_stats,
-    _pixel_finish,
-    _pixel_stats,
-)
-from .metrics.rand import _adapted_rand_finish, _adapted_rand_stats, _rand_finish, _rand_stats, _vi_finish, _vi_stats
-from .metrics.warping import _warping_finish, _warping_stats
-from .postprocess import label_components, threshold_mask
+from .labels import as_instances, label_components
+from .metrics import AP_THRESHOLDS, ISBI_THRESHOLDS, METRICS, CumulativeMetric, MetricSpec
+from .metrics.base import Score
+from .metrics.inputs import as_labels, check_probability, check_threshold, is_probability
+from .postprocess import threshold_mask
 
 PathLike = Union[str, os.PathLike]
-Score = Union[float, int, None]
 
-
-@dataclass(frozen=True)
-class _Metric:
-    description: str
-    objects: bool  # True: needs instance labels on both sides
-    stats: Callable[[np.ndarray, np.ndarray, float], np.ndarray]
-    finish: Callable[[np.ndarray], dict[str, Score]]
-    columns: tuple[str, ...]  # keys shown in the printed table (all keys go to JSON)
-
-
-def _ap_scores(stats: np.ndarray) -> dict[str, Score]:
-    return {f"{name}@{t:g}": v for t, scores in _ap_finish(stats, AP_THRESHOLDS).items() for name, v in scores.items()}
-
-
-def _warping_scores(stats: np.ndarray) -> dict[str, Score]:
-    error, details = _warping_finish(stats)
-    return {"warping_error": error, **{f"warping_{k}": v for k, v in details.items()}}
-
-
-METRICS: dict[str, _Metric] = {
-    "pixel": _Metric(
-        METRIC_DESCRIPTIONS["pixel"],
-        False,
-        _pixel_stats,
-        lambda s: {"pixel_error": _pixel_finish(s)},
-        ("pixel_error",),
-    ),
-    "pixel_f": _Metric(
-        METRIC_DESCRIPTIONS["pixel_f"],
-        False,
-        lambda p, g, t: _fscore_stats(p, g, ISBI_THRESHOLDS),
-        lambda s: {"pixel_error_fscore": min(_fscore_finish(s, ISBI_THRESHOLDS).values())},
-        ("pixel_error_fscore",),
-    ),
-    "rand": _Metric(
-        METRIC_DESCRIPTIONS["rand"],
-        False,
-        lambda p, g, t: _rand_stats(p, g, ISBI_THRESHOLDS),
-        lambda s: {"rand_error": min(_rand_finish(s, ISBI_THRESHOLDS).values())},
-        ("rand_error",),
-    ),
-    "warping": _Metric(
-        METRIC_DESCRIPTIONS["warping"],
-        False,
-        _warping_stats,
-        _warping_scores,
-        ("warping_error",),
-    ),
-    "dice": _Metric(METRIC_DESCRIPTIONS["dice"], False, _overlap_stats, lambda s: {"dice": _dice_finish(s)}, ("dice",)),
-    "iou": _Metric(METRIC_DESCRIPTIONS["iou"], False, _overlap_stats, lambda s: {"iou": _iou_finish(s)}, ("iou",)),
-    "seg": _Metric(
-        METRIC_DESCRIPTIONS["seg"],
-        True,
-        lambda p, g, t: _seg_stats(p, g),
-        lambda s: {"seg": _seg_finish(s)},
-        ("seg",),
-    ),
-    "ap": _Metric(
-        METRIC_DESCRIPTIONS["ap"],
-        True,
-        lambda p, g, t: _ap_stats(p, g, AP_THRESHOLDS),
-        _ap_scores,
-        tuple(f"ap@{t:g}" for t in AP_THRESHOLDS),
-    ),
-    "adapted_rand": _Metric(
-        METRIC_DESCRIPTIONS["adapted_rand"],
-        True,
-        lambda p, g, t: _adapted_rand_stats(p, g),
-        lambda s: {"adapted_rand_error": _adapted_rand_finish(s)},
-        ("adapted_rand_error",),
-    ),
-    "vi": _Metric(
-        METRIC_DESCRIPTIONS["vi"],
-        True,
-        lambda p, g, t: _vi_stats(p, g),
-        lambda s: dict(zip(("vi_split", "vi_merge"), _vi_finish(s))),
-        ("vi_split", "vi_merge"),
-    ),
-}
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -159,11 +70,6 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> tuple[str, ...]:
 def _trailing_number(stem: str) -> int | None:
     match = _TRAILING_NUMBER.search(stem)
     return int(match.group(1)) if match else None
-
-
-def _names(paths: Sequence[Path], limit: int = 10) -> str:
-    shown = ", ".join(p.name for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 #: Name endings of the files `unetkit predict` writes (IMAGE_probabilities.tif, IMAGE_labels.tif).
@@ -209,7 +115,7 @@ def pair_files(
         raise InputError(f"{pred_dir}: no prediction images (PNG/TIFF) found; check --pred")
     for folder, files in ((pred_dir, preds), (gt_dir, gts)):
         stems = [p.stem for p in files]
-        twins = sorted({s for s in stems if stems.count(s) > 1})
+        twins = sorted(repeated(stems))
         if twins:
             raise InputError(f"{folder}: several files share the name {twins[0]!r} (different extensions); keep one per image")
     if use not in PREDICTION_KINDS:
@@ -242,8 +148,8 @@ def pair_files(
             missing.append(g)
     if missing:
         raise InputError(
-            f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {_names(missing)}; "
-            f"unmatched predictions: {_names(sorted(pred_by_stem.values())) or 'none'}. Files pair by name "
+            f"{gt_dir}: no prediction in {pred_dir} for {len(missing)} ground-truth file(s): {listing(missing, 10)}; "
+            f"unmatched predictions: {listing(sorted(pred_by_stem.values()), 10) or 'none'}. Files pair by name "
             "(img01.tif <-> img01.png, img_01 <-> mask_01) or by trailing number (mask000.tif or t000_labels.tif <-> man_seg000.tif)"
         )
     return [(pairs[g], g) for g in gts], sorted(pred_by_stem.values())
@@ -298,7 +204,7 @@ def load_ground_truth(path: PathLike, allow_intensity_masks: bool = False) -> np
 def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
     if is_probability(array):
         return label_components(threshold_mask(array, threshold))
-    return segments(as_labels(array, "pred"))
+    return as_instances(as_labels(array, "pred"))
 
 
 @dataclass
@@ -358,9 +264,11 @@ def _unprefixed(exc: Exception) -> str:
     return re.sub(r"^(gt|gt_labels|pred|pred_labels): ", "", str(exc))
 
 
-def _finish_or_none(metric: _Metric, stats: np.ndarray, keys: Sequence[str]) -> tuple[dict[str, Score], str | None]:
+def _scores_or_none(
+    metric: CumulativeMetric, stats: np.ndarray, keys: Sequence[str]
+) -> tuple[dict[str, Score], str | None]:
     try:
-        return metric.finish(stats), None
+        return metric.scores(stats), None
     except InputError as exc:
         return {k: None for k in keys}, _unprefixed(exc)
 
@@ -388,8 +296,8 @@ def evaluate_folders(
     names = parse_metrics(metrics)
     threshold = check_threshold(threshold, "--threshold")
     pairs, unpaired = pair_files(pred_dir, gt_dir, use)
-    chosen = {name: METRICS[name] for name in names}
-    totals: dict[str, np.ndarray] = {}
+    chosen: dict[str, MetricSpec] = {name: METRICS[name] for name in names}
+    accumulators = {name: spec.make(threshold) for name, spec in chosen.items()}
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
     for pred_path, gt_path in pairs:
         pred = load_prediction(pred_path, channel)
@@ -400,22 +308,21 @@ def evaluate_folders(
                 "predictions must have the ground truth's size"
             )
         try:
-            objects = (_instances(pred, threshold), segments(gt)) if any(m.objects for m in chosen.values()) else None
+            objects = (_instances(pred, threshold), as_instances(gt)) if any(m.objects for m in chosen.values()) else None
             scores: dict[str, Score] = {}
-            for name, metric in chosen.items():
-                p, g = objects if metric.objects else (pred, gt)
-                stats = metric.stats(p, g, threshold)
-                totals[name] = totals[name] + stats if name in totals else stats
-                values, problem = _finish_or_none(metric, stats, metric.columns)
+            for name, spec in chosen.items():
+                p, g = objects if spec.objects else (pred, gt)
+                stats = accumulators[name].update(p, g)
+                values, problem = _scores_or_none(accumulators[name], stats, spec.columns)
                 if problem:
                     result.notes.append(f"{gt_path.name}: {name}: {problem}")
                 scores.update(values)
         except InputError as exc:
             raise InputError(f"{pred_path.name} vs {gt_path.name}: {exc}") from exc
         result.rows.append({"name": gt_path.stem, "pred": str(pred_path), "gt": str(gt_path), "scores": scores})
-    for name, metric in chosen.items():
+    for name, metric in accumulators.items():
         try:
-            result.overall.update(metric.finish(totals[name]))
+            result.overall.update(metric.scores())
         except InputError as exc:
             where = f"{pairs[0][1]}: " if len(pairs) == 1 else f"{gt_dir}: in all {len(pairs)} images together, "
             raise InputError(where + _unprefixed(exc)) from exc

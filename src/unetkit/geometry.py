@@ -42,9 +42,9 @@ class Geometry:
 
     def __post_init__(self) -> None:
         if self.depth < 2:
-            raise ValueError(f"depth must be >= 2 (got {self.depth})")
+            raise InputError(f"depth must be >= 2 (got {self.depth}); the paper uses 5")
         if self.padding not in ("valid", "same"):
-            raise ValueError(f"padding must be 'valid' or 'same' (got {self.padding!r})")
+            raise InputError(f"padding must be 'valid' (the paper) or 'same' (got {self.padding!r})")
 
     @property
     def step(self) -> int:
@@ -139,7 +139,7 @@ class Geometry:
     def input_size(self, output_size: int) -> int:
         """Smallest legal input size whose output covers `output_size` pixels."""
         if output_size < 1:
-            raise ValueError(f"output size must be >= 1 (got {output_size})")
+            raise InputError(f"output size must be >= 1 (got {output_size})")
         size = self.min_size
         if self.padding == "same":
             return max(size, -(-output_size // self.step) * self.step)

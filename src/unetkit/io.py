@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -28,6 +28,30 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _TEMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)?$")
+
+
+def listing(paths: Sequence[Path], limit: int = 5, *, full: bool = False) -> str:
+    """The first `limit` file names (whole paths with `full`), then how many more, for messages.
+
+    Example:
+        >>> listing([Path(f"d/{i}.tif") for i in range(7)], limit=2)
+        '0.tif, 1.tif and 5 more'
+    """
+    shown = ", ".join(str(p) if full else p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def repeated(values: Iterable[Hashable]) -> list:
+    """The values that occur more than once, each once, in the order of their first occurrence.
+
+    Example:
+        >>> repeated(["a", "b", "a", "c", "b", "a"])
+        ['a', 'b']
+    """
+    seen: dict = {}
+    for value in values:
+        seen[value] = seen.get(value, 0) + 1
+    return [value for value, count in seen.items() if count > 1]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 
 def weighted_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
@@ -56,7 +58,7 @@ class SegmentationLoss(nn.Module):
     def __init__(self, dice_weight: float = 0.0) -> None:
         super().__init__()
         if dice_weight < 0:
-            raise ValueError(f"dice_weight must be >= 0 (got {dice_weight})")
+            raise InputError(f"dice_weight must be >= 0 (got {dice_weight})")
         self.dice_weight = float(dice_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

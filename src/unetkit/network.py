@@ -80,11 +80,11 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_classes < 1:
-            raise ValueError(f"in_channels and n_classes must be >= 1 (got {in_channels}, {n_classes})")
+            raise InputError(f"in_channels and n_classes must be >= 1 (got {in_channels}, {n_classes})")
         if base_channels < 1:
-            raise ValueError(f"base_channels must be >= 1 (got {base_channels})")
+            raise InputError(f"base_channels must be >= 1 (got {base_channels}); the paper uses 64")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
+            raise InputError(f"dropout must be in [0, 1) (got {dropout})")
         self.config: dict[str, Any] = dict(
             in_channels=in_channels,
             n_classes=n_classes,

@@ -24,13 +24,12 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .io import prepare_output_dir, write_tiff
-from .metrics._inputs import as_labels, as_slices, check_probability, check_threshold
+from .labels import EIGHT_CONNECTED, label_components, relabel_consecutive, remove_small_objects
+from .metrics.inputs import as_labels, as_slices, check_probability, check_threshold
 
 Method = Literal["components", "watershed", "seeded"]
 METHODS: tuple[str, ...] = ("components", "watershed", "seeded")
 
-_CROSS = ndi.generate_binary_structure(2, 1)
-_SQUARE = np.ones((3, 3), dtype=bool)
 
 
 def threshold_mask(prob_foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -41,12 +40,6 @@ def threshold_mask(prob_foreground: np.ndarray, threshold: float = 0.5) -> np.nd
     if prob.dtype == bool:
         return prob.copy()
     return check_probability(prob, "prob_foreground") > check_threshold(threshold)
-
-
-def label_components(mask: np.ndarray) -> np.ndarray:
-    """4-connected components of a binary mask, labelled 1..n (int32)."""
-    labels, _ = ndi.label(np.asarray(mask, dtype=bool), structure=_CROSS, output=np.int32)
-    return labels
 
 
 def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
@@ -75,7 +68,7 @@ def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
     distance = ndi.distance_transform_edt(mask)
-    seeds, _ = ndi.label(h_maxima(distance, h).astype(bool) & mask, structure=_SQUARE)
+    seeds, _ = ndi.label(h_maxima(distance, h).astype(bool) & mask, structure=EIGHT_CONNECTED)
     labels = watershed(-distance, seeds, mask=mask, connectivity=1).astype(np.int32)
     unseeded = mask & (labels == 0)
     if unseeded.any():
@@ -125,10 +118,10 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     """
     labels = np.asarray(labels)
     foreground = labels > 0
-    holes = ndi.binary_fill_holes(foreground, structure=_SQUARE) & ~foreground
+    holes = ndi.binary_fill_holes(foreground, structure=EIGHT_CONNECTED) & ~foreground
     if not holes.any():
         return labels.copy()
-    hole_ids, n_holes = ndi.label(holes, structure=_SQUARE)
+    hole_ids, n_holes = ndi.label(holes, structure=EIGHT_CONNECTED)
     padded_labels = np.pad(labels, 1)
     height, width = labels.shape
     pairs = []
@@ -147,29 +140,6 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     out = labels.copy()
     out[holes] = fill[hole_ids[holes]]
     return out
-
-
-def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Labels with every object of fewer than `min_size` pixels set to background."""
-    if int(min_size) != min_size or min_size < 0:
-        raise InputError(f"min_size={min_size!r}: give a whole number of pixels >= 0")
-    labels = np.asarray(labels)
-    if min_size <= 1 or not labels.any():
-        return labels.copy()
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    out = labels.copy()
-    out[small[labels]] = 0
-    return out
-
-
-def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
-    """Object ids renumbered 1..n in order of their old ids, as int32; 0 stays background."""
-    labels = np.asarray(labels)
-    values, inverse = np.unique(labels, return_inverse=True)
-    offset = 0 if values[0] == 0 else 1
-    return (inverse.reshape(labels.shape) + offset).astype(np.int32)
 
 
 def probabilities_to_instances(

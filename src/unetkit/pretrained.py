@@ -6,7 +6,7 @@ Three models ship with unetkit (once trained; see benchmarks/train_pretrained.py
 * "dic-hela": Cell Tracking Challenge DIC-C2DH-HeLa, HeLa cells in differential interference contrast.
 * "fluo-nuclei": Cell Tracking Challenge Fluo-N2DH-GOWT1, GFP-labelled mouse stem-cell nuclei.
 
-Their weights are ``unetkit/models/NAME.pt``: checkpoints written by `pack_checkpoint` (float16
+Their weights are ``unetkit/models/NAME.pt``: checkpoints written by `unetkit.checkpoint.pack_checkpoint` (float16
 weights, no optimiser or training state; `unetkit.checkpoint.load_checkpoint` casts them back to
 float32). Their held-out scores and training facts live in one JSON file beside them,
 ``unetkit/models/models.json``, which the training script writes (`record_model`). A model whose
@@ -337,58 +337,6 @@ def pretrained_name(checkpoint: str | os.PathLike | None) -> str | None:
             if resolved == (MODELS_DIR / m.file).resolve():
                 return m.name
     return None
-
-
-def load_pretrained(name: str, map_location: str = "cpu"):
-    """The `LoadedModel` of packaged model `name` (same as `load_checkpoint(name)`)."""
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(model_path(name, installed=True), map_location=map_location)
-
-
-def pack_checkpoint(src_checkpoint: str | os.PathLike, name: str, dst: str | os.PathLike | None = None) -> Path:
-    """Write a small copy of a checkpoint for shipping as model `name`, atomically; returns its path.
-
-    Keeps what prediction needs (model_config, normalization, class_names, decision) and the
-    record of how it was made (train_config, iteration); drops the optimiser, RNG and other
-    training state; stores floating-point tensors as float16 (half the size; `load_checkpoint`
-    copies them into float32 parameters). `dst` defaults to the model's place in the package
-    (`model_path(name)`), replacing what is there.
-
-    Raises InputError for an unknown name, an unreadable checkpoint, or weights that overflow float16.
-    """
-    import torch
-
-    from .checkpoint import FORMAT, VERSION, load_checkpoint
-    from .io import atomic_write
-
-    if name not in REGISTRY:
-        raise _unknown(name)
-    loaded = load_checkpoint(src_checkpoint)
-    state_dict = {}
-    for key, tensor in loaded.model.state_dict().items():
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point():
-            half = tensor.to(torch.float16)
-            if not torch.isfinite(half).all():
-                raise InputError(f"{src_checkpoint}: weight {key} does not fit in float16 (|value| > 65504); cannot pack it")
-            tensor = half
-        state_dict[key] = tensor.clone().contiguous()
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": dict(loaded.model.config),
-        "state_dict": state_dict,
-        "normalization": loaded.normalization.to_dict(),
-        "class_names": list(loaded.class_names),
-        "train_config": dict(loaded.train_config),
-        "iteration": int(loaded.iteration),
-        "state": {},
-        "decision": dict(loaded.decision),
-        "pretrained": {"name": name, "weights_dtype": "float16"},
-    }
-    target = Path(dst) if dst is not None else model_path(name)
-    return atomic_write(target, lambda tmp: torch.save(payload, tmp), force=True)
 
 
 # -- metadata written by the training script ---------------------------------------------------------

@@ -1,6 +1,7 @@
 """Named training recipes: the paper's exact settings, and the default that wins within a CPU budget.
 
-A recipe is a set of `TrainConfig` values; anything given explicitly overrides it.
+A recipe is a set of `TrainConfig` values (`augment` and `targets` nested as dicts); anything given
+explicitly overrides it.
 
 * "paper": Ronneberger et al. 2015 as written: the full-width network (64 channels), 572x572
   tiles, batch of one, SGD with momentum 0.99, the weighted cross-entropy with w0 = 10 and
@@ -50,11 +51,6 @@ def recipe_values(name: str) -> dict[str, Any]:
 
 def recipe_config(name: str, **overrides: Any):
     """A `TrainConfig` of recipe `name`, with `overrides` applied on top."""
-    from .augment import AugmentConfig
     from .train import TrainConfig
 
-    values = {**recipe_values(name), **overrides}
-    augment = values.get("augment")
-    if isinstance(augment, dict):
-        values["augment"] = AugmentConfig(**augment)
-    return TrainConfig(**values)
+    return TrainConfig(**{**recipe_values(name), **overrides})  # `augment` and `targets` may be dicts

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import InputError
+from .labels import label_components
 
 __all__ = ["synthetic_cells", "synthetic_dataset"]
 
@@ -171,7 +172,8 @@ def _tidy(
         if win is None:
             continue
         crop = labels[win]
-        pieces, n = ndi.label(crop == i)
+        pieces = label_components(crop == i)
+        n = int(pieces.max())
         sizes = np.bincount(pieces.ravel())[1:]
         keep = pieces == 1 + sizes.argmax()
         thickness = ndi.distance_transform_edt(np.pad(keep, 1)).max()

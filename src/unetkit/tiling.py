@@ -100,14 +100,20 @@ class TilePlan:
             yield self.tiles[start : start + batch_size]
 
 
-def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    """`n` -> `(n, n)`; `(h, w)` unchanged."""
+def as_pair(size: int | Sequence[int], name: str = "tile_size") -> tuple[int, int]:
+    """`n` -> `(n, n)`; `(h, w)` unchanged; InputError for anything else.
+
+    Example:
+        >>> as_pair(572), as_pair((188, 204))
+        ((572, 572), (188, 204))
+    """
     if isinstance(size, (int, np.integer)):
         return int(size), int(size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"expected a size or (height, width), got {size}")
-    return size  # type: ignore[return-value]
+    try:
+        height, width = size  # type: ignore[misc]
+        return int(height), int(width)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be an int or (height, width), got {size!r}") from None
 
 
 def same_margin(geometry: Geometry) -> int:

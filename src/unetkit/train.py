@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,19 +20,23 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PAPER, from_dict_strict
+from .config import DEFAULT_ITERATIONS, PAPER, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
 from .decision import DecisionRule, choose_decision
 from .device import resolve_device
 from .errors import InputError
+from .geometry import Geometry
 from .io import atomic_write
 from .loss import SegmentationLoss
 from .network import UNet
 from .predict import predict
+from .targets import TargetConfig
 
 LOG_COLUMNS = ("iteration", "loss", "seconds", "val_iou", "val_pixel_error")
+#: `TargetConfig` fields, which configs written before `TrainConfig.targets` held at their top level.
+TARGET_KEYS = tuple(f.name for f in fields(TargetConfig))
 
 
 @dataclass
@@ -43,9 +47,10 @@ class TrainConfig:
     batch of one tile, SGD with momentum 0.99, weight map with w0=10 and sigma=5 px, elastic
     deformation on a 3x3 grid with 10 px standard deviation.
 
-    `w0`, `sigma`, `class_weights`, `use_weight_map` and `pixel_size` say how the samples' weight
-    maps are made: pass them to `unetkit.data.load_samples` (as `unetkit train` does); the trainer
-    records them with the run.
+    `targets` (`unetkit.targets.TargetConfig`: w0, sigma, class_weights, pixel_size,
+    use_weight_map) says how the samples' weight maps are made: pass it to
+    `unetkit.data.load_samples` (as `Trainer.from_run` and `unetkit train` do); the trainer
+    records it with the run. `from_dict` also reads the flat keys of older config.json files.
 
     The learning rate is not given in the paper. With momentum 0.99 the effective step is
     lr / (1 - 0.99) = 100 * lr on a per-pixel mean loss. lr=0.01 (an effective step of 1) was not
@@ -76,11 +81,7 @@ class TrainConfig:
     # tiles, targets, augmentation
     tile_size: int = PAPER.tile_size
     batch_size: int = PAPER.batch_size
-    w0: float = PAPER.w0
-    sigma: float = PAPER.sigma
-    class_weights: Any = "balanced"
-    use_weight_map: bool = True
-    pixel_size: float | None = None
+    targets: TargetConfig = field(default_factory=TargetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # optimisation
     optimizer: str = "sgd"
@@ -89,7 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     dice_weight: float = 0.0
     lr_schedule: str = "constant"
-    iterations: int = 10_000
+    iterations: int = DEFAULT_ITERATIONS
     max_seconds: float | None = None
     budget_clock: str = "wall"
     choose_decision: bool = True
@@ -103,8 +104,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment)
-        if isinstance(self.class_weights, list):
-            self.class_weights = tuple(self.class_weights)
+        if isinstance(self.targets, dict):
+            self.targets = TargetConfig.from_dict(self.targets)
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be 'sgd' or 'adam' (got {self.optimizer!r})")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -122,24 +123,35 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["augment"] = self.augment.to_dict()
-        if isinstance(self.class_weights, tuple):
-            values["class_weights"] = list(self.class_weights)
+        values["targets"] = self.targets.to_dict()
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; also reads the flat target keys (w0, sigma, ...) of older runs.
+
+        Example:
+            >>> TrainConfig.from_dict({"w0": 3.0, "iterations": 5}).targets.w0
+            3.0
+        """
+        values = dict(values)
+        flat = {key: values.pop(key) for key in TARGET_KEYS if key in values}
+        if flat:
+            values["targets"] = {**flat, **dict(values.get("targets") or {})}
         return from_dict_strict(cls, values, "training")
 
+    def network_options(self) -> dict[str, Any]:
+        """The `UNet` arguments this config fixes (all but the channel and class counts)."""
+        return dict(depth=self.depth, base_channels=self.base_channels, padding=self.padding,
+                    dropout=self.dropout, batch_norm=self.batch_norm)
+
+    @property
+    def geometry(self) -> Geometry:
+        """The network's `Geometry` (legal tile sizes), without building the network."""
+        return Geometry(depth=self.depth, padding=self.padding)  # type: ignore[arg-type]
+
     def network(self, in_channels: int, n_classes: int = 2) -> UNet:
-        return UNet(
-            in_channels=in_channels,
-            n_classes=n_classes,
-            depth=self.depth,
-            base_channels=self.base_channels,
-            padding=self.padding,  # type: ignore[arg-type]
-            dropout=self.dropout,
-            batch_norm=self.batch_norm,
-        )
+        return UNet(in_channels=in_channels, n_classes=n_classes, **self.network_options())
 
 
 def lr_factor(schedule: str, progress: float) -> float:
@@ -182,6 +194,18 @@ def foreground_scores(model: UNet, samples: Sequence[Sample], device: torch.devi
     return iou(foreground, truth), pixel_error(foreground, truth)
 
 
+class _Budget:
+    """Seconds of the run's time budget spent, across resumes, on the configured clock."""
+
+    def __init__(self, clock: str, spent_before: float) -> None:
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
+        self.spent_before = spent_before
+        self.started = self.clock()
+
+    def spent(self) -> float:
+        return self.spent_before + self.clock() - self.started
+
+
 class Trainer:
     """Trains a U-Net on `samples` and writes a run folder.
 
@@ -190,6 +214,9 @@ class Trainer:
     checkpoint when there is no validation set). `resume=True` continues a run from RUN/last.pt
     exactly: iteration count, weights, optimiser state and random number generator states, and
     tile i of the data stream is a pure function of (seed, i).
+
+    `Trainer.start` sets up a new run from dataset folders (split, samples, RUN/data.json) and
+    `Trainer.from_run` continues one from its folder alone; `unetkit train` is these two.
 
     Args:
         config: the run's `TrainConfig`.
@@ -227,10 +254,9 @@ class Trainer:
         self.class_names = list(class_names)
         self.progress = progress
         self.device = resolve_device(config.device)
+        config.geometry.check(config.tile_size, "tile size (--tile-size)")
         in_channels = self.train_samples[0].image.shape[0]
         self.model = config.network(in_channels, len(self.class_names))
-        geometry = self.model.geometry
-        geometry.check(config.tile_size, "tile size (--tile-size)")
         self.iteration = 0
         self.best_iou = -math.inf
         self.seconds_spent = 0.0  # budget used by earlier sessions of this run (see max_seconds)
@@ -244,6 +270,112 @@ class Trainer:
         self.loss_fn = SegmentationLoss(config.dice_weight)
         self.flops_per_step = 3.0 * self.model.flops(config.tile_size) * config.batch_size
 
+    # -- run folders -------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        data: str | os.PathLike,
+        run_dir: str | os.PathLike,
+        *,
+        val: float | int | Sequence[str] | None = None,
+        val_data: str | os.PathLike | None = None,
+        normalization: Normalization | None = None,
+        allow_intensity_masks: bool = False,
+        epochs: float | None = None,
+        force: bool = False,
+        progress: bool = True,
+    ) -> "Trainer":
+        """A new run in `run_dir` on the dataset folder `data` (see `unetkit.data.find_pairs`).
+
+        Validation images are `val_data` if given, else `val` of `data` (a fraction, a count or
+        names, 0.2 if None; `unetkit.data.split_pairs` with the config's seed). `epochs`, if given, sets
+        `config.iterations` to that many passes over the training pixels, counted in output tiles.
+        The folder is prepared (`force` allows a non-empty one) and RUN/data.json records the
+        dataset and the split, so `from_run` can continue the run.
+        """
+        from .data import find_pairs, split_pairs
+        from .io import prepare_output_dir, remove_stale_temp_files
+
+        resolve_device(config.device)  # an unavailable device fails before the images are loaded
+        normalization = normalization or Normalization()
+        data, run_dir = Path(data), Path(run_dir)
+        pairs = find_pairs(data)
+        if val_data is not None:
+            train_pairs, val_pairs = pairs, find_pairs(val_data)
+        else:
+            train_pairs, val_pairs = split_pairs(pairs, 0.2 if val is None else val, seed=config.seed)
+        train, validation = _load_split(train_pairs, val_pairs, normalization, config, allow_intensity_masks)
+        if epochs is not None:
+            out_pixels = config.geometry.output_size(config.tile_size) ** 2 * config.batch_size
+            total = sum(s.shape[0] * s.shape[1] for s in train)
+            config.iterations = max(1, round(epochs * total / out_pixels))
+        prepare_output_dir(run_dir, force=force)
+        remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
+        _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+        return cls(config, train, validation, run_dir, normalization=normalization, progress=progress)
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | os.PathLike,
+        *,
+        data: str | os.PathLike | None = None,
+        val_data: str | os.PathLike | None = None,
+        iterations: int | None = None,
+        max_seconds: float | None = None,
+        progress: bool = True,
+    ) -> "Trainer":
+        """Continue the run in `run_dir` exactly where it stopped, from its folder alone.
+
+        RUN/config.json gives the settings, RUN/data.json the dataset and the split, RUN/last.pt the
+        state. `data` / `val_data` give a dataset that moved (recorded in data.json again);
+        `iterations` and `max_seconds` extend the run's budget. Messages say what is missing.
+        """
+        from .checkpoint import load_checkpoint
+        from .data import find_pairs, split_pairs
+        from .io import check_writable_folder, remove_stale_temp_files
+
+        run_dir = Path(run_dir)
+        check_writable_folder(run_dir, "--resume")
+        saved, setup = _read_run(run_dir)
+        overrides = {"iterations": iterations if iterations is not None else saved.get("iterations"),
+                     "max_seconds": max_seconds if max_seconds is not None else saved.get("max_seconds")}
+        try:
+            config = TrainConfig.from_dict({**saved, **overrides})
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{run_dir / 'config.json'}: {exc}") from None
+        last = load_checkpoint(run_dir / "last.pt")
+        try:
+            TrainConfig.from_dict(last.train_config)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{run_dir / 'last.pt'}: {exc}") from None
+        resolve_device(config.device)
+        moved = data is not None or val_data is not None
+        data = Path(data) if data is not None else Path(setup["data"])
+        if val_data is None and setup.get("val_data"):
+            val_data = setup["val_data"]
+        val_data = Path(val_data) if val_data is not None else None
+        for folder, option in ((data, "--data"), (val_data, "--val-data")):
+            if folder is not None and not folder.is_dir():
+                raise InputError(f"{folder}: the run's dataset folder is not there; if it moved, give its new place with {option}")
+        val = setup.get("val")
+        allow_intensity_masks = bool(setup.get("allow_intensity_masks", False))
+        pairs = find_pairs(data)
+        if "train" in setup and "validation" in setup:
+            train_pairs = _recorded_pairs(pairs, setup["train"], data, run_dir)
+            val_pairs = _recorded_pairs(find_pairs(val_data) if val_data is not None else pairs, setup["validation"],
+                                        val_data or data, run_dir)
+        elif val_data is not None:
+            train_pairs, val_pairs = pairs, find_pairs(val_data)
+        else:
+            train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed)
+        train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
+        remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
+        if moved:
+            _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+        return cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "adam":
@@ -256,7 +388,7 @@ class Trainer:
             raise InputError(f"{path}: nothing to resume (no last.pt); start a new run with --out")
         loaded = load_checkpoint(path)
         saved = TrainConfig.from_dict(loaded.train_config)
-        if saved.network(1).config != self.config.network(1).config:
+        if saved.network_options() != self.config.network_options():
             raise InputError(f"{path}: the run used a different network configuration; resume with the same options")
         self.model = loaded.model.to(self.device)
         self.optimizer = self._make_optimizer()
@@ -352,76 +484,41 @@ class Trainer:
         return rule
 
     def fit(self) -> dict[str, Any]:
-        """Train until `config.iterations` (or `max_seconds`); returns a summary dict."""
+        """Train until `config.iterations` (or `max_seconds`); returns a summary dict.
+
+        Ctrl-C saves RUN/last.pt at the interrupted iteration (so `from_run` continues from it)
+        and raises KeyboardInterrupt again. A NaN loss raises `TrainingDiverged`.
+        """
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.iteration == 0 and self.log_path.exists():
-            self._write_log([])  # a new run in a reused folder starts a new log
-        atomic_write(self.run_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)), force=True)
-        augmenter = Augmenter(c.augment)
-        dataset = TileDataset(
-            self.train_samples, self.model.geometry, c.tile_size, augmenter=augmenter,
-            length=c.iterations * c.batch_size, seed=c.seed,
-        )
-        loader = get_tile_loader(
-            dataset, batch_size=c.batch_size, num_workers=c.workers,
-            start=self.iteration * c.batch_size, stop=c.iterations * c.batch_size,
-        )
+        self._write_run_files()
+        loader = self._tile_loader()
         self.model.train()
         start_iteration = self.iteration
-        clock = time.process_time if c.budget_clock == "cpu" else time.perf_counter
-        spent_before = self.seconds_spent
-        budget_started = clock()
+        budget = _Budget(c.budget_clock, self.seconds_spent)
         started = time.perf_counter()
         compute_seconds = 0.0
-        last_good = self.iteration
+        self._last_good = self.iteration
         bar = tqdm(total=c.iterations, initial=self.iteration, disable=not self.progress, desc="train", unit="it")
         val_iou = val_error = float("nan")
         finished = False
         try:
             for batch in loader:
                 step_started = time.perf_counter()
-                image = batch["image"].to(self.device, non_blocking=True)
-                target = batch["target"].to(self.device, non_blocking=True)
-                weights = batch["weights"].to(self.device, non_blocking=True)
-                self._set_learning_rate(spent_before + clock() - budget_started)
-                logits = self.model(image)
-                loss = self.loss_fn(logits, target, weights)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at iteration {self.iteration + 1}; training stopped and "
-                        f"{self.run_dir / 'last.pt'} keeps iteration {last_good}. Lower the learning rate "
-                        f"(--lr {c.lr / 10:g}) or use --optimizer adam"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                loss = self._step(batch, budget)
                 compute_seconds += time.perf_counter() - step_started
                 self.iteration += 1
                 elapsed = time.perf_counter() - started
-                self.seconds_spent = spent_before + clock() - budget_started
-                row = {"iteration": self.iteration, "loss": f"{loss.item():.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
-                out_of_time = c.max_seconds is not None and self.seconds_spent >= c.max_seconds
-                finished = self.iteration >= c.iterations or out_of_time
+                self.seconds_spent = budget.spent()
+                finished = self._finished()
+                row = {"iteration": self.iteration, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
                 if self.val_samples and (self.iteration % c.val_every == 0 or finished):
-                    val_iou, val_error = self.validate()
-                    self.model.train()
-                    row["val_iou"], row["val_pixel_error"] = f"{val_iou:.6f}", f"{val_error:.6f}"
-                    if val_iou > self.best_iou:
-                        self.best_iou = val_iou
-                        self._save("best.pt")
+                    val_iou, val_error = self._validate_and_keep_best(row)
                 self._append_log(row)
                 done_steps = self.iteration - start_iteration
-                bar.set_postfix(loss=f"{loss.item():.4f}", gflops=f"{self.flops_per_step * done_steps / max(elapsed, 1e-9) / 1e9:.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}", gflops=f"{self.flops_per_step * done_steps / max(elapsed, 1e-9) / 1e9:.1f}")
                 bar.update(1)
                 if self.iteration % c.checkpoint_every == 0 or finished:
-                    self._save("last.pt")
-                    last_good = self.iteration
-                    if not self.val_samples:
-                        self._save("best.pt")
-                    self._plot()
+                    self._checkpoint()
                 if finished:
                     break
         except KeyboardInterrupt:
@@ -445,3 +542,152 @@ class Trainer:
             "decision": None if decision is None else decision.to_dict(),
             "run_dir": str(self.run_dir),
         }
+
+    # -- the steps of `fit` ----------------------------------------------------------------------
+    def _write_run_files(self) -> None:
+        """RUN/config.json, and a new log when a new run reuses a folder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.iteration == 0 and self.log_path.exists():
+            self._write_log([])  # a new run in a reused folder starts a new log
+        text = json.dumps(self.config.to_dict(), indent=2)
+        atomic_write(self.run_dir / "config.json", lambda p: p.write_text(text), force=True)
+
+    def _tile_loader(self):
+        """Batches of augmented tiles from the current iteration to the last (item i = f(seed, i))."""
+        c = self.config
+        dataset = TileDataset(
+            self.train_samples, c.geometry, c.tile_size, augmenter=Augmenter(c.augment),
+            length=c.iterations * c.batch_size, seed=c.seed,
+        )
+        return get_tile_loader(
+            dataset, batch_size=c.batch_size, num_workers=c.workers,
+            start=self.iteration * c.batch_size, stop=c.iterations * c.batch_size,
+        )
+
+    def _step(self, batch: dict[str, torch.Tensor], budget: _Budget) -> float:
+        """One optimisation step on `batch`; returns the loss."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        weights = batch["weights"].to(self.device, non_blocking=True)
+        self._set_learning_rate(budget.spent())
+        loss = self.loss_fn(self.model(image), target, weights)
+        self._check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop with `TrainingDiverged` on a NaN or infinite loss (last.pt keeps the last good state)."""
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at iteration {self.iteration + 1}; training stopped and "
+                f"{self.run_dir / 'last.pt'} keeps iteration {self._last_good}. Lower the learning rate "
+                f"(--lr {self.config.lr / 10:g}) or use --optimizer adam"
+            )
+
+    def _finished(self) -> bool:
+        c = self.config
+        out_of_time = c.max_seconds is not None and self.seconds_spent >= c.max_seconds
+        return self.iteration >= c.iterations or out_of_time
+
+    def _validate_and_keep_best(self, row: dict[str, str]) -> tuple[float, float]:
+        """Score the validation images into `row`; a new best IoU is saved as best.pt."""
+        val_iou, val_error = self.validate()
+        self.model.train()
+        row["val_iou"], row["val_pixel_error"] = f"{val_iou:.6f}", f"{val_error:.6f}"
+        if val_iou > self.best_iou:
+            self.best_iou = val_iou
+            self._save("best.pt")
+        return val_iou, val_error
+
+    def _checkpoint(self) -> None:
+        """last.pt (and best.pt without validation images), then the curves."""
+        self._save("last.pt")
+        self._last_good = self.iteration
+        if not self.val_samples:
+            self._save("best.pt")
+        self._plot()
+
+
+# -- run folders: RUN/data.json and what `Trainer.from_run` reads ---------------------------------
+
+
+def parse_validation(text: str | None) -> float | int | list[str]:
+    """--val: a fraction ("0.2"), a count ("5") or comma-separated names ("t045,t046"); None: 0.2.
+
+    Example:
+        >>> parse_validation("0.25"), parse_validation("5"), parse_validation("t045, t046")
+        (0.25, 5, ['t045', 't046'])
+    """
+    if text is None:
+        return 0.2
+    try:
+        number = float(text)
+    except ValueError:
+        return [name.strip() for name in text.split(",") if name.strip()]
+    return int(number) if number >= 1 and number == int(number) else number
+
+
+def _load_split(train_pairs, val_pairs, normalization: Normalization, config: TrainConfig,
+                allow_intensity_masks: bool) -> tuple[list[Sample], list[Sample]]:
+    from .data import load_samples
+
+    options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
+    train = load_samples(train_pairs, normalization, **options)
+    return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])
+
+
+def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, train_pairs, val_pairs,
+                     allow_intensity_masks: bool) -> None:
+    """RUN/data.json: the dataset folders and the names of the training and validation images."""
+    if isinstance(val, (list, tuple)):
+        val = ",".join(map(str, val))
+    setup = {
+        "data": str(Path(data).resolve()), "val_data": str(Path(val_data).resolve()) if val_data else None,
+        "val": None if val is None else str(val),
+        "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
+        "allow_intensity_masks": allow_intensity_masks,
+    }
+    text = json.dumps(setup, indent=2)
+    atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: damaged ({exc}); the run cannot be resumed, start a new one") from None
+
+
+def _read_run(run_dir: Path) -> tuple[dict, dict]:
+    """config.json and data.json of a run folder to resume; the message says exactly what is missing."""
+    names = ("config.json", "data.json", "last.pt")
+    missing = [name for name in names if not (run_dir / name).is_file()]
+    if len(missing) == len(names):
+        raise InputError(
+            f"{run_dir}: not a run folder (no config.json, data.json or last.pt); give the --out of an earlier `unetkit train`"
+        )
+    if missing == ["last.pt"]:
+        raise InputError(
+            f"{run_dir}: last.pt is missing (config.json and data.json are there): the run stopped before its first "
+            f"checkpoint, so there is nothing to resume; start it again with `unetkit train --out {run_dir} --force` "
+            "and its other options"
+        )
+    if missing:
+        raise InputError(f"{run_dir}: cannot resume, {' and '.join(missing)} missing; start a new run with --out")
+    return _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
+
+
+def _recorded_pairs(pairs: list, names: list, folder: Path, run_dir: Path) -> list:
+    """The pairs the run used, by name, from a (possibly moved) dataset folder."""
+    by_name = {pair.name: pair for pair in pairs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise InputError(
+            f"{folder}: {len(missing)} image(s) the run {run_dir} was trained on are not in this dataset "
+            f"(e.g. {', '.join(missing[:3])}); give the run's dataset with --data"
+        )
+    return [by_name[name] for name in names]

@@ -8,7 +8,7 @@ import pytest
 
 from unetkit.errors import InputError
 from unetkit.data import Normalization, Sample, find_pairs, load_samples, make_sample
-from unetkit.targets import make_targets
+from unetkit.targets import TargetConfig, make_targets
 
 
 def test_sample_fields_and_weight_map():
@@ -28,7 +28,7 @@ def test_binary_mask_becomes_instances():
     mask = np.zeros((12, 12), np.uint8)
     mask[1:4, 1:4] = 255
     mask[6:10, 6:10] = 255
-    sample = make_sample(np.zeros((12, 12), np.uint8), mask, use_weight_map=False)
+    sample = make_sample(np.zeros((12, 12), np.uint8), mask, targets=TargetConfig(use_weight_map=False))
     assert sample.instances.max() == 2
     assert set(np.unique(sample.target)) == {0, 1}
 

@@ -1,8 +1,8 @@
 """The `unetkit` command: `demo`, `train`, `predict`, `evaluate`, `models`.
 
 Each sub-command lives in its own module and registers itself on `app`. User mistakes
-(`ValueError`, `TypeError`, missing, existing or unwritable files) end as one line on stderr and
-exit status 2; Ctrl-C ends with "unetkit: interrupted" (and what was kept) and exit status 130.
+(`unetkit.errors.InputError`; missing, existing or unwritable files: `OSError`) end as one line on
+stderr and exit status 2; any other exception is a bug and keeps its traceback; Ctrl-C ends with "unetkit: interrupted" (and what was kept) and exit status 130.
 Warnings are printed as one line, "unetkit: warning: ...".
 
 The modules of this package import nothing heavy (torch, SciPy) at their top level, so that
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -46,9 +46,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version, is_eager=True, help="Show the version and exit."
-    ),
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
     """U-Net segmentation: train from a few annotated images, segment images of any size, score results."""
 
@@ -76,6 +74,8 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from ..errors import InputError  # light: the module imports nothing
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandInterrupted as exc:
         typer.echo(f"unetkit: interrupted: {exc}", err=True)
         return 130
-    except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
+    except (InputError, OSError) as exc:  # OSError: missing, existing or unwritable files
         typer.echo(f"unetkit: error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,11 +12,11 @@ from . import app
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the results (must be empty unless --force)."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out, replacing files."),
-    seconds: float = typer.Option(120.0, help="Training time budget in seconds."),
-    seed: int = typer.Option(0, help="Random seed for data and training."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the results (must be empty unless --force).")] = Path("demo-output"),
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out, replacing files.")] = False,
+    seconds: Annotated[float, typer.Option(help="Training time budget in seconds.")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed for data and training.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a small U-Net on synthetic touching cells, segment a held-out image, score it, draw it."""
     from ..errors import InputError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -22,8 +22,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 @app.command("models")
 def models_command(
-    name: Optional[str] = typer.Argument(None, help="Show everything about this model (default: list them all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    name: Annotated[Optional[str], typer.Argument(help="Show everything about this model (default: list them all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
     """List the packaged pretrained models; use one with `unetkit predict --model NAME`."""
     from ..pretrained import describe_scores, get_model, list_models, total_size

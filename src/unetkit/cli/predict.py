@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -12,22 +12,22 @@ from . import app
 
 @app.command()
 def predict(
-    inputs: List[Path] = typer.Argument(..., help="Images or folders of images (PNG/TIFF)."),
-    model: Path = typer.Option(..., "--model", help="Checkpoint written by `unetkit train` (RUN/best.pt), or a packaged model's name (`unetkit models`: em-membranes, dic-hela, fluo-nuclei)."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average the 8 rotated/mirrored versions (the paper used 7 rotations). Default: as the checkpoint's labels rule was chosen (on for models trained by unetkit train with validation images), else off."),
-    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Input tile size (default: the largest that fits in memory)."),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    threshold: Optional[float] = typer.Option(None, help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule."),
-    labels: str = typer.Option("instances", help="'instances' (one id per object) or 'binary'."),
-    watershed: Optional[bool] = typer.Option(None, "--watershed", help="Split touching objects by a seeded watershed on the distance transform (instead of the stored rule)."),
-    min_size: Optional[int] = typer.Option(None, "--min-size", help="Remove objects smaller than this many pixels (instead of the stored rule's)."),
-    fill_holes: bool = typer.Option(True, "--fill-holes/--keep-holes"),
-    ctc: bool = typer.Option(False, "--ctc", help="Also write the Cell Tracking Challenge result layout: OUT/ctc/maskNNN.tif, numbered by the input frame (t041.tif -> mask041.tif)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files (without it, images whose outputs exist are skipped)."),
-    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Skip inputs that are not readable images instead of stopping before the first image."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    inputs: Annotated[List[Path], typer.Argument(help="Images or folders of images (PNG/TIFF).")],
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint written by `unetkit train` (RUN/best.pt), or a packaged model's name (`unetkit models`: em-membranes, dic-hela, fluo-nuclei).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average the 8 rotated/mirrored versions (the paper used 7 rotations). Default: as the checkpoint's labels rule was chosen (on for models trained by unetkit train with validation images), else off.")] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size (default: the largest that fits in memory).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    threshold: Annotated[Optional[float], typer.Option(help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule.")] = None,
+    labels: Annotated[str, typer.Option(help="'instances' (one id per object) or 'binary'.")] = "instances",
+    watershed: Annotated[Optional[bool], typer.Option("--watershed", help="Split touching objects by a seeded watershed on the distance transform (instead of the stored rule).")] = None,
+    min_size: Annotated[Optional[int], typer.Option("--min-size", help="Remove objects smaller than this many pixels (instead of the stored rule's).")] = None,
+    fill_holes: Annotated[bool, typer.Option("--fill-holes/--keep-holes")] = True,
+    ctc: Annotated[bool, typer.Option("--ctc", help="Also write the Cell Tracking Challenge result layout: OUT/ctc/maskNNN.tif, numbered by the input frame (t041.tif -> mask041.tif).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files (without it, images whose outputs exist are skipped).")] = False,
+    skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Skip inputs that are not readable images instead of stopping before the first image.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Write class probabilities (float32 TIFF) and label images named after each input."""
     from ..device import check_device
@@ -35,7 +35,7 @@ def predict(
 
     check_device(device)  # the quick checks first, before torch is imported
     check_writable_folder(out, "--out")
-    from ..predict import segment_files
+    from ..segment import segment_files
     from . import CommandInterrupted
 
     try:

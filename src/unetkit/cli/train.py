@@ -4,42 +4,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ..config import PAPER
+from ..config import DEFAULT_ITERATIONS, PAPER
 from . import app
 
 
 def _class_weights(text: str):
+    from ..errors import InputError
+
     if text == "balanced":
         return text
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--class-weights must be 'balanced' or numbers like '1,1' (got {text!r})") from None
+        raise InputError(f"--class-weights must be 'balanced' or numbers like '1,1' (got {text!r})") from None
 
 
-def _validation(val: Optional[str]):
-    """--val: a fraction (0.2), a count (5) or comma-separated names (t045,t046)."""
-    if val is None:
-        return 0.2
-    try:
-        number = float(val)
-    except ValueError:
-        return [name.strip() for name in val.split(",") if name.strip()]
-    return int(number) if number >= 1 and number == int(number) else number
-
-
-#: `TrainConfig` fields set by the command's options of the same meaning.
+#: `TrainConfig` fields set by the command's options of the same meaning. Where the names differ
+#: the option is an alias, named so in its help: --width = base_channels, --dice = dice_weight,
+#: --seconds = max_seconds, --weight-map = TargetConfig.use_weight_map.
 _CONFIG_OPTIONS = {
     "tile_size": "tile_size", "batch_size": "batch_size", "depth": "depth", "width": "base_channels",
     "padding": "padding", "dropout": "dropout", "batch_norm": "batch_norm", "optimizer": "optimizer", "lr": "lr",
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay", "dice": "dice_weight",
-    "w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map",
     "budget_clock": "budget_clock",
 }
+#: `TargetConfig` fields set by the target options (--class-weights is parsed first).
+_TARGET_OPTIONS = {"w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map"}
 #: `AugmentConfig` fields set by each augmentation option.
 _AUGMENT_OPTIONS = {
     "elastic": ("elastic",), "elastic_grid": ("elastic_grid",), "elastic_sigma": ("elastic_sigma",),
@@ -49,13 +43,17 @@ _AUGMENT_OPTIONS = {
 
 
 def _recipe_values(recipe: str, options: dict) -> dict:
-    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` a dict)."""
+    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` and
+    `targets` as dicts)."""
     from ..recipes import recipe_values
 
     values = recipe_values(recipe)
     values.update({field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None})
+    targets = dict(values.get("targets", {}))
+    targets.update({field: options[name] for name, field in _TARGET_OPTIONS.items() if options[name] is not None})
     if options["class_weights"] is not None:
-        values["class_weights"] = _class_weights(options["class_weights"])
+        targets["class_weights"] = _class_weights(options["class_weights"])
+    values["targets"] = targets
     augment = dict(values.get("augment", {}))
     for name, fields in _AUGMENT_OPTIONS.items():
         if options[name] is not None:
@@ -109,97 +107,53 @@ def _check_network(depth: int, width: int, padding: str, dropout: float, tile_si
     Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")
 
 
-def _read_json(path: Path) -> dict:
-    from ..errors import InputError
-
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: damaged ({exc}); the run cannot be resumed, start a new one") from None
-
-
-def _read_run(run_dir: Path) -> tuple[dict, dict]:
-    """config.json and data.json of a run folder to resume; the message says exactly what is missing."""
-    from ..errors import InputError
-
-    names = ("config.json", "data.json", "last.pt")
-    missing = [name for name in names if not (run_dir / name).is_file()]
-    if len(missing) == len(names):
-        raise InputError(
-            f"{run_dir}: not a run folder (no config.json, data.json or last.pt); give the --out of an earlier `unetkit train`"
-        )
-    if missing == ["last.pt"]:
-        raise InputError(
-            f"{run_dir}: last.pt is missing (config.json and data.json are there): the run stopped before its first "
-            f"checkpoint, so there is nothing to resume; start it again with `unetkit train --out {run_dir} --force` "
-            "and its other options"
-        )
-    if missing:
-        raise InputError(f"{run_dir}: cannot resume, {' and '.join(missing)} missing; start a new run with --out")
-    return _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
-
-
-def _recorded_pairs(pairs: list, names: list, folder: Path, run_dir: Path) -> list:
-    """The pairs the run used, by name, from a (possibly moved) dataset folder."""
-    from ..errors import InputError
-
-    by_name = {pair.name: pair for pair in pairs}
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        raise InputError(
-            f"{folder}: {len(missing)} image(s) the run {run_dir} was trained on are not in this dataset "
-            f"(e.g. {', '.join(missing[:3])}); give the run's dataset with --data"
-        )
-    return [by_name[name] for name in names]
-
-
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create (must be empty unless --force)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it."),
-    val: Optional[str] = typer.Option(None, "--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on."),
-    val_data: Optional[Path] = typer.Option(None, "--val-data", help="A separate validation dataset folder (instead of --val)."),
-    iterations: Optional[int] = typer.Option(None, help="Training iterations, one tile batch each (default 2000; with --resume: the run's)."),
-    epochs: Optional[float] = typer.Option(None, help="Instead of --iterations: passes over the training pixels, counted in output tiles."),
-    seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is written)."),
-    recipe: str = typer.Option("default", "--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it."),
-    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per step. Recipes: 1."),
-    depth: Optional[int] = typer.Option(None, help="Resolution levels. Recipes: 5 (the paper's)."),
-    width: Optional[int] = typer.Option(None, help="Channels of the first level. default: 16, paper: 64."),
-    padding: Optional[str] = typer.Option(None, help="'valid' (the paper, seamless tiles) or 'same'."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout at the end of the contracting path. Recipes: 0.5."),
-    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="default: on, paper: off."),
-    optimizer: Optional[str] = typer.Option(None, help="'adam' (default recipe) or 'sgd' (paper)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate. Recipes: 0.001 (SGD with momentum 0.99: see TrainConfig)."),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds."),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum (the paper: 0.99)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    dice: Optional[float] = typer.Option(None, help="Weight of an extra soft Dice loss term (recipes: 0, the paper's loss only)."),
-    w0: Optional[float] = typer.Option(None, help="Weight-map border amplitude (the paper: 10)."),
-    sigma: Optional[float] = typer.Option(None, help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size)."),
-    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrometres per pixel; makes --sigma micrometres."),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (recipes) or one weight per class, e.g. '1,1'."),
-    weight_map: Optional[bool] = typer.Option(None, "--weight-map/--no-weight-map", help="Use the border term of the weight map (recipes: on)."),
-    elastic: Optional[bool] = typer.Option(None, "--elastic/--no-elastic", help="The paper's elastic deformation (recipes: on)."),
-    elastic_grid: Optional[int] = typer.Option(None, "--elastic-grid", help="Recipes: 3 (a 3x3 grid)."),
-    elastic_sigma: Optional[float] = typer.Option(None, "--elastic-sigma", help="Recipes: 10 pixels."),
-    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Any-angle and 90-degree rotations (recipes: on)."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip"),
-    shift: Optional[bool] = typer.Option(None, "--shift/--no-shift"),
-    gray: Optional[bool] = typer.Option(None, "--gray/--no-gray", help="Gray-value variation (brightness, contrast, gamma, noise; recipes: on)."),
-    budget_clock: Optional[str] = typer.Option(None, "--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time)."),
-    normalize: str = typer.Option("percentile", help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'."),
-    allow_intensity_masks: bool = typer.Option(False, "--allow-intensity-masks", help="Accept masks that look like intensity images (raw, resized or JPEG), every distinct value an object."),
-    val_every: int = typer.Option(200, "--val-every"),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
-    seed: int = typer.Option(0),
-    workers: int = typer.Option(1, help="DataLoader worker processes for augmentation."),
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    force: bool = typer.Option(False, "--force", help="Use a non-empty --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it.")] = None,
+    val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Instead of --iterations: passes over the training pixels, counted in output tiles.")] = None,
+    seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (a checkpoint is written); counted across resumes. TrainConfig.max_seconds.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it.")] = "default",
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Tiles per step. Recipes: 1.")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Resolution levels. Recipes: 5 (the paper's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Channels of the first level (TrainConfig.base_channels). default: 16, paper: 64.")] = None,
+    padding: Annotated[Optional[str], typer.Option(help="'valid' (the paper, seamless tiles) or 'same'.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout at the end of the contracting path. Recipes: 0.5.")] = None,
+    batch_norm: Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="default: on, paper: off.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="'adam' (default recipe) or 'sgd' (paper).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. Recipes: 0.001 (SGD with momentum 0.99: see TrainConfig).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds.")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (the paper: 0.99).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
+    dice: Annotated[Optional[float], typer.Option(help="Weight of an extra soft Dice loss term (TrainConfig.dice_weight; recipes: 0, the paper's loss only).")] = None,
+    w0: Annotated[Optional[float], typer.Option(help="Weight-map border amplitude (the paper: 10).")] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size).")] = None,
+    pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel; makes --sigma micrometres.")] = None,
+    class_weights: Annotated[Optional[str], typer.Option("--class-weights", help="'balanced' (recipes) or one weight per class, e.g. '1,1'.")] = None,
+    weight_map: Annotated[Optional[bool], typer.Option("--weight-map/--no-weight-map", help="Use the border term of the weight map (TargetConfig.use_weight_map; recipes: on).")] = None,
+    elastic: Annotated[Optional[bool], typer.Option("--elastic/--no-elastic", help="The paper's elastic deformation (recipes: on).")] = None,
+    elastic_grid: Annotated[Optional[int], typer.Option("--elastic-grid", help="Recipes: 3 (a 3x3 grid).")] = None,
+    elastic_sigma: Annotated[Optional[float], typer.Option("--elastic-sigma", help="Recipes: 10 pixels.")] = None,
+    rotate: Annotated[Optional[bool], typer.Option("--rotate/--no-rotate", help="Any-angle and 90-degree rotations (AugmentConfig.rotate and rotate90; recipes: on).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
+    shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift")] = None,
+    gray: Annotated[Optional[bool], typer.Option("--gray/--no-gray", help="Gray-value variation (AugmentConfig.brightness, contrast, gamma, noise; recipes: on).")] = None,
+    budget_clock: Annotated[Optional[str], typer.Option("--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time).")] = None,
+    normalize: Annotated[str, typer.Option(help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'.")] = "percentile",
+    allow_intensity_masks: Annotated[bool, typer.Option("--allow-intensity-masks", help="Accept masks that look like intensity images (raw, resized or JPEG), every distinct value an object.")] = False,
+    val_every: Annotated[int, typer.Option("--val-every")] = 200,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for augmentation.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Use a non-empty --out folder.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a U-Net: the paper's network, weighted loss and elastic deformation, with the default
     recipe (Adam, batch norm, cosine decay; measured best within a CPU budget) or `--recipe paper`."""
@@ -208,8 +162,6 @@ def train(
     from ..io import check_output_dir
 
     _check_budget(iterations, epochs, seconds)  # the quick checks first, before torch is imported
-    saved: dict = {}
-    setup: dict = {}
     if resume is None:
         if data is None or out is None:
             raise InputError("give --data DIR and --out RUN (or --resume RUN)")
@@ -230,89 +182,31 @@ def train(
                 f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
                 "--data (a moved dataset), --val-data, --iterations, --seconds or --no-progress"
             )
-        saved, setup = _read_run(resume)
 
-    from ..augment import AugmentConfig
-    from ..checkpoint import load_checkpoint
-    from ..data import Normalization, find_pairs, load_samples, split_pairs
-    from ..device import resolve_device
-    from ..geometry import Geometry
-    from ..io import atomic_write, check_writable_folder, prepare_output_dir, remove_stale_temp_files
-    from ..train import TrainConfig, Trainer
+    from ..data import Normalization
+    from ..train import TrainConfig, Trainer, parse_validation
     from . import CommandInterrupted
 
-    moved = False  # --resume with a new --data or --val-data
     if resume is not None:
         run_dir = resume
-        check_writable_folder(run_dir, "--resume")
-        overrides = {"iterations": iterations if iterations is not None else saved.get("iterations"),
-                     "max_seconds": seconds if seconds is not None else saved.get("max_seconds")}
-        try:
-            config = TrainConfig.from_dict({**saved, **overrides})
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{run_dir / 'config.json'}: {exc}") from None
-        last = load_checkpoint(run_dir / "last.pt")
-        try:
-            TrainConfig.from_dict(last.train_config)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{run_dir / 'last.pt'}: {exc}") from None
-        normalization = last.normalization
-        resolve_device(config.device)
-        moved = data is not None or val_data is not None
-        data = data if data is not None else Path(setup["data"])
-        if val_data is None and setup.get("val_data"):
-            val_data = Path(setup["val_data"])
-        for folder, option in ((data, "--data"), (val_data, "--val-data")):
-            if folder is not None and not folder.is_dir():
-                raise InputError(f"{folder}: the run's dataset folder is not there; if it moved, give its new place with {option}")
-        val = setup.get("val")
-        allow_intensity_masks = bool(setup.get("allow_intensity_masks", False))
+        trainer = Trainer.from_run(resume, data=data, val_data=val_data, iterations=iterations, max_seconds=seconds,
+                                   progress=progress)
     else:
-        values["augment"] = AugmentConfig(**values.get("augment", {}))
+        run_dir = out
         config = TrainConfig(
-            **values, iterations=2000 if iterations is None else iterations, max_seconds=seconds,
+            **values, iterations=DEFAULT_ITERATIONS if iterations is None else iterations, max_seconds=seconds,
             val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, workers=workers, device=device,
         )
-        resolve_device(config.device)
         normalization = {"percentile": Normalization(), "fixed": Normalization(mode="fixed", scale=1 / 255),
                          "none": Normalization(mode="none")}[normalize]
-        run_dir = out
-        val = str(val) if val is not None else None
-
-    pairs = find_pairs(data)
-    if resume is not None and "train" in setup and "validation" in setup:
-        train_pairs = _recorded_pairs(pairs, setup["train"], data, run_dir)
-        val_pairs = _recorded_pairs(find_pairs(val_data) if val_data is not None else pairs, setup["validation"],
-                                    val_data or data, run_dir)
-    elif val_data is not None:
-        train_pairs, val_pairs = pairs, find_pairs(val_data)
-    else:
-        train_pairs, val_pairs = split_pairs(pairs, _validation(val), seed=config.seed)
-    target_options = dict(w0=config.w0, sigma=config.sigma, class_weights=config.class_weights,
-                          pixel_size=config.pixel_size, use_weight_map=config.use_weight_map,
-                          allow_intensity_masks=allow_intensity_masks)
-    train_samples = load_samples(train_pairs, normalization, **target_options)
-    val_samples = load_samples(val_pairs, normalization, **target_options) if val_pairs else []
-    if epochs is not None and resume is None:
-        geometry = Geometry(depth=config.depth, padding=config.padding)
-        out_pixels = geometry.output_size(config.tile_size) ** 2 * config.batch_size
-        total = sum(s.shape[0] * s.shape[1] for s in train_samples)
-        config.iterations = max(1, round(epochs * total / out_pixels))
-    if resume is None:
-        prepare_output_dir(run_dir, force=force)
-    remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
-    if resume is None or moved:
-        setup = {
-            "data": str(data.resolve()), "val_data": str(val_data.resolve()) if val_data else None, "val": val,
-            "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
-            "allow_intensity_masks": allow_intensity_masks,
-        }
-        text = json.dumps(setup, indent=2)
-        atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
-    typer.echo(f"{len(train_samples)} training and {len(val_samples)} validation images; {config.iterations} iterations "
-               f"of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
-    trainer = Trainer(config, train_samples, val_samples, run_dir, normalization=normalization,
-                      resume=resume is not None, progress=progress)
+        trainer = Trainer.start(
+            config, data, out, val=None if val is None else parse_validation(val), val_data=val_data,
+            normalization=normalization, allow_intensity_masks=allow_intensity_masks, epochs=epochs, force=force,
+            progress=progress,
+        )
+    config = trainer.config
+    typer.echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation images; "
+               f"{config.iterations} iterations of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:

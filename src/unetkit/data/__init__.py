@@ -12,7 +12,7 @@ Example:
 from .datasets import data_root, get_ctc_samples, get_isbi2012_samples
 from .normalize import Normalization, to_chw
 from .readers import ImagePair, check_mask, find_pairs, read_mask
-from .samples import Sample, get_samples, load_sample, load_samples, make_sample
+from .samples import Sample, load_sample, load_samples, make_sample
 from .split import split_pairs
 
 # Tile sampling needs torch: imported on first use (PEP 562), so reading data stays light.
@@ -39,7 +39,6 @@ __all__ = [
     "find_pairs",
     "get_ctc_samples",
     "get_isbi2012_samples",
-    "get_samples",
     "get_tile_dataset",
     "get_tile_loader",
     "load_sample",

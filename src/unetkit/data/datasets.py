@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..config import PAPER
 from ..errors import InputError
-from ..targets import ClassWeights
+from ..io import repeated
+from ..targets import TargetConfig
 from .normalize import Normalization
 from .readers import ImagePair, ctc_frame, find_pairs
 from .samples import Sample, load_samples
@@ -65,15 +65,13 @@ def get_isbi2012_samples(
     slices: Iterable[int] | None = range(20),
     normalization: Normalization | None = None,
     *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    use_weight_map: bool = True,
+    targets: TargetConfig | None = None,
 ) -> list[Sample]:
     """Annotated ISBI 2012 training slices (``train/images/NN.png`` with ``train/labels/NN.png``).
 
     The default takes slices 0..19 and leaves 20..24 for validation. Labels are binary: 255 = cell
     interior, 0 = membrane, so the target is 1 on cells and the weight map stresses thin membranes.
+    `normalization` and `targets` (`unetkit.targets.TargetConfig`) as in `unetkit.data.load_samples`.
 
     Example:
         >>> samples = get_isbi2012_samples(slices=[0])  # doctest: +SKIP
@@ -84,9 +82,7 @@ def get_isbi2012_samples(
     pairs = find_pairs(folder)
     number = lambda p: int(p.image.stem) if p.image.stem.isdigit() else None  # noqa: E731
     chosen = _select(pairs, slices, number, "slices", folder)
-    return load_samples(
-        chosen, normalization, w0=w0, sigma=sigma, class_weights=class_weights, use_weight_map=use_weight_map
-    )
+    return load_samples(chosen, normalization, targets=targets)
 
 
 def get_ctc_samples(
@@ -94,11 +90,7 @@ def get_ctc_samples(
     frames: Iterable[int] | None = None,
     normalization: Normalization | None = None,
     *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-    use_weight_map: bool = True,
+    targets: TargetConfig | None = None,
 ) -> list[Sample]:
     """Annotated frames of a Cell Tracking Challenge dataset (default: DIC-C2DH-HeLa under `data_root()`).
 
@@ -107,6 +99,7 @@ def get_ctc_samples(
             (``images/tNNN.tif``, ``masks/man_segNNN.tif``).
         frames: frame numbers to load (NNN of tNNN.tif); None loads every annotated frame. With
             several sequences in a release layout, the frame numbers must identify one frame each.
+        normalization, targets: as in `unetkit.data.load_samples`.
 
     Example:
         >>> samples = get_ctc_samples(frames=range(5))  # doctest: +SKIP
@@ -117,21 +110,13 @@ def get_ctc_samples(
     pairs = find_pairs(folder)
     if frames is not None:
         numbers = [_frame_number(p) for p in pairs]
-        duplicates = {n for n in numbers if numbers.count(n) > 1}
+        duplicates = repeated(numbers)
         if duplicates:
             raise InputError(
                 f"{folder}: frame {min(duplicates)} exists in several sequences; pass the sequence folder as root"
             )
     chosen = _select(pairs, frames, _frame_number, "frames", folder)
-    return load_samples(
-        chosen,
-        normalization,
-        w0=w0,
-        sigma=sigma,
-        class_weights=class_weights,
-        pixel_size=pixel_size,
-        use_weight_map=use_weight_map,
-    )
+    return load_samples(chosen, normalization, targets=targets)
 
 
 def _frame_number(pair: ImagePair) -> int | None:

@@ -24,8 +24,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
-from ..io import list_images, read_image
-from ..targets import check_labels
+from ..io import list_images, listing, read_image
+from ..labels import check_labels, relabel_consecutive
 
 MASK_FOLDERS = ("masks", "labels")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_seg")
@@ -66,11 +66,6 @@ class ImagePair:
     image: Path
     mask: Path | None
     name: str
-
-
-def _listing(paths: Sequence[Path], limit: int = 5) -> str:
-    shown = ", ".join(str(p) for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def _nonempty_images(folder: Path) -> list[Path]:
@@ -130,7 +125,7 @@ def _folder_pairs(image_dir: Path, mask_dir: Path, allow_missing_masks: bool, pr
         raise _missing_masks_error(missing)
     unused = sorted(set(masks.values()) - used)
     if unused:
-        warnings.warn(f"masks without an image are ignored: {_listing(unused)}", stacklevel=3)
+        warnings.warn(f"masks without an image are ignored: {listing(unused, full=True)}", stacklevel=3)
     return pairs
 
 
@@ -259,7 +254,7 @@ def check_mask(
     are all equal (a grayscale mask saved as RGB).
 
     Raises:
-        InputError naming `path` for colour (RGB) masks, values `unetkit.targets.check_labels`
+        InputError naming `path` for colour (RGB) masks, values `unetkit.labels.check_labels`
         rejects (fractional, non-finite or negative ones), anti-aliased binary masks (two values
         cover almost all pixels; a few others sit only on the edges between them), and masks that
         are not piecewise constant (see `intensity_problem`): a raw image, a resized (interpolated)
@@ -301,8 +296,7 @@ def check_mask(
     if np.issubdtype(arr.dtype, np.integer):
         labels = arr  # keep the integer type the mask was saved with
     if labels.size and labels.max() > np.iinfo(np.int32).max:
-        _, inverse = np.unique(labels, return_inverse=True)  # compact huge IDs (0 stays 0)
-        labels = inverse.reshape(labels.shape)
+        labels = relabel_consecutive(labels)  # compact huge IDs (0 stays 0)
     return labels
 
 

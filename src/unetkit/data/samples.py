@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import PAPER
 from ..errors import InputError
 from ..io import read_image
-from ..targets import ClassWeights, as_instances, make_targets
+from ..labels import as_instances
+from ..targets import TargetConfig, make_targets
 from .normalize import Normalization, to_chw
 from .readers import ImagePair, check_mask, find_pairs, read_mask
 
@@ -67,58 +67,32 @@ def make_sample(
     name: str = "image",
     normalization: Normalization | None = None,
     *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-    use_weight_map: bool = True,
+    targets: TargetConfig | None = None,
     allow_intensity_masks: bool = False,
 ) -> Sample:
     """A `Sample` from in-memory arrays: image (H, W) / (H, W, C), mask a binary mask or instance labels.
 
     `name` is used in error messages (pass the file names when the arrays come from files).
-    The target options are those of `unetkit.targets.make_targets`; `allow_intensity_masks` that
-    of `check_mask`.
+    `targets` says how the target and weight map are made (`unetkit.targets.TargetConfig`,
+    default the paper's); `allow_intensity_masks` is that of `check_mask`.
 
     Example:
         >>> mask = np.zeros((16, 16), np.uint8); mask[4:12, 4:12] = 255
         >>> int(make_sample(np.random.rand(16, 16), mask).instances.max())
         1
     """
-    normalization = normalization or Normalization()
     mask = check_mask(mask, name, allow_intensity_masks=allow_intensity_masks)
-    chw = to_chw(np.asarray(image), name=name)
-    if chw.shape[1:] != mask.shape:
-        raise InputError(
-            f"{name}: image is {chw.shape[1]}x{chw.shape[2]} pixels but its mask is {mask.shape[0]}x{mask.shape[1]}; "
-            "image and mask must have the same size"
-        )
-    data = normalization(chw)
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{name}: image contains NaN or infinite values; replace them before training")
-    return _finish(data, mask, name, w0, sigma, class_weights, pixel_size, use_weight_map)
-
-
-def _finish(data, mask, name, w0, sigma, class_weights, pixel_size, use_weight_map) -> Sample:
-    target, weights = make_targets(
-        mask, w0=w0, sigma=sigma, class_weights=class_weights, pixel_size=pixel_size, use_weight_map=use_weight_map
-    )
-    instances = as_instances(mask).astype(np.int32)
-    return Sample(data, instances, target.astype(np.int64), weights.astype(np.float32), name)
+    return _sample(np.asarray(image), mask, name, normalization, targets)
 
 
 def load_sample(
     pair: ImagePair,
     normalization: Normalization | None = None,
     *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-    use_weight_map: bool = True,
+    targets: TargetConfig | None = None,
     allow_intensity_masks: bool = False,
 ) -> Sample:
-    """Read, check and prepare one image/mask pair (target and weight map via `make_targets`).
+    """Read, check and prepare one image/mask pair (target and weight map as `make_sample`).
 
     Raises:
         InputError naming the files: no mask, image and mask sizes differ (both shapes are given),
@@ -132,32 +106,47 @@ def load_sample(
         raise InputError(f"{pair.image}: image has no mask; training needs a mask for every image")
     image = read_image(pair.image)
     mask = read_mask(pair.mask, allow_intensity_masks=allow_intensity_masks)
-    if image.shape[:2] != mask.shape:
+    return _sample(image, mask, pair.name, normalization, targets, files=(pair.image, pair.mask))
+
+
+def _sample(
+    image: np.ndarray,
+    mask: np.ndarray,
+    name: str,
+    normalization: Normalization | None,
+    targets: TargetConfig | None,
+    files: tuple[Path, Path] | None = None,
+) -> Sample:
+    """The body of `make_sample` and `load_sample`: a checked mask and an image -> `Sample`.
+
+    Messages name `files` (image, mask) when the arrays were read from them, else `name`.
+    """
+    where = str(files[0]) if files else name
+    chw = to_chw(image, name=where)
+    if chw.shape[1:] != mask.shape:
+        image_is, its_mask = (f"{files[0]} is", f"its mask {files[1]}") if files else (f"{name}: image is", "its mask")
         raise InputError(
-            f"{pair.image} is {image.shape[0]}x{image.shape[1]} pixels but its mask {pair.mask} is "
-            f"{mask.shape[0]}x{mask.shape[1]}; image and mask must have the same size"
+            f"{image_is} {chw.shape[1]}x{chw.shape[2]} pixels but {its_mask} is {mask.shape[0]}x{mask.shape[1]}; "
+            "image and mask must have the same size"
         )
-    chw = to_chw(image, name=str(pair.image))
     data = (normalization or Normalization())(chw)
     if not np.all(np.isfinite(data)):
-        raise InputError(f"{pair.image}: image contains NaN or infinite values; replace them before training")
-    return _finish(data, mask, pair.name, w0, sigma, class_weights, pixel_size, use_weight_map)
+        raise InputError(f"{where}: image contains NaN or infinite values; replace them before training")
+    target, weights = make_targets(mask, targets)
+    instances = as_instances(mask).astype(np.int32)
+    return Sample(data, instances, target.astype(np.int64), weights.astype(np.float32), name)
 
 
 def load_samples(
     root_or_pairs: str | os.PathLike | Sequence[ImagePair],
     normalization: Normalization | None = None,
     *,
-    w0: float = PAPER.w0,
-    sigma: float = PAPER.sigma,
-    class_weights: ClassWeights = "balanced",
-    pixel_size: float | None = None,
-    use_weight_map: bool = True,
+    targets: TargetConfig | None = None,
     allow_intensity_masks: bool = False,
 ) -> list[Sample]:
     """Load every pair of a dataset folder (see `find_pairs`) or of a list of pairs.
 
-    Weight maps are computed here, once per image. All images must have the same number of channels.
+    Weight maps are computed here, once per image, as `targets` says (`TargetConfig`). All images must have the same number of channels.
     Warns when every mask is empty or every mask is all foreground (nothing to tell apart).
 
     Example:
@@ -171,9 +160,8 @@ def load_samples(
         pairs = list(root_or_pairs)
     if not pairs:
         raise InputError("no image/mask pairs to load; check the dataset folder or the list of pairs")
-    options = dict(w0=w0, sigma=sigma, class_weights=class_weights, pixel_size=pixel_size, use_weight_map=use_weight_map,
-                   allow_intensity_masks=allow_intensity_masks)
-    samples = [load_sample(pair, normalization, **options) for pair in pairs]
+    samples = [load_sample(pair, normalization, targets=targets, allow_intensity_masks=allow_intensity_masks)
+               for pair in pairs]
     first = samples[0].image.shape[0]
     for pair, sample in zip(pairs, samples):
         if sample.image.shape[0] != first:
@@ -188,5 +176,3 @@ def load_samples(
                           f"{learns}; check the masks (0 = background, objects > 0)", stacklevel=2)
     return samples
 
-
-get_samples = load_samples

@@ -7,6 +7,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from ..errors import InputError
+from ..io import repeated
 
 T = TypeVar("T")
 
@@ -47,9 +48,9 @@ def split_pairs(
     """
     items = list(pairs)
     names = [str(item.name) for item in items]
-    if len(set(names)) != len(names):
-        duplicate = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"two images are both named {duplicate!r}; image names must be unique to split them")
+    twins = repeated(names)
+    if twins:
+        raise InputError(f"two images are both named {twins[0]!r}; image names must be unique to split them")
     if isinstance(val, str):
         val = [val]
     if isinstance(val, (bool, np.bool_)):

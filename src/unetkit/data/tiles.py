@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import InputError
 from ..geometry import Geometry
-from ..tiling import extract_region
+from ..tiling import as_pair, extract_region
 from .normalize import Normalization
 from .samples import Sample, load_samples
 
@@ -38,16 +38,6 @@ def _as_geometry(geometry: Any) -> Geometry:
     if isinstance(inner, Geometry):
         return inner
     raise InputError(f"expected a Geometry or a UNet, got {type(geometry).__name__}")
-
-
-def _tile_shape(tile_size: TileSize) -> tuple[int, int]:
-    if isinstance(tile_size, (int, np.integer)):
-        return int(tile_size), int(tile_size)
-    try:
-        height, width = tile_size  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise InputError(f"tile_size must be an int or (height, width), got {tile_size!r}") from None
-    return int(height), int(width)
 
 
 def _takes_out_shape(augmenter: Any) -> bool:
@@ -144,7 +134,7 @@ class TileDataset(Dataset):
         if len(channels) > 1:
             raise InputError(f"samples have different channel counts {sorted(channels)}; use all grayscale or all RGB")
         self.geometry = _as_geometry(geometry)
-        height, width = _tile_shape(tile_size)
+        height, width = as_pair(tile_size)
         self.tile_shape = (self.geometry.check(height, "tile height"), self.geometry.check(width, "tile width"))
         self.output_shape = (self.geometry.output_size(height), self.geometry.output_size(width))
         self.offset = ((height - self.output_shape[0]) // 2, (width - self.output_shape[1]) // 2)

@@ -12,6 +12,14 @@ probability maps (float, in [0, 1]) count where `> threshold`, label images wher
 Ground truth is a label image: binary {0, 1} or {0, 255} (ISBI: 255 = cell interior) or instance
 labels. User mistakes raise `unetkit.errors.InputError`.
 
+Each metric is also an accumulator (`PixelError`, `RandError`, `SEG`, ...; see
+`unetkit.metrics.base`): `update(pred, gt)` image by image, `aggregate()` pools them the same way.
+`METRICS` (`unetkit.metrics.registry`) names them for `unetkit evaluate`.
+
+Each metric is also an accumulator (`PixelError`, `RandError`, `SEG`, ...; see
+`unetkit.metrics.base`): `update(pred, gt)` image by image, `aggregate()` pools them the same way.
+`METRICS` (`unetkit.metrics.registry`) names them for `unetkit evaluate`.
+
 Example:
     >>> import numpy as np
     >>> from unetkit.metrics import pixel_error, seg_score
@@ -20,16 +28,33 @@ Example:
     (0.0, 1.0)
 """
 
-from ._inputs import ISBI_THRESHOLDS
-from .objects import AP_THRESHOLDS, average_precision, seg_score
-from .pixel import dice, iou, pixel_error, pixel_error_fscore
-from .rand import adapted_rand_error, rand_error, variation_of_information
-from .warping import ERROR_CLASSES, warping_error
+from .base import CumulativeMetric, ThresholdSweep, best_over_thresholds
+from .inputs import ISBI_THRESHOLDS
+from .objects import AP_THRESHOLDS, SEG, AveragePrecision, average_precision, seg_score
+from .pixel import Dice, IoU, PixelError, PixelErrorFScore, dice, iou, pixel_error, pixel_error_fscore
+from .rand import AdaptedRandError, RandError, VariationOfInformation, adapted_rand_error, rand_error, variation_of_information
+from .registry import METRICS, MetricSpec
+from .warping import ERROR_CLASSES, WarpingError, warping_error
 
 __all__ = [
     "AP_THRESHOLDS",
     "ERROR_CLASSES",
     "ISBI_THRESHOLDS",
+    "METRICS",
+    "AdaptedRandError",
+    "AveragePrecision",
+    "CumulativeMetric",
+    "Dice",
+    "IoU",
+    "MetricSpec",
+    "PixelError",
+    "PixelErrorFScore",
+    "RandError",
+    "SEG",
+    "ThresholdSweep",
+    "VariationOfInformation",
+    "WarpingError",
+    "best_over_thresholds",
     "adapted_rand_error",
     "average_precision",
     "dice",

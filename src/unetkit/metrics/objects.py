@@ -12,7 +12,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import InputError
-from ._inputs import Images, as_labels, compact_labels, pair_counts, paired_slices, safe_ratio
+from .base import CumulativeMetric
+from .inputs import Images, as_labels, compact_labels, pair_counts, safe_ratio
 
 AP_THRESHOLDS: tuple[float, ...] = (0.5, 0.75, 0.9)
 
@@ -29,19 +30,23 @@ def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray):
     return i[both], j[both], nij[both], gt_area, pred_area
 
 
-def _seg_stats(pred_labels: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
-    """[sum of IoU over matched ground-truth objects, number of ground-truth objects]."""
-    i, j, nij, gt_area, pred_area = _overlaps(pred_labels, gt_labels)
-    matched = nij > 0.5 * gt_area[i]
-    ious = nij[matched] / (gt_area[i[matched]] + pred_area[j[matched]] - nij[matched])
-    return np.array([ious.sum(), np.count_nonzero(gt_area)], dtype=np.float64)
+class SEG(CumulativeMetric):
+    """Accumulator of `seg_score`: [sum of IoU over matched ground-truth objects, their number]."""
 
+    names = ("pred_labels", "gt_labels")
+    key = "seg"
 
-def _seg_finish(stats: np.ndarray) -> float:
-    total, count = stats
-    if count == 0:
-        raise InputError("gt_labels: the ground truth has no objects, so SEG is undefined; leave these images out")
-    return float(total / count)
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        i, j, nij, gt_area, pred_area = _overlaps(pred, gt)
+        matched = nij > 0.5 * gt_area[i]
+        ious = nij[matched] / (gt_area[i[matched]] + pred_area[j[matched]] - nij[matched])
+        return np.array([ious.sum(), np.count_nonzero(gt_area)], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> float:
+        total, count = stats
+        if count == 0:
+            raise InputError("gt_labels: the ground truth has no objects, so SEG is undefined; leave these images out")
+        return float(total / count)
 
 
 def seg_score(pred_labels: Images, gt_labels: Images) -> float:
@@ -62,8 +67,7 @@ def seg_score(pred_labels: Images, gt_labels: Images) -> float:
         >>> seg_score(pred, gt)
         0.375
     """
-    pairs = paired_slices(pred_labels, gt_labels, "pred_labels", "gt_labels")
-    return _seg_finish(sum(_seg_stats(p, g) for p, g in pairs))
+    return SEG().compute(pred_labels, gt_labels)
 
 
 def _check_ap_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -73,43 +77,53 @@ def _check_ap_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     return ts
 
 
-def _ap_stats(pred_labels: np.ndarray, gt_labels: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Rows [TP, FP, FN, sum of IoU over TP], one per IoU threshold, of one 2D pair."""
-    i, j, nij, gt_area, pred_area = _overlaps(pred_labels, gt_labels)
-    n_gt, n_pred = np.count_nonzero(gt_area), np.count_nonzero(pred_area)
-    ious = nij / (gt_area[i] + pred_area[j] - nij)
-    rows = []
-    for t in thresholds:
-        ok = ious >= t
-        tp, total = 0, 0.0
-        if ok.any():
-            r, row = np.unique(i[ok], return_inverse=True)
-            c, col = np.unique(j[ok], return_inverse=True)
-            # Most matches first, then most IoU: the IoU bonus of all matches together stays < 1.
-            iou = np.zeros((r.size, c.size))
-            iou[row, col] = ious[ok]
-            weight = np.zeros((r.size, c.size))
-            weight[row, col] = 1.0 + ious[ok] / (2.0 * min(r.size, c.size))
-            rr, cc = linear_sum_assignment(weight, maximize=True)
-            chosen = weight[rr, cc] > 0
-            tp = int(np.count_nonzero(chosen))
-            total = float(iou[rr[chosen], cc[chosen]].sum())
-        rows.append((tp, n_pred - tp, n_gt - tp, total))
-    return np.array(rows, dtype=np.float64)
+class AveragePrecision(CumulativeMetric):
+    """Accumulator of `average_precision`: rows [TP, FP, FN, sum of IoU over TP], one per IoU threshold."""
 
+    names = ("pred_labels", "gt_labels")
 
-def _ap_finish(stats: np.ndarray, thresholds: Sequence[float]) -> dict[float, dict[str, float]]:
-    result = {}
-    for t, (tp, fp, fn, total) in zip(thresholds, stats):
-        empty = 1.0 if tp + fp + fn == 0 else 0.0
-        result[t] = {
-            "ap": safe_ratio(tp, tp + fp + fn, empty),
-            "precision": safe_ratio(tp, tp + fp, empty),
-            "recall": safe_ratio(tp, tp + fn, empty),
-            "f1": safe_ratio(2 * tp, 2 * tp + fp + fn, empty),
-            "pq": safe_ratio(total, tp + 0.5 * fp + 0.5 * fn, empty),
-        }
-    return result
+    def __init__(self, thresholds: Sequence[float] = AP_THRESHOLDS) -> None:
+        self.thresholds = _check_ap_thresholds(thresholds)
+        super().__init__()
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        i, j, nij, gt_area, pred_area = _overlaps(pred, gt)
+        n_gt, n_pred = np.count_nonzero(gt_area), np.count_nonzero(pred_area)
+        ious = nij / (gt_area[i] + pred_area[j] - nij)
+        rows = []
+        for t in self.thresholds:
+            ok = ious >= t
+            tp, total = 0, 0.0
+            if ok.any():
+                r, row = np.unique(i[ok], return_inverse=True)
+                c, col = np.unique(j[ok], return_inverse=True)
+                # Most matches first, then most IoU: the IoU bonus of all matches together stays < 1.
+                iou = np.zeros((r.size, c.size))
+                iou[row, col] = ious[ok]
+                weight = np.zeros((r.size, c.size))
+                weight[row, col] = 1.0 + ious[ok] / (2.0 * min(r.size, c.size))
+                rr, cc = linear_sum_assignment(weight, maximize=True)
+                chosen = weight[rr, cc] > 0
+                tp = int(np.count_nonzero(chosen))
+                total = float(iou[rr[chosen], cc[chosen]].sum())
+            rows.append((tp, n_pred - tp, n_gt - tp, total))
+        return np.array(rows, dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> dict[float, dict[str, float]]:
+        result = {}
+        for t, (tp, fp, fn, total) in zip(self.thresholds, stats):
+            empty = 1.0 if tp + fp + fn == 0 else 0.0
+            result[t] = {
+                "ap": safe_ratio(tp, tp + fp + fn, empty),
+                "precision": safe_ratio(tp, tp + fp, empty),
+                "recall": safe_ratio(tp, tp + fn, empty),
+                "f1": safe_ratio(2 * tp, 2 * tp + fp + fn, empty),
+                "pq": safe_ratio(total, tp + 0.5 * fp + 0.5 * fn, empty),
+            }
+        return result
+
+    def named(self, value: dict[float, dict[str, float]]) -> dict[str, float]:
+        return {f"{name}@{t:g}": v for t, scores in value.items() for name, v in scores.items()}
 
 
 def average_precision(
@@ -140,6 +154,4 @@ def average_precision(
         >>> average_precision(pred, gt, thresholds=(0.5, 0.75))[0.75]["ap"]  # 1 TP, 1 FP, 1 FN
         0.3333333333333333
     """
-    ts = _check_ap_thresholds(thresholds)
-    pairs = paired_slices(pred_labels, gt_labels, "pred_labels", "gt_labels")
-    return _ap_finish(sum(_ap_stats(p, g, ts) for p, g in pairs), ts)
+    return AveragePrecision(thresholds).compute(pred_labels, gt_labels)

@@ -10,29 +10,41 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._inputs import (
+from .base import CumulativeMetric, ThresholdSweep
+from .inputs import (
     ISBI_THRESHOLDS,
     Images,
     as_labels,
     check_probability,
     check_threshold,
-    check_thresholds,
     foreground,
     is_probability,
-    paired_slices,
     safe_ratio,
 )
 
 
-def _pixel_stats(pred: np.ndarray, gt: np.ndarray, threshold: float) -> np.ndarray:
-    """[disagreeing pixels, pixels] of one 2D pair."""
-    p = foreground(pred, threshold, "pred")
-    g = as_labels(gt, "gt") > 0
-    return np.array([np.count_nonzero(p != g), p.size], dtype=np.float64)
+class _Masks(CumulativeMetric):
+    """A metric of the foreground masks: prediction `> threshold` (labels `> 0`), ground truth `> 0`."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = check_threshold(threshold)
+        super().__init__()
+
+    def masks(self, pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return foreground(pred, self.threshold, "pred"), as_labels(gt, "gt") > 0
 
 
-def _pixel_finish(stats: np.ndarray) -> float:
-    return float(stats[0] / stats[1])
+class PixelError(_Masks):
+    """Accumulator of `pixel_error`: [disagreeing pixels, pixels] summed over images."""
+
+    key = "pixel_error"
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        p, g = self.masks(pred, gt)
+        return np.array([np.count_nonzero(p != g), p.size], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> float:
+        return float(stats[0] / stats[1])
 
 
 def pixel_error(pred: Images, gt: Images, threshold: float = 0.5) -> float:
@@ -49,24 +61,7 @@ def pixel_error(pred: Images, gt: Images, threshold: float = 0.5) -> float:
         >>> pixel_error(np.array([[0.9, 0.2], [0.7, 0.1]]), np.array([[1, 0], [0, 0]]))
         0.25
     """
-    t = check_threshold(threshold)
-    stats = sum(_pixel_stats(p, g, t) for p, g in paired_slices(pred, gt))
-    return _pixel_finish(stats)
-
-
-def _fscore_stats(pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Rows [true positives, false positives, false negatives], one per threshold, of one 2D pair."""
-    g = as_labels(gt, "gt") > 0
-    if is_probability(pred):
-        values = check_probability(pred, "pred")
-        masks = [values > t for t in thresholds]
-    else:
-        masks = [as_labels(pred, "pred") > 0] * len(thresholds)
-    rows = []
-    for p in masks:
-        tp = np.count_nonzero(p & g)
-        rows.append((tp, np.count_nonzero(p) - tp, np.count_nonzero(g) - tp))
-    return np.array(rows, dtype=np.float64)
+    return PixelError(threshold).compute(pred, gt)
 
 
 def _fscore(tp: float, fp: float, fn: float) -> float:
@@ -74,8 +69,26 @@ def _fscore(tp: float, fp: float, fn: float) -> float:
     return safe_ratio(2 * tp, 2 * tp + fp + fn, empty=1.0)
 
 
-def _fscore_finish(stats: np.ndarray, thresholds: Sequence[float]) -> dict[float, float]:
-    return {t: 1.0 - _fscore(*row) for t, row in zip(thresholds, stats)}
+class PixelErrorFScore(ThresholdSweep):
+    """Accumulator of `pixel_error_fscore`: rows [TP, FP, FN], one per threshold, summed over images."""
+
+    key = "pixel_error_fscore"
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        g = as_labels(gt, "gt") > 0
+        if is_probability(pred):
+            values = check_probability(pred, "pred")
+            masks = [values > t for t in self.thresholds]
+        else:
+            masks = [as_labels(pred, "pred") > 0] * len(self.thresholds)
+        rows = []
+        for p in masks:
+            tp = np.count_nonzero(p & g)
+            rows.append((tp, np.count_nonzero(p) - tp, np.count_nonzero(g) - tp))
+        return np.array(rows, dtype=np.float64)
+
+    def threshold_errors(self, stats: np.ndarray) -> dict[float, float]:
+        return {t: 1.0 - _fscore(*row) for t, row in zip(self.thresholds, stats)}
 
 
 def pixel_error_fscore(
@@ -101,28 +114,35 @@ def pixel_error_fscore(
         >>> round(pixel_error_fscore(pred, np.array([[1, 1, 0, 0]])), 6)  # best F = 0.8 at t = 0.1
         0.2
     """
-    ts = check_thresholds(thresholds)
-    stats = sum(_fscore_stats(p, g, ts) for p, g in paired_slices(pred, gt))
-    per_threshold = _fscore_finish(stats, ts)
-    error = min(per_threshold.values())
-    return (error, per_threshold) if return_thresholds else error
+    return PixelErrorFScore(thresholds).sweep(pred, gt, return_thresholds)
 
 
-def _overlap_stats(pred: np.ndarray, gt: np.ndarray, threshold: float) -> np.ndarray:
-    """[|P n G|, |P|, |G|] of one 2D pair of binary masks."""
-    p = foreground(pred, threshold, "pred")
-    g = as_labels(gt, "gt") > 0
-    return np.array([np.count_nonzero(p & g), np.count_nonzero(p), np.count_nonzero(g)], dtype=np.float64)
+class _Overlap(_Masks):
+    """[|P n G|, |P|, |G|] of binary foreground masks, summed over images."""
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        p, g = self.masks(pred, gt)
+        return np.array([np.count_nonzero(p & g), np.count_nonzero(p), np.count_nonzero(g)], dtype=np.float64)
 
 
-def _dice_finish(stats: np.ndarray) -> float:
-    inter, p, g = stats
-    return safe_ratio(2 * inter, p + g, empty=1.0)
+class Dice(_Overlap):
+    """Accumulator of `dice`."""
+
+    key = "dice"
+
+    def finish(self, stats: np.ndarray) -> float:
+        inter, p, g = stats
+        return safe_ratio(2 * inter, p + g, empty=1.0)
 
 
-def _iou_finish(stats: np.ndarray) -> float:
-    inter, p, g = stats
-    return safe_ratio(inter, p + g - inter, empty=1.0)
+class IoU(_Overlap):
+    """Accumulator of `iou`."""
+
+    key = "iou"
+
+    def finish(self, stats: np.ndarray) -> float:
+        inter, p, g = stats
+        return safe_ratio(inter, p + g - inter, empty=1.0)
 
 
 def dice(pred: Images, gt: Images, threshold: float = 0.5) -> float:
@@ -136,8 +156,7 @@ def dice(pred: Images, gt: Images, threshold: float = 0.5) -> float:
         >>> dice(np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]]))
         0.6666666666666666
     """
-    t = check_threshold(threshold)
-    return _dice_finish(sum(_overlap_stats(p, g, t) for p, g in paired_slices(pred, gt)))
+    return Dice(threshold).compute(pred, gt)
 
 
 def iou(pred: Images, gt: Images, threshold: float = 0.5) -> float:
@@ -151,5 +170,4 @@ def iou(pred: Images, gt: Images, threshold: float = 0.5) -> float:
         >>> iou(np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]]))
         0.5
     """
-    t = check_threshold(threshold)
-    return _iou_finish(sum(_overlap_stats(p, g, t) for p, g in paired_slices(pred, gt)))
+    return IoU(threshold).compute(pred, gt)

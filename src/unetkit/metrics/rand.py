@@ -15,19 +15,17 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
-from ._inputs import (
+from ..labels import as_instances, label_components
+from .base import CumulativeMetric, ThresholdSweep
+from .inputs import (
     ISBI_THRESHOLDS,
     Images,
     as_labels,
     check_probability,
-    check_thresholds,
     compact_labels,
-    components,
     is_probability,
     pair_counts,
-    paired_slices,
     safe_ratio,
-    segments,
 )
 
 
@@ -50,8 +48,8 @@ def _pred_segmentations(pred: np.ndarray, thresholds: Sequence[float]) -> list[n
     """One predicted segmentation per threshold (label 0 = predicted background)."""
     if is_probability(pred):
         values = check_probability(pred, "pred")
-        return [components(values > t) for t in thresholds]
-    return [segments(as_labels(pred, "pred"))] * len(thresholds)
+        return [label_components(values > t) for t in thresholds]
+    return [as_instances(as_labels(pred, "pred"))] * len(thresholds)
 
 
 def _vrand_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> tuple[float, float, float]:
@@ -66,12 +64,6 @@ def _vrand_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> tuple[float, floa
     )
 
 
-def _rand_stats(pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Rows (sum n_ij^2, sum a_i^2, sum b_j^2), one per threshold, of one 2D pair."""
-    gt_seg = segments(as_labels(gt, "gt"))
-    return np.array([_vrand_counts(gt_seg, seg) for seg in _pred_segmentations(pred, thresholds)], dtype=np.float64)
-
-
 def _no_foreground(metric: str) -> InputError:
     return InputError(
         f"gt: the ground truth has no foreground (cell interior) pixels, so the {metric} is undefined; "
@@ -79,11 +71,21 @@ def _no_foreground(metric: str) -> InputError:
     )
 
 
-def _rand_finish(stats: np.ndarray, thresholds: Sequence[float]) -> dict[float, float]:
-    if stats[0, 1] == 0:
-        raise _no_foreground("Rand error")
-    # V_rand = 2PR / (P + R) with P = sum_ab / sum_b and R = sum_ab / sum_a
-    return {t: float(1.0 - 2.0 * ab / (a + b)) for t, (ab, a, b) in zip(thresholds, stats)}
+class RandError(ThresholdSweep):
+    """Accumulator of `rand_error`: rows (sum n_ij^2, sum a_i^2, sum b_j^2), one per threshold."""
+
+    key = "rand_error"
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        gt_seg = as_instances(as_labels(gt, "gt"))
+        segmentations = _pred_segmentations(pred, self.thresholds)
+        return np.array([_vrand_counts(gt_seg, seg) for seg in segmentations], dtype=np.float64)
+
+    def threshold_errors(self, stats: np.ndarray) -> dict[float, float]:
+        if stats[0, 1] == 0:
+            raise _no_foreground("Rand error")
+        # V_rand = 2PR / (P + R) with P = sum_ab / sum_b and R = sum_ab / sum_a
+        return {t: float(1.0 - 2.0 * ab / (a + b)) for t, (ab, a, b) in zip(self.thresholds, stats)}
 
 
 def rand_error(
@@ -121,27 +123,31 @@ def rand_error(
         >>> round(rand_error(pred, gt), 6)                         # 1 - 240/444 = 17/37
         0.459459
     """
-    ts = check_thresholds(thresholds)
-    stats = sum(_rand_stats(p, g, ts) for p, g in paired_slices(pred, gt))
-    per_threshold = _rand_finish(stats, ts)
-    error = min(per_threshold.values())
-    return (error, per_threshold) if return_thresholds else error
+    return RandError(thresholds).sweep(pred, gt, return_thresholds)
 
 
-def _adapted_rand_stats(pred_labels: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
-    """(sum n_ij^2, sum a_i^2, sum b_j^2, n) of one 2D pair; predicted 0 is an ordinary segment."""
-    _, _, nij, a, b = _table(as_labels(gt_labels, "gt_labels"), as_labels(pred_labels, "pred_labels"))
-    return np.array([nij @ nij, a @ a, b @ b, a.sum()], dtype=np.float64)
+def _label_table(pred_labels: np.ndarray, gt_labels: np.ndarray):
+    return _table(as_labels(gt_labels, "gt_labels"), as_labels(pred_labels, "pred_labels"))
 
 
-def _adapted_rand_finish(stats: np.ndarray) -> float:
-    sum_ab, sum_a, sum_b, n = stats
-    if n == 0:
-        raise _no_foreground("adapted Rand error")
-    # pairs of distinct pixels: remove the n self-pairs from every sum
-    sum_ab, sum_a, sum_b = sum_ab - n, sum_a - n, sum_b - n
-    # no pixel pair shares a segment in either labelling: the two partitions agree
-    return float(1.0 - safe_ratio(2.0 * sum_ab, sum_a + sum_b, empty=1.0))
+class AdaptedRandError(CumulativeMetric):
+    """Accumulator of `adapted_rand_error`: (sum n_ij^2, sum a_i^2, sum b_j^2, n) over images."""
+
+    names = ("pred_labels", "gt_labels")
+    key = "adapted_rand_error"
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        _, _, nij, a, b = _label_table(pred, gt)  # predicted 0 is an ordinary segment
+        return np.array([nij @ nij, a @ a, b @ b, a.sum()], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> float:
+        sum_ab, sum_a, sum_b, n = stats
+        if n == 0:
+            raise _no_foreground("adapted Rand error")
+        # pairs of distinct pixels: remove the n self-pairs from every sum
+        sum_ab, sum_a, sum_b = sum_ab - n, sum_a - n, sum_b - n
+        # no pixel pair shares a segment in either labelling: the two partitions agree
+        return float(1.0 - safe_ratio(2.0 * sum_ab, sum_a + sum_b, empty=1.0))
 
 
 def adapted_rand_error(pred_labels: Images, gt_labels: Images) -> float:
@@ -162,24 +168,29 @@ def adapted_rand_error(pred_labels: Images, gt_labels: Images) -> float:
         >>> round(adapted_rand_error(np.array([[1, 1, 2, 2]]), gt), 6)  # P = 1, R = 4/12
         0.5
     """
-    stats = sum(_adapted_rand_stats(p, g) for p, g in paired_slices(pred_labels, gt_labels, "pred_labels", "gt_labels"))
-    return _adapted_rand_finish(stats)
+    return AdaptedRandError().compute(pred_labels, gt_labels)
 
 
-def _vi_stats(pred_labels: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
-    """(n, n * H(pred | gt), n * H(gt | pred)) in bits, of one 2D pair."""
-    i, j, nij, a, b = _table(as_labels(gt_labels, "gt_labels"), as_labels(pred_labels, "pred_labels"))
-    split = -float(nij @ np.log2(nij / a[i])) if nij.size else 0.0
-    merge = -float(nij @ np.log2(nij / b[j])) if nij.size else 0.0
-    return np.array([a.sum(), split, merge], dtype=np.float64)
+class VariationOfInformation(CumulativeMetric):
+    """Accumulator of `variation_of_information`: (n, n H(pred | gt), n H(gt | pred)) in bits."""
 
+    names = ("pred_labels", "gt_labels")
 
-def _vi_finish(stats: np.ndarray) -> tuple[float, float]:
-    n, split, merge = stats
-    if n == 0:
-        raise _no_foreground("variation of information")
-    # -0.0 from a perfect match reads badly in a report
-    return float(abs(split / n)), float(abs(merge / n))
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        i, j, nij, a, b = _label_table(pred, gt)
+        split = -float(nij @ np.log2(nij / a[i])) if nij.size else 0.0
+        merge = -float(nij @ np.log2(nij / b[j])) if nij.size else 0.0
+        return np.array([a.sum(), split, merge], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> tuple[float, float]:
+        n, split, merge = stats
+        if n == 0:
+            raise _no_foreground("variation of information")
+        # -0.0 from a perfect match reads badly in a report
+        return float(abs(split / n)), float(abs(merge / n))
+
+    def named(self, value: tuple[float, float]) -> dict[str, float]:
+        return dict(zip(("vi_split", "vi_merge"), value))
 
 
 def variation_of_information(pred_labels: Images, gt_labels: Images) -> tuple[float, float]:
@@ -200,5 +211,4 @@ def variation_of_information(pred_labels: Images, gt_labels: Images) -> tuple[fl
         >>> variation_of_information(np.array([[1, 1, 2, 2]]), np.array([[1, 1, 1, 1]]))
         (1.0, 0.0)
     """
-    stats = sum(_vi_stats(p, g) for p, g in paired_slices(pred_labels, gt_labels, "pred_labels", "gt_labels"))
-    return _vi_finish(stats)
+    return VariationOfInformation().compute(pred_labels, gt_labels)

@@ -21,7 +21,9 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._inputs import Images, as_labels, check_probability, check_threshold, is_probability, paired_slices
+from ..labels import EIGHT_CONNECTED, label_components
+from .base import CumulativeMetric
+from .inputs import Images, as_labels, check_probability, check_threshold, is_probability
 
 #: Error classes reported by `warping_error(..., return_details=True)`, from the prediction's view.
 ERROR_CLASSES = ("split", "merge", "object_added", "object_removed", "hole_added", "hole_removed")
@@ -29,8 +31,6 @@ ERROR_CLASSES = ("split", "merge", "object_added", "object_removed", "hole_added
 # neighbour k of the 3x3 neighbourhood sets bit k of the configuration code
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _FOUR_BITS = (1, 3, 4, 6)
-_CROSS = ndi.generate_binary_structure(2, 1)
-_SQUARE = np.ones((3, 3), dtype=bool)
 
 
 @lru_cache(maxsize=1)
@@ -42,12 +42,12 @@ def topological_numbers() -> tuple[np.ndarray, np.ndarray]:
         patch = np.zeros((3, 3), dtype=bool)
         for k, (dr, dc) in enumerate(_OFFSETS):
             patch[1 + dr, 1 + dc] = bool(code >> k & 1)
-        fg_labels, _ = ndi.label(patch, structure=_CROSS)
+        fg_labels = label_components(patch)
         four = {fg_labels[1 + _OFFSETS[k][0], 1 + _OFFSETS[k][1]] for k in _FOUR_BITS}
         t_fg[code] = len(four - {0})
         background = ~patch
         background[1, 1] = False
-        _, t_bg[code] = ndi.label(background, structure=_SQUARE)
+        _, t_bg[code] = ndi.label(background, structure=EIGHT_CONNECTED)
     return t_fg, t_bg
 
 
@@ -137,8 +137,8 @@ def _classify(warped: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
     tf, tb = t_fg[code], t_bg[code]
     value = flat[index].astype(bool)
 
-    fg_labels = ndi.label(warped, structure=_CROSS)[0].ravel()
-    bg_labels = ndi.label(warped == 0, structure=_SQUARE)[0].ravel()
+    fg_labels = label_components(warped).ravel()
+    bg_labels = ndi.label(warped == 0, structure=EIGHT_CONNECTED)[0].ravel()
     fg_pieces = _distinct_nonzero(np.stack([fg_labels[index + o] for o in (-width, -1, 1, width)], axis=1))
     bg_pieces = _distinct_nonzero(
         np.stack([bg_labels[index + dr * width + dc] for dr, dc in _OFFSETS], axis=1)
@@ -158,25 +158,42 @@ def _classify(warped: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
     return masks
 
 
-def _warping_stats(pred: np.ndarray, gt: np.ndarray, threshold: float) -> np.ndarray:
-    """[disagreeing pixels after warping, pixels, errors of each class in ERROR_CLASSES order]."""
-    if is_probability(pred):
-        values = check_probability(pred, "pred")
-        target, priority = values > threshold, np.abs(values - threshold)
-    else:
-        target, priority = as_labels(pred, "pred") > 0, np.zeros(pred.shape)
-    source = np.pad(as_labels(gt, "gt") > 0, 1).astype(np.uint8)
-    target = np.pad(target, 1).astype(np.uint8)
-    warped = _warp(source, target, np.pad(priority, 1))
-    masks = _classify(warped, target)
-    counts = [ndi.label(masks[name], structure=_SQUARE)[1] for name in ERROR_CLASSES]
-    return np.array([np.count_nonzero(warped != target), pred.size, *counts], dtype=np.float64)
+class WarpingError(CumulativeMetric):
+    """Accumulator of `warping_error`: [disagreeing pixels after warping, pixels, errors of each
+    class in ERROR_CLASSES order] summed over images."""
 
+    key = "warping_error"
 
-def _warping_finish(stats: np.ndarray) -> tuple[float, dict[str, int]]:
-    details = {name: int(v) for name, v in zip(ERROR_CLASSES, stats[2:])}
-    details["mismatched_pixels"] = int(stats[0])
-    return float(stats[0] / stats[1]), details
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = check_threshold(threshold)
+        super().__init__()
+
+    def image_stats(self, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        if is_probability(pred):
+            values = check_probability(pred, "pred")
+            target, priority = values > self.threshold, np.abs(values - self.threshold)
+        else:
+            target, priority = as_labels(pred, "pred") > 0, np.zeros(pred.shape)
+        source = np.pad(as_labels(gt, "gt") > 0, 1).astype(np.uint8)
+        target = np.pad(target, 1).astype(np.uint8)
+        warped = _warp(source, target, np.pad(priority, 1))
+        masks = _classify(warped, target)
+        counts = [ndi.label(masks[name], structure=EIGHT_CONNECTED)[1] for name in ERROR_CLASSES]
+        return np.array([np.count_nonzero(warped != target), pred.size, *counts], dtype=np.float64)
+
+    def finish(self, stats: np.ndarray) -> float:
+        return float(stats[0] / stats[1])
+
+    def details(self, stats: np.ndarray | None = None) -> dict[str, int]:
+        """Errors of each class and `mismatched_pixels` of `stats` (default: of all updates)."""
+        stats = self._total() if stats is None else stats
+        details = {name: int(v) for name, v in zip(ERROR_CLASSES, stats[2:])}
+        details["mismatched_pixels"] = int(stats[0])
+        return details
+
+    def scores(self, stats: np.ndarray | None = None) -> dict[str, float | int]:
+        stats = self._total() if stats is None else stats
+        return {"warping_error": self.finish(stats), **{f"warping_{k}": v for k, v in self.details(stats).items()}}
 
 
 def warping_error(
@@ -208,7 +225,6 @@ def warping_error(
         >>> warping_error(pred, gt, return_details=True)         # one pixel of the cut remains
         (0.025, {'split': 1, 'merge': 0, 'object_added': 0, 'object_removed': 0, 'hole_added': 0, 'hole_removed': 0, 'mismatched_pixels': 1})
     """
-    t = check_threshold(threshold)
-    stats = sum(_warping_stats(p, g, t) for p, g in paired_slices(pred, gt))
-    error, details = _warping_finish(stats)
-    return (error, details) if return_details else error
+    metric = WarpingError(threshold)
+    error = metric.compute(pred, gt)
+    return (error, metric.details()) if return_details else error

@@ -14,17 +14,15 @@ from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..errors import InputError
-from ..targets import check_labels
+from ..labels import check_labels
 
 Images = Union[np.ndarray, Sequence[np.ndarray]]
 
 #: The thresholds at which the ISBI 2012 challenge binarised a submitted probability map.
 ISBI_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
 
-_CROSS = ndi.generate_binary_structure(2, 1)
 _FLOAT_LABELS_HINT = "turn a probability map into labels first (unetkit.postprocess.probabilities_to_instances)"
 
 
@@ -113,22 +111,6 @@ def check_thresholds(thresholds: Sequence[float], name: str = "thresholds") -> t
     if not ts:
         raise InputError(f"{name}: give at least one threshold")
     return ts
-
-
-def components(mask: np.ndarray) -> np.ndarray:
-    """4-connected components of a binary mask, labelled 1..n (0 = background)."""
-    labels, _ = ndi.label(mask, structure=_CROSS)
-    return labels
-
-
-def segments(labels: np.ndarray) -> np.ndarray:
-    """Segments of a label image: a binary image (one non-zero value) is split into 4-connected
-    components; an instance image (several non-zero values) is used as it is."""
-    values = np.unique(labels)
-    values = values[values != 0]
-    if values.size <= 1:
-        return components(labels > 0)
-    return labels
 
 
 def safe_ratio(numerator: float, denominator: float, empty: float) -> float:
