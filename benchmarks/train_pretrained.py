@@ -79,7 +79,7 @@ def add_session(run_dir: Path, session: dict[str, Any]) -> None:
 def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
     """Train (or resume) in --runs/NAME; returns best.pt and the training facts."""
     config = recipe_config(
-        RECIPE, base_channels=args.width, iterations=1_000_000, max_seconds=args.minutes * 60, workers=0,
+        RECIPE, task=info.task, base_channels=args.width, iterations=1_000_000, max_seconds=args.minutes * 60, workers=0,
         budget_clock=args.budget_clock, seed=args.seed,
     )
     norm = Normalization()

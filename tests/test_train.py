@@ -211,3 +211,20 @@ def test_start_and_from_run_continue_a_run_exactly(tmp_path):
         torch.testing.assert_close(a, b)
     with pytest.raises(InputError, match="not a run folder"):
         Trainer.from_run(tmp_path / "data")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_which_weights_best_pt_keeps(samples, tmp_path, schedule):
+    config = tiny_config(iterations=6, val_every=2, checkpoint_every=2, lr_schedule=schedule)
+    trainer = Trainer(config, samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False)
+    calls = []
+
+    def falling_iou() -> tuple[float, float]:  # 0.9, 0.8, 0.7: the first validation is the best
+        calls.append(None)
+        return 1.0 - len(calls) / 10, 0.0
+
+    trainer.validate = falling_iou
+    trainer.fit()
+    best, last = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "run" / "last.pt")
+    # constant: the first validation (iteration 2) had the best IoU; cosine: the final weights
+    assert best.iteration == (2 if schedule == "constant" else 6) and last.iteration == 6

@@ -1,15 +1,20 @@
 """Named training recipes: the paper's exact settings, and the default that wins within a CPU budget.
 
 A recipe is a set of `TrainConfig` values (`augment` and `targets` nested as dicts); anything given
-explicitly overrides it.
+explicitly overrides it. A recipe may also change with the kind of annotation (`task`, see
+`unetkit.decision.infer_task`): "membranes" (EM: the background is a thin network between cells)
+or "objects" (cells, nuclei).
 
 * "paper": Ronneberger et al. 2015 as written: the full-width network (64 channels), 572x572
   tiles, batch of one, SGD with momentum 0.99, the weighted cross-entropy with w0 = 10 and
   sigma = 5 px, elastic deformation on a 3x3 grid with 10 px standard deviation, dropout 0.5.
   (`TrainConfig()` with no arguments is this recipe.)
-* "default": what `unetkit train` uses. It keeps the paper's network shape, tiles, loss family
-  and augmentation and changes what a measured study on ISBI 2012 found to matter within a CPU
-  budget (docs/TRAINING.md, benchmarks/recipe_study.py).
+* "default": what `unetkit train` uses. It keeps the paper's network shape, tiles, loss,
+  weight map and augmentation, and changes what a measured study (docs/TRAINING.md,
+  benchmarks/recipe_study.py) found to matter within a CPU budget: width 16, Adam, batch norm,
+  no dropout, a cosine learning-rate decay over the budget (whose final weights are kept). For
+  membranes the cross-entropy is unweighted: the weight map and class balancing made membranes
+  too thick on ISBI 2012, while on DIC-HeLa cells they are what keeps touching cells apart.
 
 Example:
     >>> from unetkit.recipes import recipe_config
@@ -17,6 +22,8 @@ Example:
     ('sgd', 0.99)
     >>> recipe_config("default", base_channels=8).base_channels
     8
+    >>> recipe_config("default", task="membranes").targets.use_weight_map
+    False
 """
 
 from __future__ import annotations
@@ -32,25 +39,41 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": "adam",
         "lr": 1e-3,
         "batch_norm": True,
+        "dropout": 0.0,
         "lr_schedule": "cosine",
     },
 }
 
+#: What a recipe changes for one kind of annotation (`unetkit.decision.TASKS`).
+TASK_VALUES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "default": {"membranes": {"targets": {"class_weights": (1.0, 1.0), "use_weight_map": False}}},
+}
+
 RECIPE_NOTES: dict[str, str] = {
-    "paper": "the paper's exact settings (SGD momentum 0.99, batch 1, w0 10, sigma 5, 3x3 elastic grid at 10 px, width 64)",
-    "default": "measured best within a CPU budget: width 16, Adam, batch norm, cosine learning-rate decay over the budget",
+    "paper": "the paper's exact settings (SGD momentum 0.99, batch 1, w0 10, sigma 5, 3x3 elastic grid at 10 px, dropout 0.5, width 64)",
+    "default": "measured best within a CPU budget: width 16, Adam, batch norm, no dropout, cosine decay; "
+               "unweighted cross-entropy for membranes (EM), the paper's weight map for cells",
 }
 
 
-def recipe_values(name: str) -> dict[str, Any]:
-    """The `TrainConfig` values of recipe `name` (a copy)."""
+def recipe_values(name: str, task: str | None = None) -> dict[str, Any]:
+    """The `TrainConfig` values of recipe `name` for annotations of kind `task` (a copy)."""
     if name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    return {key: (dict(value) if isinstance(value, dict) else value) for key, value in RECIPES[name].items()}
+    values = {key: (dict(value) if isinstance(value, dict) else value) for key, value in RECIPES[name].items()}
+    for key, value in TASK_VALUES[name].get(task or "", {}).items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return values
 
 
-def recipe_config(name: str, **overrides: Any):
-    """A `TrainConfig` of recipe `name`, with `overrides` applied on top."""
+def depends_on_task(name: str) -> bool:
+    """Whether recipe `name` changes with the kind of annotation."""
+    return bool(TASK_VALUES.get(name))
+
+
+def recipe_config(name: str, task: str | None = None, **overrides: Any):
+    """A `TrainConfig` of recipe `name` (for annotations of kind `task`), with `overrides` on top."""
     from .train import TrainConfig
 
-    return TrainConfig(**{**recipe_values(name), **overrides})  # `augment` and `targets` may be dicts
+    return TrainConfig(**{**recipe_values(name, task), **overrides})  # `augment` and `targets` may be dicts

@@ -210,8 +210,10 @@ class Trainer:
     """Trains a U-Net on `samples` and writes a run folder.
 
     RUN/ receives config.json, log.csv (one row per iteration), curves.png, last.pt (every
-    `checkpoint_every` iterations and at the end) and best.pt (best validation IoU; the last
-    checkpoint when there is no validation set). `resume=True` continues a run from RUN/last.pt
+    `checkpoint_every` iterations and at the end) and best.pt (best validation IoU with a constant
+    learning rate; the final weights with a schedule that decays to zero, which scored better than
+    the best-IoU checkpoint in docs/TRAINING.md; the last checkpoint when there is no validation
+    set). `resume=True` continues a run from RUN/last.pt
     exactly: iteration count, weights, optimiser state and random number generator states, and
     tile i of the data stream is a pure function of (seed, i).
 
@@ -604,10 +606,11 @@ class Trainer:
         return val_iou, val_error
 
     def _checkpoint(self) -> None:
-        """last.pt (and best.pt without validation images), then the curves."""
+        """last.pt (and best.pt without validation images, or at the end of a decaying schedule),
+        then the curves."""
         self._save("last.pt")
         self._last_good = self.iteration
-        if not self.val_samples:
+        if not self.val_samples or (self.config.lr_schedule != "constant" and self._finished()):
             self._save("best.pt")
         self._plot()
 

@@ -43,11 +43,18 @@ _AUGMENT_OPTIONS = {
 
 
 def _recipe_values(recipe: str, options: dict) -> dict:
-    """`TrainConfig` values: the recipe's, with every option the user gave on top (`augment` and
-    `targets` as dicts)."""
-    from ..recipes import recipe_values
+    """`TrainConfig` values: the recipe's (for the kind of masks in --data, when the recipe depends
+    on it and the loss options are not given), with every option the user gave on top (`augment`
+    and `targets` as dicts)."""
+    from ..recipes import depends_on_task, recipe_values
 
-    values = recipe_values(recipe)
+    task = None
+    if depends_on_task(recipe) and options["class_weights"] is None and options["weight_map"] is None:
+        task = _mask_task(options["data"])
+        if task == "membranes":
+            typer.echo("the masks look like membranes (EM): unweighted cross-entropy, as the recipe does for "
+                       "membranes (give --weight-map or --class-weights to choose yourself)")
+    values = recipe_values(recipe, task)
     values.update({field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None})
     targets = dict(values.get("targets", {}))
     targets.update({field: options[name] for name, field in _TARGET_OPTIONS.items() if options[name] is not None})
@@ -60,6 +67,20 @@ def _recipe_values(recipe: str, options: dict) -> dict:
             augment.update({field: options[name] for field in fields})
     values["augment"] = augment
     return values
+
+
+def _mask_task(data: Path) -> str:
+    """"membranes" or "objects" (`unetkit.decision.infer_task`) from the masks of the dataset folder."""
+    from ..data import find_pairs
+    from ..data.readers import read_mask
+    from ..decision import infer_task
+
+    import warnings
+
+    with warnings.catch_warnings():  # the same folder is read again for training, which warns once
+        warnings.simplefilter("ignore")
+        masks = [read_mask(pair.mask, allow_intensity_masks=True) for pair in find_pairs(data) if pair.mask is not None]
+    return infer_task(masks)
 
 
 #: Options `--resume` accepts; everything else is fixed by the run.
@@ -118,7 +139,7 @@ def train(
     iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Instead of --iterations: passes over the training pixels, counted in output tiles.")] = None,
     seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (a checkpoint is written); counted across resumes. TrainConfig.max_seconds.")] = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="Training recipe: 'default' (Adam, batch norm, cosine decay, width 16: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, width 64). The options below override it.")] = "default",
+    recipe: Annotated[str, typer.Option("--recipe", help="Training recipe: 'default' (Adam, batch norm, no dropout, cosine decay, width 16, unweighted loss for EM membranes: the measured best within a CPU budget, docs/TRAINING.md) or 'paper' (the paper's exact settings: SGD momentum 0.99, dropout 0.5, width 64). The options below override it.")] = "default",
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size; must be legal for the network (the error names the nearest). Recipes: 572.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Tiles per step. Recipes: 1.")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Resolution levels. Recipes: 5 (the paper's).")] = None,
@@ -156,7 +177,8 @@ def train(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a U-Net: the paper's network, weighted loss and elastic deformation, with the default
-    recipe (Adam, batch norm, cosine decay; measured best within a CPU budget) or `--recipe paper`."""
+    recipe (Adam, batch norm, no dropout, cosine decay; measured best within a CPU budget) or
+    `--recipe paper` (the paper's exact settings)."""
     from ..device import check_device
     from ..errors import InputError
     from ..io import check_output_dir
