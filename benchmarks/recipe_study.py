@@ -9,6 +9,8 @@ augmentation with Adam 1e-3).
 
     python benchmarks/recipe_study.py --list
     python benchmarks/recipe_study.py --arm bn --seed 0 --minutes 6      # one arm, one seed
+    python benchmarks/recipe_study.py --arm bn --final                    # score its final weights
+    python benchmarks/recipe_study.py --arm bn --dataset dic             # the same arm on DIC-HeLa
     python benchmarks/recipe_study.py --table                            # collect results
 
 Each arm writes runs/recipe/<arm>_s<seed>/result.json; `--table` writes
@@ -117,23 +119,74 @@ def run_arm(name: str, seed: int, minutes: float, data: Path | None, dataset: st
     return result
 
 
+def score_final_weights(name: str, seed: int, data: Path | None) -> dict:
+    """Score an ISBI arm's final weights (last.pt) as the default recipe keeps them with a decaying
+    schedule: its labels rule chosen on slices 18-19, Rand error of those labels on 20-24. Adds
+    "final_iteration" and "rand_error_labels_final" to the arm's result.json."""
+    import torch
+
+    torch.set_num_threads(1)
+    from unetkit.checkpoint import load_checkpoint
+    from unetkit.data import Normalization, get_isbi2012_samples
+    from unetkit.decision import choose_decision
+    from unetkit.metrics import pixel_error, rand_error
+    from unetkit.predict import predict
+
+    run_dir = RUNS / f"{name}_s{seed}"
+    result = json.loads((run_dir / "result.json").read_text())
+    last = load_checkpoint(run_dir / "last.pt")
+    norm = Normalization()
+    val = get_isbi2012_samples(data, slices=[18, 19], normalization=norm)
+    test = get_isbi2012_samples(data, slices=range(20, 25), normalization=norm)
+    val_maps = [predict(last.model, s.image, tta=True)[1] for s in val]
+    rule = choose_decision(val_maps, [s.instances for s in val], tta=True)
+    maps = [predict(last.model, s.image, tta=True)[1] for s in test]
+    truth = [s.instances for s in test]
+    result.update({"final_iteration": last.iteration, "rand_error_labels_final": rand_error([rule.apply(m) for m in maps], truth),
+                   "pixel_error_final": pixel_error(maps, truth), "decision_final": rule.to_dict()})
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, default=float))
+    return result
+
+
+def _fmt(group: list[dict], key: str, digits: int = 4) -> str:
+    values = [r[key] for r in group if key in r]
+    return f"{sum(values) / len(values):.{digits}f}" if values else "-"
+
+
+#: The columns of each dataset's table: (heading, result key, digits).
+COLUMNS = {
+    "isbi": [("iterations", "iterations", 0), ("best.pt iteration", "best_iteration", 0),
+             ("Rand error, labels (best.pt)", "rand_error_labels", 4), ("Rand error, labels (final weights)", "rand_error_labels_final", 4),
+             ("Rand error, map (best threshold)", "rand_error_best_threshold", 4), ("pixel error", "pixel_error", 4),
+             ("warping error", "warping_error", 5)],
+    "dic": [("iterations", "iterations", 0), ("SEG", "seg", 4), ("AP@0.5", "ap50", 4), ("PQ@0.5", "pq50", 4),
+            ("objects found", "objects_predicted", 0), ("objects labelled", "objects_labelled", 0)],
+}
+TITLES = {
+    "isbi": "ISBI 2012 (train 00-17, validate 18-19, score 20-24; lower is better):",
+    "dic": "DIC-HeLa (train t000-t039, validate t040-t044, score t045-t059; higher is better):",
+}
+
+
 def table() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import RESULTS, machine, write_json
 
     rows = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
-    by_arm: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        by_arm.setdefault(row["arm"], []).append(row)
-    order = [a for a in ARMS if a in by_arm]
-    lines = ["| arm | change | seeds | iterations | Rand error (labels) | Rand error (best threshold) | pixel error | warping error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for arm in order:
-        group = by_arm[arm]
-        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
-        change = json.dumps(ARMS[arm]) if ARMS[arm] else "(baseline)"
-        lines.append(f"| {arm} | `{change}` | {len(group)} | {round(mean('iterations'))} | {mean('rand_error_labels'):.4f} | "
-                     f"{mean('rand_error_best_threshold'):.4f} | {mean('pixel_error'):.4f} | {mean('warping_error'):.5f} |")
+        groups.setdefault((row.get("dataset", "isbi"), row["arm"]), []).append(row)
+    lines: list[str] = []
+    for dataset, columns in COLUMNS.items():
+        lines += [TITLES[dataset], "", "| arm | change from the baseline | seeds | " + " | ".join(c[0] for c in columns) + " |",
+                  "| --- " * (len(columns) + 3) + "|"]
+        for arm in (a for a in ARMS if (dataset, a) in groups):
+            group = groups[(dataset, arm)]
+            change = f"`{json.dumps(ARMS[arm])}`" if ARMS[arm] else "(baseline)"
+            cells = [_fmt(group, key, digits) for _, key, digits in columns]
+            lines.append(f"| {arm} | {change} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append("")
     print("\n".join(lines))
     result = {"runs": rows, "markdown": lines, "machine": machine()}
     write_json(RESULTS / "recipe_study.json", result)
@@ -150,12 +203,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: the one under $UNETKIT_DATA or ../shared/data)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--final", action="store_true", help="score the final weights (last.pt) of an ISBI --arm")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.list:
         print("\n".join(f"{k}: {v}" for k, v in ARMS.items()))
     elif args.table:
         table()
+    elif args.arm and args.final:
+        score_final_weights(args.arm, args.seed, args.data)
     elif args.arm:
         run_arm(args.arm, args.seed, args.minutes, args.data, args.dataset)
     else:

@@ -8,8 +8,9 @@ facts in src/unetkit/models/models.json and benchmarks/results/pretrained_NAME.j
 
 The splits come from the registry (`unetkit.pretrained.REGISTRY`):
 
-* em-membranes: ISBI 2012 slices 00-17 train, 18-19 validation, 20-24 held out;
-* dic-hela: DIC-C2DH-HeLa t000-t039 train, t040-t044 validation, t045-t059 held out;
+* em-membranes: ISBI 2012 slices 00-19 (validation 02, 04, 06, 19), 20-24 held out;
+* dic-hela: DIC-C2DH-HeLa t000-t044 (validation t001, t002, t004, t011, t018, t022, t023, t032,
+  t034), t045-t059 held out;
 * fluo-nuclei: Fluo-N2DH-GOWT1 t01, t21, t39, t72 train, t52 validation, t31 held out.
 
 The run folder (--runs/NAME) is resumed when it holds last.pt; the budget counts across resumes.
@@ -18,6 +19,10 @@ model is about 3.9 MB, width 14 about 3.0 MB, width 12 about 2.2 MB.
 
     python benchmarks/train_pretrained.py --model em-membranes --minutes 60 --width 14
     python benchmarks/train_pretrained.py --model dic-hela --checkpoint runs/x/best.pt   # score and pack only
+
+The shipped em-membranes and dic-hela are the unetkit runs of benchmarks/peer_monai.py (25 CPU
+minutes, width 16, the splits above are the ones `unetkit train` drew there), packed with
+--checkpoint.
 """
 
 from __future__ import annotations

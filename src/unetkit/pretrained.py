@@ -156,10 +156,13 @@ _MODELS: tuple[PretrainedModel, ...] = (
         file="em-membranes.pt",
         description="neuronal membranes in serial-section EM (ISBI 2012); labels are cell interiors",
         dataset="isbi2012",
-        train_ids=tuple(range(18)),
-        val_ids=(18, 19),
+        train_ids=(0, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18),
+        val_ids=(2, 4, 6, 19),
         test_ids=tuple(range(20, 25)),
-        trained_on="ISBI 2012 EM training slices 00-19 (train 00-17, validation 18-19; scored on 20-24)",
+        trained_on=(
+            "ISBI 2012 EM training slices 00-19 (16 for training; 02, 04, 06, 19 for validation, as `unetkit train` "
+            "split them; scored on 20-24)"
+        ),
         input=InputSpec(
             channels=1, dtype="uint8", bits=8, value_range=(0, 255),
             pixel_size="4 x 4 nm", pixel_size_source="ISBI 2012 challenge description (sections 50 nm thick)",
@@ -178,12 +181,13 @@ _MODELS: tuple[PretrainedModel, ...] = (
         file="dic-hela.pt",
         description="HeLa cells in DIC microscopy (Cell Tracking Challenge DIC-C2DH-HeLa); one label per cell",
         dataset="ctc-dic-c2dh-hela",
-        train_ids=tuple(range(40)),
-        val_ids=tuple(range(40, 45)),
+        train_ids=tuple(i for i in range(45) if i not in (1, 2, 4, 11, 18, 22, 23, 32, 34)),
+        val_ids=(1, 2, 4, 11, 18, 22, 23, 32, 34),
         test_ids=tuple(range(45, 60)),
         trained_on=(
-            "CTC DIC-C2DH-HeLa sequence 01 frames t000-t044 (train t000-t039, validation t040-t044; scored on "
-            "t045-t059); masks are likely the CTC silver truth"
+            "CTC DIC-C2DH-HeLa sequence 01 frames t000-t044 (36 for training; t001, t002, t004, t011, t018, t022, "
+            "t023, t032, t034 for validation, as `unetkit train` split them; scored on t045-t059); masks are likely "
+            "the CTC silver truth"
         ),
         input=InputSpec(
             channels=1, dtype="uint8", bits=8, value_range=(0, 255),
