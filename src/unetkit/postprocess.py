@@ -42,6 +42,19 @@ def threshold_mask(prob_foreground: np.ndarray, threshold: float = 0.5) -> np.nd
     return check_probability(prob, "prob_foreground") > check_threshold(threshold)
 
 
+def _flood(landscape: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Seeded watershed of `landscape` within `mask` (4-connected); mask components that no seed
+    reaches keep a label of their own."""
+    from skimage.segmentation import watershed
+
+    labels = watershed(landscape, seeds, mask=mask, connectivity=1).astype(np.int32)
+    unseeded = mask & (labels == 0)
+    if unseeded.any():
+        extra = label_components(unseeded)
+        labels[unseeded] = extra[unseeded] + labels.max()
+    return labels
+
+
 def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
     """Split touching objects of a binary mask by a seeded watershed on its distance transform.
 
@@ -60,7 +73,6 @@ def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
         (1, 2)
     """
     from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
 
     if h <= 0:
         raise InputError(f"h={h!r}: the seed depth must be > 0 pixels (e.g. 2)")
@@ -69,12 +81,7 @@ def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
         return np.zeros(mask.shape, dtype=np.int32)
     distance = ndi.distance_transform_edt(mask)
     seeds, _ = ndi.label(h_maxima(distance, h).astype(bool) & mask, structure=EIGHT_CONNECTED)
-    labels = watershed(-distance, seeds, mask=mask, connectivity=1).astype(np.int32)
-    unseeded = mask & (labels == 0)
-    if unseeded.any():
-        extra = label_components(unseeded)
-        labels[unseeded] = extra[unseeded] + labels.max()
-    return labels
+    return _flood(-distance, seeds, mask)
 
 
 def seeded_watershed(
@@ -95,19 +102,12 @@ def seeded_watershed(
         >>> int(label_components(prob > 0.5).max()), int(seeded_watershed(prob).max())
         (1, 2)
     """
-    from skimage.segmentation import watershed
-
     prob = np.asarray(prob_foreground, dtype=np.float32)
     mask = threshold_mask(prob, threshold)
     if not 0.0 <= seed_threshold < 1.0:
         raise InputError(f"seed_threshold={seed_threshold!r}: give a probability in [0, 1)")
     seeds = remove_small_objects(label_components(prob > seed_threshold), min_seed_size) * mask
-    labels = watershed(1.0 - prob, seeds, mask=mask, connectivity=1).astype(np.int32)
-    unseeded = mask & (labels == 0)
-    if unseeded.any():
-        extra = label_components(unseeded)
-        labels[unseeded] = extra[unseeded] + labels.max()
-    return labels
+    return _flood(1.0 - prob, seeds, mask)
 
 
 def fill_label_holes(labels: np.ndarray) -> np.ndarray:
