@@ -37,8 +37,12 @@ def test_dice_term():
     assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
     plain = SegmentationLoss()(torch.zeros(1, 2, 2, 2), target)
     with_dice = SegmentationLoss(dice_weight=1.0)(torch.zeros(1, 2, 2, 2), target)
-    # uniform softmax: foreground overlap 0.5*3, total 0.5*4 + 3 -> dice = (3 + 1) / (5 + 1)
-    assert (with_dice - plain).item() == pytest.approx(1 - 4 / 6, rel=1e-6)
+    # uniform softmax, eps 1: class 0 overlap 0.5*1, total 0.5*4 + 1 -> dice (1 + 1) / (3 + 1);
+    # class 1 overlap 0.5*3, total 0.5*4 + 3 -> dice (3 + 1) / (5 + 1); both classes count
+    assert (with_dice - plain).item() == pytest.approx(1 - (2 / 4 + 4 / 6) / 2, rel=1e-6)
+    # a net that draws no membrane (class 0) pays for it even though it is right on 3 of 4 pixels
+    all_cell = torch.stack([torch.full((2, 2), -50.0), torch.full((2, 2), 50.0)])[None]
+    assert soft_dice_loss(all_cell, target).item() == pytest.approx(1 - ((0 + 1) / (1 + 1) + (6 + 1) / (7 + 1)) / 2, rel=1e-5)
     with pytest.raises(ValueError):
         SegmentationLoss(dice_weight=-1)
 

@@ -55,6 +55,7 @@ def test_default_recipe_trains_membranes_unweighted_and_cells_with_the_weight_ma
     cells, membranes = recipe_config("default", task="objects"), recipe_config("default", task="membranes")
     assert cells.targets.use_weight_map and cells.targets.class_weights == "balanced" and cells == recipe_config("default")
     assert not membranes.targets.use_weight_map and membranes.targets.class_weights == (1.0, 1.0)
+    assert (membranes.dice_weight, cells.dice_weight) == (1.0, 0.0)
     assert membranes.augment == cells.augment and membranes.optimizer == cells.optimizer == "adam"
     assert depends_on_task("default") and not depends_on_task("paper")
     assert recipe_config("paper", task="membranes") == recipe_config("paper")

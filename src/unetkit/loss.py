@@ -36,14 +36,24 @@ def weighted_cross_entropy(
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice of the foreground classes (all classes but 0), averaged over them."""
+    """1 - soft Dice averaged over every class, class 0 included.
+
+    Class 0 counts because it is not always the uninteresting one: in EM masks it is the membrane,
+    the thin class whose gaps merge cells and which cross-entropy alone under-draws.
+
+    Example:
+        >>> target = torch.tensor([[[0, 1], [1, 1]]])
+        >>> all_cell = torch.tensor([[[[-9.0, -9.0], [-9.0, -9.0]], [[9.0, 9.0], [9.0, 9.0]]]])
+        >>> round(soft_dice_loss(all_cell, target).item(), 2)  # Dice 0.5 for the missed membrane, 0.875 for cells
+        0.31
+    """
     probs = torch.softmax(logits, dim=1)
     one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
     overlap = (probs * one_hot).sum(dims)
     total = probs.sum(dims) + one_hot.sum(dims)
     dice = (2 * overlap + eps) / (total + eps)
-    return 1.0 - dice[1:].mean() if logits.shape[1] > 1 else 1.0 - dice.mean()
+    return 1.0 - dice.mean()
 
 
 class SegmentationLoss(nn.Module):

@@ -49,11 +49,11 @@ def _recipe_values(recipe: str, options: dict) -> dict:
     from ..recipes import depends_on_task, recipe_values
 
     task = None
-    if depends_on_task(recipe) and options["class_weights"] is None and options["weight_map"] is None:
+    if depends_on_task(recipe) and all(options[name] is None for name in ("class_weights", "weight_map", "dice")):
         task = _mask_task(options["data"])
         if task == "membranes":
-            typer.echo("the masks look like membranes (EM): unweighted cross-entropy, as the recipe does for "
-                       "membranes (give --weight-map or --class-weights to choose yourself)")
+            typer.echo("the masks look like membranes (EM): unweighted cross-entropy plus Dice, as the recipe does for "
+                       "membranes (give --weight-map, --class-weights or --dice to choose yourself)")
     values = recipe_values(recipe, task)
     values.update({field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None})
     targets = dict(values.get("targets", {}))
@@ -152,7 +152,7 @@ def train(
     lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="constant (paper), cosine (default), poly or onecycle, over the iterations or --seconds.")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (the paper: 0.99).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
-    dice: Annotated[Optional[float], typer.Option(help="Weight of an extra soft Dice loss term (TrainConfig.dice_weight; recipes: 0, the paper's loss only).")] = None,
+    dice: Annotated[Optional[float], typer.Option(help="Weight of an extra soft Dice loss term over all classes (TrainConfig.dice_weight; paper: 0; default recipe: 1 for membranes, 0 for cells).")] = None,
     w0: Annotated[Optional[float], typer.Option(help="Weight-map border amplitude (the paper: 10).")] = None,
     sigma: Annotated[Optional[float], typer.Option(help="Weight-map border width (the paper: 5 pixels, or micrometres with --pixel-size).")] = None,
     pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel; makes --sigma micrometres.")] = None,
