@@ -260,6 +260,7 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -271,10 +272,30 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
         rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
     )
     # The processes print their own messages; the launcher's log would repeat a failure at length.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "unetkit", *arguments)
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the processes got it too and rank 0 kept last.pt
+        return 128 + int(exc.sigval)
     return 0
+
+
+def interrupt_once() -> None:
+    """Turn the first SIGINT or SIGTERM into KeyboardInterrupt and ignore later ones.
+
+    Ctrl-C reaches every process, and the launcher then sends SIGTERM (as SLURM does before a
+    time limit): rank 0 saves last.pt on the first signal and is not interrupted while saving.
+    """
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

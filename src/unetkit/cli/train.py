@@ -179,7 +179,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
@@ -252,7 +252,7 @@ def train(
                 f"{resume}: --resume continues the run with the settings it started with; {', '.join(fixed)} cannot be "
                 "changed. Fixed by the run: network, tiles, loss and weight map, augmentation, optimiser, "
                 f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
-                "--data (a moved dataset), --val-data, --iterations, --seconds or --no-progress"
+                "--data (a moved dataset), --val-data, --iterations, --seconds, --nproc or --no-progress"
             )
 
     place = environment_world()  # set when torchrun (or --nproc) started this process
@@ -265,11 +265,13 @@ def train(
         from ..ddp import launch
 
         _check_processes(nproc, batch, run_device)
-        raise typer.Exit(launch(nproc, ["train", *_command_line(ctx, leave_out=("nproc",))]))
+        # The processes print their own messages, so their status is passed on silently.
+        raise SystemExit(launch(nproc, ["train", *_command_line(ctx, leave_out=("nproc",))]))
     main = True
     if place is not None and place.distributed:
-        from ..ddp import init_process_group
+        from ..ddp import init_process_group, interrupt_once
 
+        interrupt_once()
         main = init_process_group(run_device).is_main
         if not main:
             warnings.simplefilter("ignore")  # rank 0 shows each warning once
@@ -302,6 +304,8 @@ def train(
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
+        if not main:
+            raise SystemExit(130) from None  # quietly: rank 0 says what was kept
         raise CommandInterrupted(
             f"training stopped at iteration {trainer.iteration}, saved in {run_dir / 'last.pt'}; "
             f"continue with: unetkit train --resume {run_dir}"
