@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import ddp
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_ITERATIONS, PAPER, from_dict_strict
@@ -51,6 +52,9 @@ class TrainConfig:
     use_weight_map) says how the samples' weight maps are made: pass it to
     `unetkit.data.load_samples` (as `Trainer.from_run` and `unetkit train` do); the trainer
     records it with the run. `from_dict` also reads the flat keys of older config.json files.
+
+    With several processes (`unetkit.ddp`), `batch_size` is the batch of all of them together,
+    dealt in equal shares; the run is otherwise the same.
 
     The learning rate is not given in the paper. With momentum 0.99 the effective step is
     lr / (1 - 0.99) = 100 * lr on a per-pixel mean loss. lr=0.01 (an effective step of 1) was not
@@ -218,7 +222,10 @@ class Trainer:
     tile i of the data stream is a pure function of (seed, i).
 
     `Trainer.start` sets up a new run from dataset folders (split, samples, RUN/data.json) and
-    `Trainer.from_run` continues one from its folder alone; `unetkit train` is these two.
+    `Trainer.from_run` continues one from its folder alone; `unetkit train` is these two. In a
+    process group (torchrun, `unetkit.ddp.init_process_group`) every rank builds the same trainer
+    and trains with DistributedDataParallel on its share of each batch; rank 0 alone validates and
+    writes the run folder.
 
     Args:
         config: the run's `TrainConfig`.
@@ -255,7 +262,9 @@ class Trainer:
         self.normalization = normalization
         self.class_names = list(class_names)
         self.progress = progress
-        self.device = resolve_device(config.device)
+        self._world = ddp.world()  # one process, or this rank's place under torchrun (unetkit.ddp)
+        ddp.check_batch_size(config.batch_size, self._world.world_size)
+        self.device = ddp.rank_device(resolve_device(config.device), self._world)
         config.geometry.check(config.tile_size, "tile size (--tile-size)")
         in_channels = self.train_samples[0].image.shape[0]
         self.model = config.network(in_channels, len(self.class_names))
@@ -269,6 +278,7 @@ class Trainer:
             self.model.reset_parameters()
             self.model.to(self.device)
             self.optimizer = self._make_optimizer()
+        self._net = ddp.wrap(self.model, self.device, self._world)  # what the steps call; self.model is saved
         self.loss_fn = SegmentationLoss(config.dice_weight)
         self.flops_per_step = 3.0 * self.model.flops(config.tile_size) * config.batch_size
 
@@ -312,9 +322,10 @@ class Trainer:
             out_pixels = config.geometry.output_size(config.tile_size) ** 2 * config.batch_size
             total = sum(s.shape[0] * s.shape[1] for s in train)
             config.iterations = max(1, round(epochs * total / out_pixels))
-        prepare_output_dir(run_dir, force=force)
-        remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
-        _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+        if ddp.world().is_main:
+            prepare_output_dir(run_dir, force=force)
+            remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
+            _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
         return cls(config, train, validation, run_dir, normalization=normalization, progress=progress)
 
     @classmethod
@@ -373,9 +384,10 @@ class Trainer:
         else:
             train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed)
         train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
-        remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
-        if moved:
-            _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+        if ddp.world().is_main:
+            remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
+            if moved:
+                _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
         return cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -405,6 +417,8 @@ class Trainer:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _save(self, name: str) -> Path:
+        if not self._world.is_main:
+            return self.run_dir / name
         state = {
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -435,6 +449,9 @@ class Trainer:
         self._write_log(rows)
 
     def _write_log(self, rows: list[dict]) -> None:
+        if not self._world.is_main:
+            return
+
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, LOG_COLUMNS)
@@ -444,6 +461,8 @@ class Trainer:
         atomic_write(self.log_path, write, force=True)
 
     def _append_log(self, row: dict) -> None:
+        if not self._world.is_main:
+            return
         new = not self.log_path.exists()
         with open(self.log_path, "a", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS)
@@ -454,6 +473,8 @@ class Trainer:
     def _plot(self) -> None:
         from .plots import plot_training_curves
 
+        if not self._world.is_main:
+            return
         plot_training_curves(self.log_path, self.run_dir / "curves.png")
 
     # -- the loop ----------------------------------------------------------------------------
@@ -496,11 +517,11 @@ class Trainer:
         loader = self._tile_loader()
         self.model.train()
         start_iteration = self.iteration
-        budget = _Budget(c.budget_clock, self.seconds_spent)
+        budget = ddp.shared_clock(_Budget(c.budget_clock, self.seconds_spent), self.device, self._world)
         started = time.perf_counter()
         compute_seconds = 0.0
         self._last_good = self.iteration
-        bar = tqdm(total=c.iterations, initial=self.iteration, disable=not self.progress, desc="train", unit="it")
+        bar = tqdm(total=c.iterations, initial=self.iteration, disable=not (self.progress and self._world.is_main), desc="train", unit="it")
         val_iou = val_error = float("nan")
         finished = False
         try:
@@ -513,7 +534,7 @@ class Trainer:
                 self.seconds_spent = budget.spent()
                 finished = self._finished()
                 row = {"iteration": self.iteration, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
-                if self.val_samples and (self.iteration % c.val_every == 0 or finished):
+                if self.val_samples and self._world.is_main and (self.iteration % c.val_every == 0 or finished):
                     val_iou, val_error = self._validate_and_keep_best(row)
                 self._append_log(row)
                 done_steps = self.iteration - start_iteration
@@ -528,7 +549,7 @@ class Trainer:
             raise
         finally:
             bar.close()
-        decision = self.choose_decision() if finished and self.val_samples and c.choose_decision else None
+        decision = self.choose_decision() if finished and self.val_samples and c.choose_decision and self._world.is_main else None
         seconds = time.perf_counter() - started
         steps = self.iteration - start_iteration
         return {
@@ -548,6 +569,8 @@ class Trainer:
     # -- the steps of `fit` ----------------------------------------------------------------------
     def _write_run_files(self) -> None:
         """RUN/config.json, and a new log when a new run reuses a folder."""
+        if not self._world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.iteration == 0 and self.log_path.exists():
             self._write_log([])  # a new run in a reused folder starts a new log
@@ -564,6 +587,7 @@ class Trainer:
         return get_tile_loader(
             dataset, batch_size=c.batch_size, num_workers=c.workers,
             start=self.iteration * c.batch_size, stop=c.iterations * c.batch_size,
+            rank=self._world.rank, world_size=self._world.world_size,
         )
 
     def _step(self, batch: dict[str, torch.Tensor], budget: _Budget) -> float:
@@ -572,14 +596,16 @@ class Trainer:
         target = batch["target"].to(self.device, non_blocking=True)
         weights = batch["weights"].to(self.device, non_blocking=True)
         self._set_learning_rate(budget.spent())
-        loss = self.loss_fn(self.model(image), target, weights)
-        self._check_finite(loss)
+        ddp.seed_step(self.config.seed, self.iteration, self._world)
+        loss = self.loss_fn(self._net(image), target, weights)
+        batch_loss = ddp.mean_over_ranks(loss, self._world)  # the global batch's loss, the same on every rank
+        self._check_finite(batch_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return loss.item()
+        return batch_loss.item()
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop with `TrainingDiverged` on a NaN or infinite loss (last.pt keeps the last good state)."""

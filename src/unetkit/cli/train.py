@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -84,7 +85,7 @@ def _mask_task(data: Path) -> str:
 
 
 #: Options `--resume` accepts; everything else is fixed by the run.
-_RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress")
+_RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress", "nproc")
 
 
 def _given_options(ctx: typer.Context, allowed: tuple[str, ...]) -> list[str]:
@@ -97,6 +98,51 @@ def _given_options(ctx: typer.Context, allowed: tuple[str, ...]) -> list[str]:
         negative = ctx.params.get(param.name) is False and getattr(param, "secondary_opts", None)
         given.append(param.secondary_opts[0] if negative else param.opts[0])
     return given
+
+
+def _command_line(ctx: typer.Context, leave_out: tuple[str, ...]) -> list[str]:
+    """The options given on the command line as arguments again (for the processes of --nproc)."""
+    arguments = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name in leave_out or source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            arguments.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            arguments += [param.opts[0], str(value)]
+    return arguments
+
+
+def _check_processes(nproc: int, batch_size: int, device: str) -> None:
+    """--nproc: a global batch that deals evenly, one GPU per process; a warning for more processes than cores."""
+    from ..ddp import check_batch_size, warn_if_oversubscribed
+    from ..errors import InputError
+
+    check_batch_size(batch_size, nproc)
+    if device.startswith("cuda") or device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            if nproc > torch.cuda.device_count():
+                raise InputError(f"--nproc {nproc}: each process needs its own GPU and there are "
+                                 f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()}")
+            return
+    warn_if_oversubscribed(nproc)
+
+
+def _run_batch_size(run: Path) -> tuple[int, str]:
+    """The batch size and device of the run folder to resume (defaults where config.json cannot tell)."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+        return int(config.get("batch_size", PAPER.batch_size)), str(config.get("device", "auto"))
+    except (OSError, ValueError, TypeError, AttributeError):  # from_run names what is wrong with the run
+        return PAPER.batch_size, "auto"
+
+
+def _quiet(*args, **kwargs) -> None:
+    """`typer.echo` for the processes other than rank 0, which print nothing."""
 
 
 def _check_budget(iterations: Optional[int], epochs: Optional[float], seconds: Optional[float]) -> None:
@@ -133,7 +179,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds and --no-progress may be given with it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
     iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
@@ -173,17 +219,21 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for augmentation.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train on this many processes (DistributedDataParallel; one GPU each on CUDA, gloo on the CPU), as `torchrun --nproc-per-node N -m unetkit train ...` does. --batch-size is their batch together: a multiple of N.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Use a non-empty --out folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a U-Net: the paper's network, weighted loss and elastic deformation, with the default
     recipe (Adam, batch norm, no dropout, cosine decay; measured best within a CPU budget) or
     `--recipe paper` (the paper's exact settings)."""
+    from ..ddp import check_batch_size, environment_world
     from ..device import check_device
     from ..errors import InputError
     from ..io import check_output_dir
 
     _check_budget(iterations, epochs, seconds)  # the quick checks first, before torch is imported
+    if nproc is not None and nproc < 1:
+        raise InputError(f"--nproc must be >= 1 (got {nproc})")
     if resume is None:
         if data is None or out is None:
             raise InputError("give --data DIR and --out RUN (or --resume RUN)")
@@ -202,8 +252,30 @@ def train(
                 f"{resume}: --resume continues the run with the settings it started with; {', '.join(fixed)} cannot be "
                 "changed. Fixed by the run: network, tiles, loss and weight map, augmentation, optimiser, "
                 f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
-                "--data (a moved dataset), --val-data, --iterations, --seconds or --no-progress"
+                "--data (a moved dataset), --val-data, --iterations, --seconds, --nproc or --no-progress"
             )
+
+    place = environment_world()  # set when torchrun (or --nproc) started this process
+    batch, run_device = (values.get("batch_size", PAPER.batch_size), device) if resume is None else _run_batch_size(resume)
+    if place is not None:
+        if nproc is not None and nproc != place.world_size:
+            raise InputError(f"--nproc {nproc} under torchrun, which started {place.world_size} processes; leave --nproc out")
+        check_batch_size(batch, place.world_size)
+    elif nproc is not None and nproc > 1:
+        from ..ddp import launch
+
+        _check_processes(nproc, batch, run_device)
+        # The processes print their own messages, so their status is passed on silently.
+        raise SystemExit(launch(nproc, ["train", *_command_line(ctx, leave_out=("nproc",))]))
+    main = True
+    if place is not None and place.distributed:
+        from ..ddp import init_process_group, interrupt_once
+
+        interrupt_once()
+        main = init_process_group(run_device).is_main
+        if not main:
+            warnings.simplefilter("ignore")  # rank 0 shows each warning once
+    echo = typer.echo if main else _quiet
 
     from ..data import Normalization
     from ..train import TrainConfig, Trainer, parse_validation
@@ -227,13 +299,19 @@ def train(
             progress=progress,
         )
     config = trainer.config
-    typer.echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation images; "
-               f"{config.iterations} iterations of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
+    echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation images; "
+         f"{config.iterations} iterations of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
+        if not main:
+            raise SystemExit(130) from None  # quietly: rank 0 says what was kept
         raise CommandInterrupted(
             f"training stopped at iteration {trainer.iteration}, saved in {run_dir / 'last.pt'}; "
             f"continue with: unetkit train --resume {run_dir}"
         ) from None
-    typer.echo(json.dumps(summary, indent=2))
+    echo(json.dumps(summary, indent=2))
+    if place is not None and place.distributed:
+        from ..ddp import finish
+
+        finish()

@@ -16,7 +16,7 @@ from .samples import Sample, load_sample, load_samples, make_sample
 from .split import split_pairs
 
 # Tile sampling needs torch: imported on first use (PEP 562), so reading data stays light.
-_TILES = ("RangeSampler", "TileDataset", "augment_margin", "get_tile_dataset", "get_tile_loader")
+_TILES = ("BatchShardSampler", "RangeSampler", "TileDataset", "augment_margin", "get_tile_dataset", "get_tile_loader")
 
 
 def __getattr__(name: str):
@@ -28,6 +28,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BatchShardSampler",
     "ImagePair",
     "Normalization",
     "RangeSampler",

@@ -235,6 +235,39 @@ class RangeSampler(Sampler[int]):
         return max(0, self.stop - self.start)
 
 
+class BatchShardSampler(Sampler[int]):
+    """Rank `rank`'s share of each global batch of `batch_size` indices in start..stop-1, in order.
+
+    Global batch k holds indices start + k * batch_size onwards; rank r of `world_size` takes its
+    consecutive ``batch_size // world_size`` of them, so the ranks together see what one process
+    sees, batch by batch. With one process this is `RangeSampler`.
+
+    Example:
+        >>> list(BatchShardSampler(0, 8, batch_size=4, rank=1, world_size=2))
+        [2, 3, 6, 7]
+    """
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.stop, self.batch_size = int(start), int(stop), int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise InputError(f"rank {rank} must be in 0..{world_size - 1}")
+        if self.batch_size % self.world_size:
+            raise InputError(f"batch size {batch_size} must be a multiple of the {world_size} processes")
+        if (self.stop - self.start) % self.batch_size and self.world_size > 1:
+            raise InputError(f"range {start}..{stop} must hold whole batches of {batch_size} to be shared")
+        self.share = self.batch_size // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        for first in range(self.start, self.stop, self.batch_size):
+            begin = first + self.rank * self.share
+            yield from range(begin, min(begin + self.share, self.stop))
+
+    def __len__(self) -> int:
+        whole, part = divmod(max(0, self.stop - self.start), self.batch_size)
+        return whole * self.share + part
+
+
 def get_tile_dataset(
     samples: Sequence[Sample] | str | os.PathLike,
     geometry: Geometry,
@@ -261,11 +294,16 @@ def get_tile_loader(
     num_workers: int = 0,
     start: int = 0,
     stop: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """DataLoader over items start..stop-1 of `dataset`, in order (stop defaults to ``len(dataset)``).
 
     Resuming at iteration n is ``get_tile_loader(dataset, start=n * batch_size)``. Workers are
-    persistent when ``num_workers > 0``. The last batch may be smaller.
+    persistent when ``num_workers > 0``. The last batch may be smaller. With `world_size`
+    processes, `batch_size` is the global batch and this loader yields rank `rank`'s share of
+    each (`BatchShardSampler`).
 
     Example:
         >>> from unetkit.data import make_sample
@@ -280,10 +318,11 @@ def get_tile_loader(
         raise InputError(f"loader range {start}..{stop} must satisfy 0 <= start <= stop <= {size} (dataset length)")
     if batch_size < 1 or num_workers < 0:
         raise InputError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
+    sampler = BatchShardSampler(start, stop, batch_size, rank, world_size) if world_size > 1 else RangeSampler(start, stop)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=RangeSampler(start, stop),
+        batch_size=batch_size // world_size,
+        sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         # The loader seeds its workers from this generator, not from torch's global one, so starting
