@@ -128,3 +128,16 @@ def test_write_ctc_masks_rejects_bad_labels(tmp_path):
     with pytest.raises(InputError, match="negative"):
         write_ctc_masks([np.array([[-1]])], tmp_path / "b")
     assert not (tmp_path / "a").exists()
+
+
+def test_fill_label_holes_with_many_holes_between_two_objects():
+    labels = np.ones((64, 64), np.uint16)
+    labels[:, 32:] = 2
+    labels[2::4, 2::4] = 0  # one-pixel holes, each inside one object (columns 2..30 and 34..62)
+    labels[10:13, 30:35] = 0  # a hole that touches both objects stays empty
+    filled = fill_label_holes(labels)
+    expected = np.ones((64, 64), np.uint16)
+    expected[:, 32:] = 2
+    expected[10:13, 30:35] = 0
+    np.testing.assert_array_equal(filled, expected)
+    assert filled.dtype == np.uint16

@@ -40,7 +40,7 @@ from .errors import InputError
 from .io import list_images, listing, read_image, repeated
 from .metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
 from .labels import as_instances, label_components
-from .metrics import AP_THRESHOLDS, ISBI_THRESHOLDS, METRICS, CumulativeMetric, MetricSpec
+from .metrics import AP_THRESHOLDS, ISBI_THRESHOLDS, METRICS, CumulativeMetric
 from .metrics.base import Score
 from .metrics.inputs import as_labels, check_probability, check_threshold, is_probability
 from .postprocess import threshold_mask
@@ -273,6 +273,43 @@ def _scores_or_none(
         return {k: None for k in keys}, _unprefixed(exc)
 
 
+def _update(
+    accumulators: dict[str, CumulativeMetric], pred: np.ndarray, gt: np.ndarray, threshold: float
+) -> tuple[dict[str, Score], list[str]]:
+    """Add one image pair to every accumulator; returns its scores and why any is undefined."""
+    objects = (_instances(pred, threshold), as_instances(gt)) if any(METRICS[m].objects for m in accumulators) else None
+    scores: dict[str, Score] = {}
+    problems: list[str] = []
+    for name, metric in accumulators.items():
+        spec = METRICS[name]
+        p, g = objects if spec.objects else (pred, gt)
+        values, problem = _scores_or_none(metric, metric.update(p, g), spec.columns)
+        if problem:
+            problems.append(f"{name}: {problem}")
+        scores.update(values)
+    return scores, problems
+
+
+def score_images(
+    pred: np.ndarray, gt: np.ndarray, metrics: Union[str, Sequence[str]] = DEFAULT_METRICS, threshold: float = 0.5
+) -> tuple[dict[str, Score], list[str]]:
+    """Scores of one 2D prediction (probability map or label image) against one ground-truth label
+    image, as `evaluate_folders` scores each pair; returns (scores, notes on undefined scores).
+
+    Example:
+        >>> gt = np.zeros((8, 8), np.uint16); gt[2:6, 2:6] = 1
+        >>> score_images(gt, gt, metrics="dice,seg")[0]
+        {'dice': 1.0, 'seg': 1.0}
+    """
+    names = parse_metrics(metrics)
+    threshold = check_threshold(threshold, "threshold")
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape or pred.ndim != 2:
+        raise InputError(f"prediction of shape {pred.shape} and ground truth of shape {gt.shape}: give two 2D images of one size")
+    pred = check_probability(pred, "prediction") if is_probability(pred) else as_labels(pred, "prediction")
+    return _update({name: METRICS[name].make(threshold) for name in names}, pred, as_labels(gt, "ground truth"), threshold)
+
+
 def evaluate_folders(
     pred_dir: PathLike,
     gt_dir: PathLike,
@@ -296,8 +333,7 @@ def evaluate_folders(
     names = parse_metrics(metrics)
     threshold = check_threshold(threshold, "--threshold")
     pairs, unpaired = pair_files(pred_dir, gt_dir, use)
-    chosen: dict[str, MetricSpec] = {name: METRICS[name] for name in names}
-    accumulators = {name: spec.make(threshold) for name, spec in chosen.items()}
+    accumulators = {name: METRICS[name].make(threshold) for name in names}
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
     for pred_path, gt_path in pairs:
         pred = load_prediction(pred_path, channel)
@@ -308,17 +344,10 @@ def evaluate_folders(
                 "predictions must have the ground truth's size"
             )
         try:
-            objects = (_instances(pred, threshold), as_instances(gt)) if any(m.objects for m in chosen.values()) else None
-            scores: dict[str, Score] = {}
-            for name, spec in chosen.items():
-                p, g = objects if spec.objects else (pred, gt)
-                stats = accumulators[name].update(p, g)
-                values, problem = _scores_or_none(accumulators[name], stats, spec.columns)
-                if problem:
-                    result.notes.append(f"{gt_path.name}: {name}: {problem}")
-                scores.update(values)
+            scores, problems = _update(accumulators, pred, gt, threshold)
         except InputError as exc:
             raise InputError(f"{pred_path.name} vs {gt_path.name}: {exc}") from exc
+        result.notes.extend(f"{gt_path.name}: {problem}" for problem in problems)
         result.rows.append({"name": gt_path.stem, "pred": str(pred_path), "gt": str(gt_path), "scores": scores})
     for name, metric in accumulators.items():
         try:

@@ -13,6 +13,17 @@ from .io import atomic_write
 
 def plot_training_curves(log_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     """Plot training loss and validation IoU / pixel error from a run's log.csv into a PNG."""
+    fig = training_curves_figure(log_csv)  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(out_png, lambda p: fig.savefig(p, format="png", dpi=100), force=True)
+    finally:
+        plt.close(fig)
+
+
+def training_curves_figure(log_csv: str | os.PathLike):
+    """The matplotlib figure of `plot_training_curves` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,10 +49,7 @@ def plot_training_curves(log_csv: str | os.PathLike, out_png: str | os.PathLike)
         ax_val.legend()
     ax_val.set(xlabel="iteration", title="validation")
     fig.tight_layout()
-    try:
-        return atomic_write(out_png, lambda p: fig.savefig(p, format="png", dpi=100), force=True)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:

@@ -122,23 +122,20 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     if not holes.any():
         return labels.copy()
     hole_ids, n_holes = ndi.label(holes, structure=EIGHT_CONNECTED)
-    padded_labels = np.pad(labels, 1)
-    height, width = labels.shape
-    pairs = []
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if dr == dc == 0:
-                continue
-            neighbour = padded_labels[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width]
-            touching = (hole_ids > 0) & (neighbour > 0)
-            pairs.append(np.stack([hole_ids[touching], neighbour[touching]], axis=1))
-    pairs = np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
-    surrounding = np.bincount(pairs[:, 0], minlength=n_holes + 1)
-    fill = np.zeros(n_holes + 1, dtype=labels.dtype)
-    single = surrounding[pairs[:, 0]] == 1
-    fill[pairs[single, 0]] = pairs[single, 1]
+    # Every 8-neighbour of a hole outside it is an object pixel, so the hole lies inside a single
+    # object exactly when the smallest and largest object id around it agree.
+    ids = labels.astype(np.int64)
+    top = int(ids.max()) + 1  # stands for "no object" in the minimum
+    around_max = ndi.maximum_filter(ids, footprint=EIGHT_CONNECTED, mode="constant", cval=0)
+    around_min = ndi.minimum_filter(np.where(ids > 0, ids, top), footprint=EIGHT_CONNECTED, mode="constant", cval=top)
+    in_hole = hole_ids[holes]
+    largest = np.zeros(n_holes + 1, dtype=np.int64)
+    smallest = np.full(n_holes + 1, top, dtype=np.int64)
+    np.maximum.at(largest, in_hole, around_max[holes])
+    np.minimum.at(smallest, in_hole, around_min[holes])
+    fill = np.where(largest == smallest, largest, 0).astype(labels.dtype)
     out = labels.copy()
-    out[holes] = fill[hole_ids[holes]]
+    out[holes] = fill[in_hole]
     return out
 
 

@@ -6,7 +6,7 @@ File-level segmentation (reading, normalising, labels, writing) is `unetkit.segm
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -149,6 +149,7 @@ def predict(
     device: str | torch.device | None = None,
     progress: bool = False,
     memory_budget: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
@@ -172,6 +173,8 @@ def predict(
         device: where to run; None uses the model's device. The model is moved there.
         progress: show a progress bar over tiles.
         memory_budget: bytes allowed for activations when `tile_size` is None.
+        callback: called after each batch with (tiles done, tiles in all), e.g. to move a
+            progress bar in a viewer; an exception it raises stops the prediction (a cancel).
 
     Returns:
         float32 array (n_classes, H, W) of class probabilities.
@@ -199,6 +202,7 @@ def predict(
     output = np.empty((model.n_classes, height, width), dtype=np.float32)
     channels_last = device.type == "cpu"
     transforms = range(8) if tta else range(1)
+    done = 0
     with _inference_mode(model, device, channels_last), tqdm(
         total=len(plan), disable=not progress, desc="tiles", unit="tile"
     ) as bar:
@@ -222,6 +226,9 @@ def predict(
                     :, tile.crop_y : tile.crop_y + tile.out_h, tile.crop_x : tile.crop_x + tile.out_w
                 ]
             bar.update(len(batch))
+            done += len(batch)
+            if callback is not None:
+                callback(done, len(plan))
     return output
 
 

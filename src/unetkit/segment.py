@@ -43,6 +43,24 @@ def labels_rule(
                         threshold=0.5 if threshold is None else threshold, min_size=min_size or 0)
 
 
+def labels_from_probabilities(
+    probabilities: np.ndarray, rule: DecisionRule, *, binary: bool = False, fill_holes: bool = True
+) -> np.ndarray:
+    """The label image `unetkit predict` writes for (n_classes, H, W) `probabilities`: uint16
+    instances drawn by `rule` from the foreground (every class but the first), or with `binary`
+    uint8 0/1 foreground above the rule's threshold.
+
+    Example:
+        >>> p = np.zeros((2, 4, 6), np.float32); p[1, :, :2] = p[1, :, 4:] = 0.9; p[0] = 1 - p[1]
+        >>> labels_from_probabilities(p, DecisionRule())[0].tolist()
+        [1, 1, 0, 0, 2, 2]
+    """
+    foreground = probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
+    if binary:
+        return (foreground > rule.threshold).astype(np.uint8)
+    return rule.apply(foreground, fill_holes=fill_holes).astype(np.uint16)
+
+
 def segment_files(
     inputs: Sequence,
     checkpoint,
@@ -177,11 +195,7 @@ def segment_files(
             if not np.isfinite(image).all():
                 raise InputError(f"{path}: image contains NaN or infinite values; replace them before predicting")
             probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device)
-            foreground = probabilities[1:].sum(0) if net.n_classes > 2 else probabilities[-1]
-            if labels == "binary":
-                label_image = (foreground > rule.threshold).astype(np.uint8)
-            else:
-                label_image = rule.apply(foreground, fill_holes=fill_holes).astype(np.uint16)
+            label_image = labels_from_probabilities(probabilities, rule, binary=labels == "binary", fill_holes=fill_holes)
             arrays = [probabilities, label_image, label_image.astype(np.uint16)]
             for target, array in zip(paths, arrays):
                 if force or not target.exists():

@@ -537,6 +537,10 @@ class Trainer:
                 if self.val_samples and self._world.is_main and (self.iteration % c.val_every == 0 or finished):
                     val_iou, val_error = self._validate_and_keep_best(row)
                 self._append_log(row)
+                if row["val_iou"]:  # RUN/report.html, refreshed at each validation
+                    from .report import write_training_report
+
+                    write_training_report(self)
                 done_steps = self.iteration - start_iteration
                 bar.set_postfix(loss=f"{loss:.4f}", gflops=f"{self.flops_per_step * done_steps / max(elapsed, 1e-9) / 1e9:.1f}")
                 bar.update(1)

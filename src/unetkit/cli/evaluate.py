@@ -34,6 +34,10 @@ def evaluate_command(
     ],
     metrics: Annotated[str, typer.Option("--metrics", help=_METRICS_HELP)] = ",".join(DEFAULT_METRICS),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write every score to this JSON file")] = None,
+    html_path: Annotated[
+        Optional[Path],
+        typer.Option("--html", help="also write a self-contained HTML page: the scores and overlays of the first images"),
+    ] = None,
     threshold: Annotated[
         float,
         typer.Option(
@@ -43,7 +47,7 @@ def evaluate_command(
         ),
     ] = 0.5,
     channel: Annotated[int, typer.Option("--channel", help="foreground channel of (C, H, W) probability maps")] = 1,
-    force: Annotated[bool, typer.Option("--force", help="overwrite an existing --json file")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing --json or --html file")] = False,
     use: Annotated[
         str, typer.Option("--use", help="with `unetkit predict` outputs: score IMAGE_probabilities or IMAGE_labels")
     ] = "probabilities",
@@ -54,10 +58,15 @@ def evaluate_command(
 ) -> None:
     """Score predictions with the challenges' metrics; print a table per image and overall."""
     from ..evaluate import evaluate_folders
+    from ..errors import InputError
     from ..io import atomic_write, check_writable_file
 
     if json_path is not None:
         check_writable_file(json_path, "--json", force=force)
+    if html_path is not None:
+        check_writable_file(html_path, "--html", force=force)
+        if json_path is not None and html_path.resolve() == json_path.resolve():
+            raise InputError(f"{html_path}: --json and --html name the same file; give two names")
     result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel, use=use,
                               allow_intensity_masks=allow_intensity_masks)
     typer.echo(result.table())
@@ -69,3 +78,9 @@ def evaluate_command(
         text = json.dumps(result.to_dict(), indent=2)
         atomic_write(json_path, lambda p: p.write_text(text + "\n"), force=force)
         typer.echo(f"wrote {json_path}")
+    if html_path is not None:
+        from ..report import write_evaluation_report
+
+        write_evaluation_report(result, html_path, pred, gt, channel=channel, allow_intensity_masks=allow_intensity_masks,
+                                force=force)
+        typer.echo(f"wrote {html_path}")

@@ -1,0 +1,248 @@
+"""What the napari widget does, as plain functions: pick a model, check a layer's image, segment
+it as `unetkit predict` would, and score labels against ground truth. Neither napari nor Qt is
+imported, so all of it is testable on its own.
+
+Example:
+    >>> loaded = load_model("dic-hela")  # doctest: +SKIP
+    >>> image = layer_image(layer.data, rgb=layer.rgb, name=layer.name, in_channels=loaded.model.in_channels)  # doctest: +SKIP
+    >>> result = segment_image(loaded, image, name=layer.name, progress=print)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+#: What the widget's Evaluate button reports (warping error is left out: slow on large images).
+WIDGET_METRICS = ("pixel", "rand", "dice", "iou", "seg", "ap")
+#: The TTA choices of the widget: the one the model's labels rule was chosen with, on, off.
+TTA_CHOICES = {"as the labels rule": None, "on (8-fold)": True, "off": False}
+
+
+class Cancelled(Exception):
+    """Raised inside the prediction when the user cancels it."""
+
+
+def installed_models() -> list[str]:
+    """Names of the packaged models whose weights are installed (`unetkit.pretrained`).
+
+    Example:
+        >>> set(installed_models()) <= {"em-membranes", "dic-hela", "fluo-nuclei"}
+        True
+    """
+    from ..pretrained import list_models
+
+    return [m.name for m in list_models() if m.installed]
+
+
+def backends() -> tuple[str, ...]:
+    """The inference backends `unetkit.predict` offers; () when it has no choice of backend."""
+    from ..predict import predict
+
+    parameter = inspect.signature(predict).parameters.get("backend")
+    if parameter is None:
+        return ()
+    return ("auto", "torch", "onnxruntime")
+
+
+_cache: dict[tuple[str, float], Any] = {}
+
+
+def load_model(source: str | os.PathLike):
+    """The `unetkit.checkpoint.LoadedModel` of a checkpoint file or packaged model name, cached
+    until the file changes. Raises InputError with a message for the user."""
+    from ..checkpoint import load_checkpoint
+    from ..pretrained import resolve_checkpoint
+
+    text = str(source).strip()
+    if not text:
+        raise InputError("choose a packaged model or a checkpoint file (RUN/best.pt written by `unetkit train`)")
+    path = resolve_checkpoint(text)
+    key = (str(path.resolve()), path.stat().st_mtime if path.is_file() else 0.0)
+    if key not in _cache:
+        _cache.clear()  # one model at a time: they can be large
+        _cache[key] = load_checkpoint(text)
+    return _cache[key]
+
+
+def layer_image(data: Any, *, rgb: bool, name: str, in_channels: int) -> np.ndarray:
+    """The 2D image of an image layer, (H, W) or (H, W, C), checked against the model's channels.
+
+    A multiscale layer gives its full-resolution level. Raises InputError, naming the layer and
+    the fix, for a 3D stack, an empty layer or a channel count the model was not trained on.
+
+    Example:
+        >>> layer_image(np.zeros((4, 5, 3), np.uint8), rgb=True, name="rgb", in_channels=1)
+        Traceback (most recent call last):
+        ...
+        unetkit.errors.InputError: layer 'rgb' is a colour (RGB) image with 3 channels, but the model was trained on 1 channel; convert it to grayscale (Image > Mode in Fiji) or choose a model for colour images
+    """
+    if isinstance(data, (list, tuple)):  # multiscale: full resolution first
+        data = data[0]
+    array = np.asarray(data)
+    spatial = array.ndim - (1 if rgb else 0)
+    if spatial != 2:
+        raise InputError(
+            f"layer {name!r} has {spatial} spatial dimensions (shape {array.shape}); the model segments one 2D image: "
+            "split the stack (Layers > Split stack) and choose one plane"
+        )
+    if array.size == 0:
+        raise InputError(f"layer {name!r} is empty (shape {array.shape})")
+    channels = 1 if not rgb else (1 if array.shape[-1] <= 2 else 3)  # alpha is dropped, as unetkit.data.to_chw does
+    if channels != in_channels:
+        kind = "a colour (RGB) image with 3 channels" if channels == 3 else "a grayscale image with 1 channel"
+        fix = (
+            "convert it to grayscale (Image > Mode in Fiji) or choose a model for colour images"
+            if channels == 3 else f"choose a model for grayscale images or a layer with {in_channels} channels"
+        )
+        plural = "s" if in_channels != 1 else ""
+        raise InputError(f"layer {name!r} is {kind}, but the model was trained on {in_channels} channel{plural}; {fix}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise InputError(f"layer {name!r} holds {array.dtype} values, not numbers")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"layer {name!r} contains NaN or infinite values; replace them before segmenting")
+    return array
+
+
+def check_tile_size(loaded, tile_size: int | None) -> int | None:
+    """`tile_size` (None or 0 = automatic) if it is legal for the model, else InputError naming the nearest legal sizes."""
+    if not tile_size:
+        return None
+    loaded.model.geometry.check(int(tile_size), "tile size")
+    return int(tile_size)
+
+
+@dataclass
+class Segmentation:
+    """A segmented layer: what `unetkit predict` would write for it, and how it was made."""
+
+    probabilities: np.ndarray  # float32 (n_classes, H, W)
+    labels: np.ndarray  # uint16 instance labels (H, W)
+    rule: Any  # the unetkit.decision.DecisionRule that drew the labels
+    tta: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # what the user should know (input unlike a packaged model's data)
+
+    def summary(self) -> str:
+        """One line for the widget: objects found, the rule, the time.
+
+        Example:
+            >>> from unetkit.decision import DecisionRule
+            >>> Segmentation(np.zeros((2, 2, 2)), np.array([[0, 1], [2, 2]]), DecisionRule(), False, 1.25).summary()
+            '2 objects (components at 0.5, no TTA) in 1.2 s'
+        """
+        count = int(len(np.unique(self.labels[self.labels > 0])))
+        return (f"{count} object{'s' if count != 1 else ''} ({self.rule.method} at {self.rule.threshold:g}, "
+                f"{'8-fold TTA' if self.tta else 'no TTA'}) in {self.seconds:.1f} s")
+
+
+def segment_image(
+    loaded,
+    image: np.ndarray,
+    *,
+    source: str | os.PathLike | None = None,
+    name: str = "image",
+    tile_size: int | None = None,
+    tta: bool | None = None,
+    backend: str | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Segmentation:
+    """Segment a raw 2D image (a layer's data) as `unetkit predict` segments a file: the
+    checkpoint's normalisation, `unetkit.predict`, and labels by `unetkit.segment.labels_rule`
+    (the rule stored in the checkpoint, with the TTA it was chosen with unless `tta` is given).
+
+    `source` (the checkpoint path or packaged name) lets a packaged model warn about images unlike
+    its training data; the warnings become `notes`. `progress(done, total)` is called after each
+    batch of tiles; when `cancelled()` turns true the prediction stops with `Cancelled`.
+    """
+    from ..device import resolve_device
+    from ..predict import predict
+    from ..pretrained import check_input, pretrained_name
+    from ..segment import labels_from_probabilities, labels_rule
+
+    started = time.perf_counter()
+    notes: list[str] = []
+    packaged = pretrained_name(source) if source is not None else None
+    if packaged:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            notes.extend(check_input(packaged, image, source=f"layer {name!r}"))
+    rule = labels_rule(loaded.decision)
+    use_tta = rule.tta if tta is None else bool(tta)
+    tile = check_tile_size(loaded, tile_size)
+    normalised = loaded.normalization(image)
+    if not np.isfinite(normalised).all():
+        raise InputError(f"layer {name!r}: normalised image contains NaN or infinite values")
+
+    def callback(done: int, total: int) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"cancelled after {done} of {total} tiles")
+        if progress is not None:
+            progress(done, total)
+
+    options: dict[str, Any] = {"backend": backend} if backend else {}
+    probabilities = predict(loaded.model, normalised, tile_size=tile, tta=use_tta, device=resolve_device(device),
+                            callback=callback, **options)
+    labels = labels_from_probabilities(probabilities, rule)
+    return Segmentation(probabilities, labels, rule, use_tta, time.perf_counter() - started, notes)
+
+
+def evaluate_labels(
+    prediction: np.ndarray, truth: np.ndarray, metrics: Sequence[str] = WIDGET_METRICS, *, names: tuple[str, str] = ("prediction", "ground truth")
+) -> tuple[dict[str, Any], list[str]]:
+    """Scores of a labels layer against a ground-truth labels layer (`unetkit.evaluate.score_images`).
+
+    Example:
+        >>> truth = np.zeros((6, 6), np.uint16); truth[1:4, 1:4] = 1
+        >>> evaluate_labels(truth, truth, ("dice", "seg"))[0]
+        {'dice': 1.0, 'seg': 1.0}
+    """
+    from ..evaluate import score_images
+
+    prediction, truth = np.asarray(prediction), np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise InputError(
+            f"{names[0]} has shape {prediction.shape} but {names[1]} has {truth.shape}; choose layers of the same image"
+        )
+    if prediction.ndim != 2:
+        raise InputError(f"{names[0]} has shape {prediction.shape}; evaluation needs 2D labels")
+    return score_images(prediction, truth, metrics)
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """The scores as aligned "name  value" lines, as `unetkit evaluate` formats numbers.
+
+    Example:
+        >>> print(format_scores({"dice": 0.91234, "seg": None}))
+        dice  0.9123
+        seg      n/a
+    """
+    from ..evaluate import _format
+
+    width = max((len(k) for k in scores), default=0)
+    cells = {k: _format(v) for k, v in scores.items()}
+    value_width = max((len(v) for v in cells.values()), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v.rjust(value_width)}" for k, v in cells.items())
+
+
+def describe_model(loaded, source: str | os.PathLike) -> str:
+    """One line on a loaded model: its network, input channels and labels rule."""
+    from ..segment import labels_rule
+
+    rule = labels_rule(loaded.decision)
+    config = loaded.model.config
+    label = Path(str(source)).name
+    stored = "stored" if loaded.decision else "default"
+    return (f"{label}: depth {config['depth']}, width {config['base_channels']}, {loaded.model.in_channels} channel(s); "
+            f"{stored} labels rule {rule.method} at {rule.threshold:g}{', TTA' if rule.tta else ''}")
