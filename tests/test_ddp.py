@@ -85,7 +85,7 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path)
     assert saved.iteration == 4 and 0 < saved.state["seconds_spent"] < 1e6
     for a, b in zip(saved.model.parameters(), resumed[0]["parameters"]):
         assert torch.equal(a, b)
-    assert {p.name for p in (tmp_path / "ddp").iterdir()} == {"config.json", "log.csv", "curves.png", "last.pt", "best.pt"}
+    assert {p.name for p in (tmp_path / "ddp").iterdir()} == {"config.json", "log.csv", "curves.png", "last.pt", "best.pt", "report.html"}
 
 
 def test_each_rank_loads_its_share_of_every_global_batch():
