@@ -10,8 +10,10 @@ tiling, test-time augmentation and stitching in `predict` are the same for every
 * "auto": torch on a GPU, or when onnxruntime is not installed. On the CPU it times both on the
   job's own tiles (the outputs are used, so nothing is computed twice) and keeps the faster; the
   choice is remembered in ``cache_dir()/backends.json`` for this architecture, tile shape, batch
-  size, thread count, CPU and library versions. A job too short to repay exporting the graph
-  (under `MIN_MEASURED_SECONDS` by torch) runs on torch without measuring.
+  size, thread count, CPU and library versions. Each backend gets one untimed warm-up call and
+  `MEASURED_CALLS` timed ones, all on real tiles. A job too short to repay exporting the graph
+  (under `MIN_MEASURED_SECONDS` by torch) runs on torch without measuring unless the graph is
+  cached already.
 
 Example:
     >>> import torch
@@ -143,6 +145,7 @@ class AutoRunner:
         self.chosen: Runner | None = None
         self.remembered = read_choices().get(key, {}).get("backend")
         self.times: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
+        self.first_seconds: float | None = None
         self._stack = contextlib.ExitStack()
 
     @property
@@ -162,27 +165,35 @@ class AutoRunner:
         self.times[runner.name].append(time.perf_counter() - started)
         return out
 
+    def _worth_measuring(self, first_seconds: float) -> bool:
+        """Enough calls left to time both, and either the graph is cached or the job is long
+        enough to repay exporting it."""
+        if self.calls_left < 1 + 2 * MEASURED_CALLS:
+            return False
+        return graph_path(self.model).is_file() or first_seconds * self.calls_left >= MIN_MEASURED_SECONDS
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls_left -= 1
         if self.chosen is not None:
             return self.chosen(x)
-        if self.remembered == "torch":
-            self.chosen = self.torch
-            return self.chosen(x)
-        if self.remembered == "onnxruntime" and graph_path(self.model).is_file():
-            self.chosen = self.onnx = OnnxRunner(self.model)
-            return self.chosen(x)
-        if not self.times["torch"]:  # first call: torch, timed to estimate the job
-            out = self._timed(self.torch, x)
-            if self.times["torch"][0] * self.calls_left < MIN_MEASURED_SECONDS:
-                self.chosen = self.torch
-            elif self.remembered == "onnxruntime":
-                self.chosen = self.onnx = OnnxRunner(self.model)
-            return out
         if self.onnx is None:
+            if self.remembered == "torch":
+                self.chosen = self.torch
+                return self.chosen(x)
+            if self.remembered == "onnxruntime" and graph_path(self.model).is_file():
+                self.chosen = self.onnx = OnnxRunner(self.model)
+                return self.chosen(x)
+            if self.first_seconds is None:  # torch's first call: a warm-up that also sizes the job
+                started = time.perf_counter()
+                out = self.torch(x)
+                self.first_seconds = time.perf_counter() - started
+                if not self._worth_measuring(self.first_seconds):
+                    self.chosen = self.torch
+                return out
             self.onnx = OnnxRunner(self.model)
-            self.onnx(x[:1])  # warm-up: the session plans its memory on the first run
-            self.times["torch"].clear()  # the first torch call was a warm-up too
+            if self.remembered == "onnxruntime":
+                self.chosen = self.onnx
+            return self.onnx(x)  # onnxruntime's warm-up: the session plans its memory on the first run
         n_torch, n_onnx = len(self.times["torch"]), len(self.times["onnxruntime"])
         out = self._timed(self.torch if n_torch <= n_onnx else self.onnx, x)
         if min(len(self.times["torch"]), len(self.times["onnxruntime"])) >= MEASURED_CALLS:

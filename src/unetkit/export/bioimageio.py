@@ -112,6 +112,10 @@ def export_bioimageio(
     loaded = load_checkpoint(checkpoint)
     packaged = pretrained_name(checkpoint)
     model = loaded.model.eval()
+    content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license)
+    # The description alone first, so that a wrong name or license is refused before any export.
+    early = spec.build_description(content, context=spec.ValidationContext(perform_io_checks=False))
+    _refuse_if_failed(early, "validation")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unetkit-export-", dir=out.parent) as tmp:
         root = Path(tmp) / "package"
@@ -134,7 +138,6 @@ def export_bioimageio(
             (root / "LICENSE.md").write_text(get_model(packaged).license + "\n")
             files.append("LICENSE.md")
         (root / "README.md").write_text(_readme(loaded, checkpoint, packaged, source, test_input.shape))
-        content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license)
         descr = spec.build_description(content, context=spec.ValidationContext(root=root, file_name="rdf.yaml"))
         _refuse_if_failed(descr, "validation")
         if test:
@@ -278,7 +281,7 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
         tags += {"em-membranes": ["electron-microscopy", "membranes", "isbi2012"], "dic-hela": ["dic", "cells", "hela"],
                  "fluo-nuclei": ["fluorescence-light-microscopy", "nuclei"]}.get(packaged, [])
     return {
-        "format_version": "0.5.12",
+        "format_version": _format_version(),
         "type": "model",
         "name": name,
         "description": description[:1000],
@@ -319,6 +322,12 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
         "config": {"unetkit": {"model": model.config, "normalization": loaded.normalization.to_dict(),
                                "decision": loaded.decision, "border": g.border, "packaged_model": packaged}},
     }
+
+
+def _format_version() -> str:
+    from bioimageio.spec.model.v0_5 import ModelDescr
+
+    return ModelDescr.implemented_format_version
 
 
 def _first_errors(summary, limit: int = 3) -> str:

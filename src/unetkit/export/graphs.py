@@ -216,7 +216,8 @@ def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = Fa
 
 
 def onnx_program(model: UNet):
-    """The `torch.onnx.ONNXProgram` of `model` with softmax, dynamic in batch, height and width.
+    """The ONNX `ModelProto` of `model` with softmax, dynamic in batch, height and width, and the
+    wrapped copy of the network it was traced from.
 
     Needs onnx and onnxscript (``pip install unetkit[export]``).
     """
@@ -236,10 +237,11 @@ def onnx_program(model: UNet):
             )
         except Exception as exc:  # noqa: BLE001 - an operator without an ONNX translation
             raise InputError(f"cannot export to ONNX: {_first_line(exc)}") from None
-    for dim, name in zip(program.model_proto.graph.input[0].type.tensor_type.shape.dim, ("batch", "", "height", "width")):
+    proto = program.model_proto
+    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim, ("batch", "", "height", "width")):
         if name:
             dim.dim_param = name
-    return program, wrapped
+    return proto, wrapped
 
 
 def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
@@ -257,8 +259,8 @@ def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, ch
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists; use --force to overwrite it")
-    program, wrapped = onnx_program(model)
-    data = program.model_proto.SerializeToString()
+    proto, wrapped = onnx_program(model)
+    data = proto.SerializeToString()
     if check and _available("onnxruntime"):
         session = onnx_session(data, threads=1)
         check_graph(model, lambda x: session.run(None, {INPUT_NAME: x})[0], "ONNX", wrapped)
