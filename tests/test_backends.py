@@ -133,3 +133,12 @@ def test_cache_dir_honours_unetkit_and_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("UNETKIT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert backends.cache_dir() == tmp_path / "xdg" / "unetkit"
+
+
+def test_predict_command_checks_the_backend_first(tmp_path, capsys):
+    from unetkit.cli import main
+
+    assert main(["predict", "--model", str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "p"),
+                 "--backend", "tensorrt"]) == 2
+    assert "--backend must be auto, torch or onnxruntime (got 'tensorrt')" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
