@@ -126,7 +126,7 @@ def export_bioimageio(
         torch.save(state, root / "weights.pt")
         export_torchscript(model, root / "weights_torchscript.pt")
         export_onnx(model, root / "weights.onnx")
-        raw, source = _sample(sample, None if packaged else checkpoint, model.in_channels)
+        raw, source = _sample(sample, None if packaged else checkpoint, model.in_channels, packaged)
         test_input, test_output = _test_tensors(loaded, raw)
         np.save(root / "test_input.npy", test_input)
         np.save(root / "test_output.npy", test_output)
@@ -166,20 +166,38 @@ def _require_bioimageio():
     return spec
 
 
-def _sample(sample, checkpoint, channels: int) -> tuple[np.ndarray, str]:
+def _sample(sample, checkpoint, channels: int, packaged: str | None = None) -> tuple[np.ndarray, str]:
     """The raw image (C, H, W) for the test input, and where it came from."""
     if sample is not None:
         return to_chw(read_image(sample), name=str(sample)), Path(sample).name
-    run_image = None if checkpoint is None else _run_validation_image(Path(str(checkpoint)).parent)
+    if packaged:
+        run_image = _held_out_image(packaged)
+    else:
+        run_image = None if checkpoint is None else _run_validation_image(Path(str(checkpoint)).parent)
     if run_image is not None:
         raw = to_chw(read_image(run_image), name=str(run_image))
         if raw.shape[0] == channels:
-            return raw, f"{run_image.name} (a validation image of the run)"
+            what = "a held-out image of its dataset" if packaged else "a validation image of the run"
+            return raw, f"{run_image.name} ({what})"
     from ..synthetic import synthetic_cells
 
     image, _ = synthetic_cells((320, 320), seed=0)
     raw = np.clip(np.asarray(image, np.float32) * 255, 0, 255).round().astype(np.uint8)
     return np.repeat(raw[None], channels, axis=0), "a synthetic image of touching cells (unetkit.synthetic)"
+
+
+def _held_out_image(name: str) -> Path | None:
+    """A held-out image of packaged model `name`'s dataset, where the datasets are at hand."""
+    from ..data.datasets import data_root
+    from ..data.readers import find_pairs
+
+    info = get_model(name)
+    try:
+        pairs = find_pairs(data_root() / info.dataset, allow_missing_masks=True)
+    except (OSError, ValueError):
+        return None
+    wanted = {form.format(i) for i in info.test_ids[:1] for form in ("{:02d}", "t{:02d}", "t{:03d}")}
+    return next((p.image for p in pairs if p.name in wanted or p.image.stem in wanted), None)
 
 
 def _run_validation_image(run_dir: Path) -> Path | None:
