@@ -139,12 +139,14 @@ class UNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise InputError(
-                f"UNet expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        for size in x.shape[-2:]:
-            self.geometry.check(int(size), "input size")
+        # Exporters (ONNX, TorchScript) trace with symbolic sizes; checking them would fix the sizes.
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            if x.ndim != 4 or x.shape[1] != self.in_channels:
+                raise InputError(
+                    f"UNet expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                )
+            for size in x.shape[-2:]:
+                self.geometry.check(int(size), "input size")
         skips = []
         last = len(self.down) - 1
         for level, block in enumerate(self.down):

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backends import check_backend
 from .checkpoint import load_checkpoint
 from .data.normalize import to_chw
 from .data.readers import ctc_frame
@@ -70,6 +71,7 @@ def segment_files(
     tile_size: int | None = None,
     batch_size: int = 1,
     device: str = "auto",
+    backend: str = "auto",
     threshold: float | None = None,
     labels: str = "instances",
     watershed: bool | None = None,
@@ -88,7 +90,7 @@ def segment_files(
     one on its validation images (`unetkit.decision`), including its test-time augmentation,
     unless `threshold`, `watershed` or `min_size` is given; without a stored rule they are the
     4-connected components of foreground > 0.5 (`tta`, `threshold`, `min_size` default to off,
-    0.5 and 0). A packaged model (`unetkit models`) warns about images unlike its training data. With `ctc`, also ``ctc/maskNNN.tif`` numbered by each input's frame
+    0.5 and 0). `backend` is `unetkit.predict`'s ("auto", "torch" or "onnxruntime"). A packaged model (`unetkit models`) warns about images unlike its training data. With `ctc`, also ``ctc/maskNNN.tif`` numbered by each input's frame
     (t041.tif -> mask041.tif); inputs without a frame number are refused.
 
     Before anything is computed, the options, the output folder (writable, not an input folder)
@@ -111,6 +113,7 @@ def segment_files(
     if int(batch_size) != batch_size or batch_size < 1:
         raise InputError(f"--batch-size must be an integer >= 1 (got {batch_size})")
     torch_device = resolve_device(device)
+    check_backend(backend, torch_device)
     out = Path(out)
     files: list[Path] = []
     for item in map(Path, inputs):
@@ -194,7 +197,7 @@ def segment_files(
             image = loaded.normalization(raw)
             if not np.isfinite(image).all():
                 raise InputError(f"{path}: image contains NaN or infinite values; replace them before predicting")
-            probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device)
+            probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device, backend=backend)
             label_image = labels_from_probabilities(probabilities, rule, binary=labels == "binary", fill_holes=fill_holes)
             arrays = [probabilities, label_image, label_image.astype(np.uint16)]
             for target, array in zip(paths, arrays):

@@ -1,4 +1,4 @@
-"""The `unetkit` command: `demo`, `train`, `predict`, `evaluate`, `models`.
+"""The `unetkit` command: `demo`, `train`, `predict`, `evaluate`, `models`, `export`.
 
 Each sub-command lives in its own module and registers itself on `app`. User mistakes
 (`unetkit.errors.InputError`; missing, existing or unwritable files: `OSError`) end as one line on
@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("demo", "train", "predict", "evaluate", "models")
+_COMMAND_MODULES = ("demo", "train", "predict", "evaluate", "models", "export")
 
 
 class CommandInterrupted(Exception):

@@ -19,6 +19,7 @@ def predict(
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size (default: the largest that fits in memory).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="What runs the network: torch, onnxruntime (needs unetkit[export]) or auto (torch on a GPU; on the CPU the faster of the two, measured once per model and tile and remembered).")] = "auto",
     threshold: Annotated[Optional[float], typer.Option(help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule.")] = None,
     labels: Annotated[str, typer.Option(help="'instances' (one id per object) or 'binary'.")] = "instances",
     watershed: Annotated[Optional[bool], typer.Option("--watershed", help="Split touching objects by a seeded watershed on the distance transform (instead of the stored rule).")] = None,
@@ -34,13 +35,17 @@ def predict(
     from ..io import check_writable_folder
 
     check_device(device)  # the quick checks first, before torch is imported
+    if backend not in ("auto", "torch", "onnxruntime"):
+        from ..errors import InputError
+
+        raise InputError(f"--backend must be auto, torch or onnxruntime (got {backend!r})")
     check_writable_folder(out, "--out")
     from ..segment import segment_files
     from . import CommandInterrupted
 
     try:
         written = segment_files(
-            inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device,
+            inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
             threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
             ctc=ctc, force=force, progress=progress, skip_unreadable=skip_unreadable, echo=typer.echo,
         )

@@ -1,0 +1,295 @@
+"""A network as a self-contained graph file: ONNX (dynamic batch, height and width) or TorchScript.
+
+Both graphs map a float32 batch (N, C, H, W) of normalised images at a legal size to class
+probabilities (N, n_classes, h, w): the softmax is part of the graph, so a consumer needs nothing
+from unetkit. Each file is checked after writing: its outputs must equal the network's within
+`TOLERANCE` at a legal size other than the one it was traced at, so a graph that froze a size or
+a data-dependent branch during tracing is refused instead of written.
+
+Example:
+    >>> from unetkit import UNet
+    >>> export_onnx(UNet(depth=3, base_channels=4), "unet.onnx")  # doctest: +SKIP
+    PosixPath('unet.onnx')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..io import atomic_write
+from ..network import UNet
+
+#: Largest absolute difference allowed between an exported graph's probabilities and the network's.
+TOLERANCE = 1e-4
+#: ONNX opset written by `export_onnx`.
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+class Probabilities(nn.Module):
+    """`softmax(model(x), dim=1)`: the network with its class probabilities as output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def example_sizes(model: UNet) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two different small legal (h, w) sizes: one to trace at, one to check the graph at."""
+    g = model.geometry
+    first = g.min_size + g.step
+    return (first, first + g.step), (first + 2 * g.step, first)
+
+
+def _inference_copy(model: UNet) -> Probabilities:
+    if not isinstance(model, UNet):
+        raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
+    return Probabilities(copy.deepcopy(model).cpu().float().eval())
+
+
+def _example(model: UNet, size: tuple[int, int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, model.in_channels, *size, generator=generator)
+
+
+@contextlib.contextmanager
+def _layer_watch(module: nn.Module) -> Iterator[list[str]]:
+    """Record, while tracing, the layers entered and not yet left (innermost last).
+
+    When tracing fails inside a layer, the list names it: hooks run in Python during both
+    `torch.jit.trace` and non-strict `torch.export`.
+    """
+    names = {m: name for name, m in module.named_modules()}
+    stack: list[str] = []
+    handles = []
+
+    def enter(m: nn.Module, _args) -> None:  # noqa: ANN001
+        stack.append(names.get(m, type(m).__name__))
+
+    def leave(m: nn.Module, _args, _out) -> None:  # noqa: ANN001
+        if stack:
+            stack.pop()
+
+    for m in module.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _describe_layer(module: nn.Module, path: str) -> str:
+    name = path.removeprefix("model.") or "the network"
+    try:
+        layer = module.get_submodule(path) if path else module
+    except AttributeError:
+        return name
+    return f"{name} ({type(layer).__name__})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress lines, deprecation notes and graph dumps on failure."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "torch._export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _trace(wrapped: Probabilities, trace: Callable[[], object], what: str) -> object:
+    """Run `trace()`; a failure becomes an InputError naming the layer it happened in."""
+    with _layer_watch(wrapped) as stack:
+        try:
+            return trace()
+        except Exception as exc:  # noqa: BLE001 - any tracer failure is reported with its layer
+            where = f"in layer {_describe_layer(wrapped, stack[-1])}" if stack else "outside any layer"
+            raise InputError(
+                f"cannot export to {what}: tracing failed {where}: {_first_line(exc)}; "
+                "that layer needs code the tracer can follow (no data-dependent Python branches, NumPy or .item())"
+            ) from None
+
+
+def _first_mismatching_layer(wrapped: Probabilities, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """The first leaf layer whose own TorchScript trace (on its input from `a`) differs on `b`."""
+    records: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    leaves = [(n, m) for n, m in wrapped.named_modules() if not list(m.children())]
+    for name, m in leaves:
+        handles.append(m.register_forward_hook(lambda mod, args, out, name=name: records.setdefault(name, []).append(args[0])))
+    try:
+        with torch.no_grad():
+            wrapped(a)
+            wrapped(b)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in leaves:
+        inputs = records.get(name, [])
+        if len(inputs) < 2:
+            continue
+        try:
+            with _quiet(), torch.no_grad():
+                traced = torch.jit.trace(m, inputs[0], check_trace=False)
+                if not torch.allclose(traced(inputs[1]), m(inputs[1]), atol=TOLERANCE, rtol=0):
+                    return name
+        except Exception:  # noqa: BLE001 - a layer that cannot be traced alone is the culprit too
+            return name
+    return None
+
+
+def check_graph(model: UNet, run: Callable[[np.ndarray], np.ndarray], what: str, wrapped: Probabilities | None = None) -> float:
+    """Largest difference between `run` (a graph) and the network at a legal size not traced at;
+    raises InputError above `TOLERANCE`."""
+    wrapped = wrapped or _inference_copy(model)
+    trace_size, check_size = example_sizes(model)
+    x = _example(model, check_size, batch=2, seed=1)
+    with torch.no_grad():
+        expected = wrapped(x).numpy()
+    try:
+        got = np.asarray(run(x.numpy()))
+    except Exception as exc:  # noqa: BLE001 - the graph fixed a size or cannot run
+        got, problem = None, _first_line(exc)
+    else:
+        problem = None if got.shape == expected.shape else f"output shape {got.shape}, expected {expected.shape}"
+    difference = float(np.abs(got - expected).max()) if problem is None else float("inf")
+    if difference <= TOLERANCE:
+        return difference
+    problem = problem or f"outputs differ by {difference:.3g} (allowed {TOLERANCE:g})"
+    layer = _first_mismatching_layer(wrapped, _example(model, trace_size), x)
+    where = f" in layer {_describe_layer(wrapped, layer)}" if layer else ""
+    raise InputError(
+        f"cannot export to {what}: the traced graph does not reproduce the network at input size {check_size}{where}: "
+        f"{problem}; that layer depends on the input size or values in Python code the tracer cannot follow"
+    )
+
+
+def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write `model` (with softmax) as a traced TorchScript file that accepts any legal size.
+
+    Load it with `torch.jit.load(path)`; it maps (N, C, H, W) float32 to probabilities.
+    Raises InputError if tracing fails (naming the layer) or the graph does not reproduce the
+    network within `TOLERANCE`; FileExistsError if `path` exists and not `force`.
+
+    Example:
+        >>> export_torchscript(UNet(depth=3, base_channels=4), "unet.pt")  # doctest: +SKIP
+    """
+    wrapped = _inference_copy(model)
+    trace_size, _ = example_sizes(model)
+    with _quiet(), torch.no_grad():
+        traced = _trace(wrapped, lambda: torch.jit.trace(wrapped, _example(model, trace_size), check_trace=False), "TorchScript")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return traced(torch.from_numpy(x)).numpy()
+
+    check_graph(model, run, "TorchScript", wrapped)
+    return atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)), force=force)
+
+
+def onnx_program(model: UNet):
+    """The ONNX `ModelProto` of `model` with softmax, dynamic in batch, height and width, and the
+    wrapped copy of the network it was traced from.
+
+    Needs onnx and onnxscript (``pip install unetkit[export]``).
+    """
+    _require("onnxscript", "ONNX export")
+    wrapped = _inference_copy(model)
+    trace_size, _ = example_sizes(model)
+    x = _example(model, trace_size, batch=2)  # a batch of 1 would be fixed at 1
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    with _quiet(), torch.no_grad():
+        exported = _trace(
+            wrapped, lambda: torch.export.export(wrapped, (x,), dynamic_shapes={"x": dims}, strict=False), "ONNX"
+        )
+        try:
+            program = torch.onnx.export(
+                exported, (x,), dynamo=True, external_data=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - an operator without an ONNX translation
+            raise InputError(f"cannot export to ONNX: {_first_line(exc)}") from None
+    proto = program.model_proto
+    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim, ("batch", "", "height", "width")):
+        if name:
+            dim.dim_param = name
+    return proto, wrapped
+
+
+def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
+    """Write `model` (with softmax) as one self-contained ONNX file (opset `OPSET`).
+
+    The input "input" is (batch, C, height, width) with all three sizes dynamic (any legal size);
+    the output "output" holds the class probabilities. With `check`, onnxruntime (when installed)
+    verifies the file against the network within `TOLERANCE` first.
+    Raises InputError if tracing fails (naming the layer) or the check fails; FileExistsError if
+    `path` exists and not `force`.
+
+    Example:
+        >>> export_onnx(UNet(depth=3, base_channels=4), "unet.onnx")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists; use --force to overwrite it")
+    proto, wrapped = onnx_program(model)
+    data = proto.SerializeToString()
+    if check and _available("onnxruntime"):
+        session = onnx_session(data, threads=1)
+        check_graph(model, lambda x: session.run(None, {INPUT_NAME: x})[0], "ONNX", wrapped)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), force=force)
+
+
+def onnx_session(model: bytes | str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session for an ONNX file or its bytes, using `threads` threads
+    (default: as many as torch uses)."""
+    ort = _require("onnxruntime", "the onnxruntime backend")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _require(name: str, what: str):
+    """Import `name`, or raise InputError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise InputError(f"{what} needs the Python package {name}: pip install 'unetkit[export]'") from None
