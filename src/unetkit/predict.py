@@ -6,7 +6,7 @@ File-level segmentation (reading, normalising, labels, writing) is `unetkit.segm
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -149,7 +149,10 @@ def predict(
     device: str | torch.device | None = None,
     progress: bool = False,
     memory_budget: int | None = None,
-) -> np.ndarray:
+    out=None,
+    tiles: Iterable[int] | None = None,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
+):
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
     The image is extrapolated at its borders by mirroring and cut into input tiles whose output
@@ -172,9 +175,15 @@ def predict(
         device: where to run; None uses the model's device. The model is moved there.
         progress: show a progress bar over tiles.
         memory_budget: bytes allowed for activations when `tile_size` is None.
+        out: writable array-like (n_classes, H, W) to write into instead of a new array (a zarr
+            array, `np.memmap`, ...): each tile is written as its batch finishes, so memory is
+            set by the tile batch, not the image. Values are cast to `out`'s dtype.
+        tiles: indices into the tile plan (`predict_plan`) to compute, in order; default all.
+            With `out`, this resumes a partial result or splits the work.
+        on_batch: called with the plan indices of each batch once it is written to `out`.
 
     Returns:
-        float32 array (n_classes, H, W) of class probabilities.
+        float32 array (n_classes, H, W) of class probabilities, or `out` when given.
 
     Example:
         >>> net = UNet(depth=3, base_channels=4)
@@ -196,13 +205,21 @@ def predict(
         else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
     )
     plan = plan_tiles((height, width), model.geometry, tile_shape)
-    output = np.empty((model.n_classes, height, width), dtype=np.float32)
+    if out is None:
+        output = np.empty((model.n_classes, height, width), dtype=np.float32)
+    elif tuple(out.shape) != (model.n_classes, height, width):
+        raise InputError(f"out has shape {tuple(out.shape)}; it must be (n_classes, H, W) = {(model.n_classes, height, width)}")
+    else:
+        output = out
+    todo = list(range(len(plan))) if tiles is None else [int(i) for i in tiles]
     channels_last = device.type == "cpu"
     transforms = range(8) if tta else range(1)
     with _inference_mode(model, device, channels_last), tqdm(
-        total=len(plan), disable=not progress, desc="tiles", unit="tile"
+        total=len(todo), disable=not progress, desc="tiles", unit="tile"
     ) as bar:
-        for batch in plan.batches(int(batch_size)):
+        for start in range(0, len(todo), int(batch_size)):
+            indices = todo[start : start + int(batch_size)]
+            batch = [plan.tiles[i] for i in indices]
             tiles = np.stack(
                 [extract_region(image, t.in_y, t.in_x, *plan.tile_shape) for t in batch]
             ).astype(np.float32, copy=False)
@@ -221,6 +238,8 @@ def predict(
                 output[:, tile.out_y : tile.out_y + tile.out_h, tile.out_x : tile.out_x + tile.out_w] = p[
                     :, tile.crop_y : tile.crop_y + tile.out_h, tile.crop_x : tile.crop_x + tile.out_w
                 ]
+            if on_batch is not None:
+                on_batch(indices)
             bar.update(len(batch))
     return output
 
