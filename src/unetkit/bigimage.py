@@ -204,7 +204,8 @@ def fit_normalization(norm: Normalization, image: LazyImage, progress: bool = Fa
     """(scale, offset) that `norm` applies to the whole image, from one streaming pass.
 
     Percentiles of 8- and 16-bit images come from their exact histogram (so the values equal
-    normalising the image in memory); other types use every 4th pixel of every 4th row.
+    normalising the image in memory); other types use all pixels of images up to 2^24 pixels and
+    an even grid of 2^24 pixels of larger ones.
     """
     if norm.mode == "none":
         return 1.0, 0.0
@@ -235,7 +236,8 @@ def fit_normalization(norm: Normalization, image: LazyImage, progress: bool = Fa
             values = np.flatnonzero(counts) - shift
             lo, hi = float(values.min()), float(values.max())
     else:
-        sample = np.concatenate([s[..., ::4, ::4].ravel() for s in bar]).astype(np.float32)
+        step = max(1, int(np.ceil(np.sqrt(image.pixels / 2**24))))
+        sample = np.concatenate([s[..., ::step, ::step].ravel() for s in bar]).astype(np.float32)
         lo, hi = norm._limits(sample)
     if not hi > lo:
         hi = lo + 1.0
@@ -351,3 +353,46 @@ def predict_to_zarr(
         shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
     os.replace(partial, out)
     return out
+
+
+def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, name: str):
+    """An OME-Zarr (NGFF 0.5) image group at `path` with one level, array "0" (y, x); returns the array."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}],
+        }],
+    }
+    return group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["y", "x"])
+
+
+def zarr_to_tiff(array, path: Path, *, force: bool = False, rows: int = 512) -> Path:
+    """Stream a zarr array (H, W) or (C, H, W) into a tiled BigTIFF, `rows` image rows at a time."""
+    import tifffile
+
+    shape = tuple(array.shape)
+    pages = shape[0] if len(shape) == 3 else 1
+    height, width = shape[-2:]
+    tile = (256, 256)
+
+    def tiles():
+        for page in range(pages):
+            for y in range(0, height, tile[0] * (rows // tile[0])):
+                stripe = np.asarray(array[page, y : y + rows] if len(shape) == 3 else array[y : y + rows])
+                for ty in range(0, stripe.shape[0], tile[0]):
+                    for tx in range(0, width, tile[1]):
+                        out = np.zeros(tile, array.dtype)
+                        part = stripe[ty : ty + tile[0], tx : tx + tile[1]]
+                        out[: part.shape[0], : part.shape[1]] = part
+                        yield out
+
+    def write(tmp: Path) -> None:
+        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=array.dtype, tile=tile, bigtiff=True,
+                         photometric="minisblack", compression="zlib")
+
+    return atomic_write(path, write, force=force)

@@ -38,6 +38,8 @@ from .tiling import TilePlan, as_pair, plan_tiles, reflect_indices
 DEFAULT_BLOCK_SIZE = 4096
 #: Input chunks with fewer pixels than this are rechunked (a warning says so).
 MIN_CHUNK_PIXELS = 64 * 64
+#: How long to try reaching a scheduler before giving up.
+CONNECT_TIMEOUT = "10s"
 
 _models: dict[tuple[str, int], UNet] = {}
 _models_lock = threading.Lock()
@@ -256,7 +258,7 @@ def predict_dask(
     ])
 
 
-def connect(address: str, timeout: str = "10s") -> Any:
+def connect(address: str, timeout: str | None = None) -> Any:
     """A `distributed.Client` for ``local:N`` (N worker processes, 1 thread each) or a scheduler address.
 
     An unreachable scheduler raises `InputError` naming the address.
@@ -276,7 +278,7 @@ def connect(address: str, timeout: str = "10s") -> Any:
     if "://" not in address:
         raise InputError(f"--dask {address!r}: give local:N or a scheduler address such as tcp://HOST:8786")
     try:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout or CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise InputError(
             f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}); start it (dask scheduler) or fix the address"
