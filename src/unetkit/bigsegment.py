@@ -18,7 +18,7 @@ from .bigimage import LARGE_PIXELS, create_ome_labels, fit_normalization, is_zar
 from .errors import InputError
 
 #: Block side of the labelling passes.
-LABEL_BLOCK = 4096
+LABEL_BLOCK = 2048
 
 
 def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | None, rows: int | None) -> bool:
