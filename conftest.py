@@ -5,9 +5,7 @@ import importlib.util
 collect_ignore = [
     path
     for path, needs in [
-        ("src/unetkit/distributed.py", "distributed"),
-        ("src/unetkit/bigimage.py", "zarr"),
-        ("src/unetkit/blocklabels.py", "zarr"),
+        ("src/unetkit/distributed.py", "dask"),
     ]
     if importlib.util.find_spec(needs) is None
 ]

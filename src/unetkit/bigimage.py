@@ -263,6 +263,15 @@ class Progress:
         atomic_write(self.path, lambda tmp: tmp.write_text(payload), force=True)
 
 
+def _stamp(path) -> list:
+    """Size and modification time of a file (a retrained checkpoint at the same path starts over)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return []
+    return [info.st_size, info.st_mtime_ns]
+
+
 def _store_block(block: np.ndarray, array, y: int, x: int) -> None:
     array[:, y : y + block.shape[1], x : x + block.shape[2]] = block
 
@@ -308,7 +317,7 @@ def predict_to_zarr(
     partial = out.with_name(out.name + ".partial")
     key = {
         "image": str(Path(image.path).resolve()), "shape": list(image.shape), "tile_shape": list(tile_shape),
-        "checkpoint": str(checkpoint), "n_classes": model.n_classes, "tta": bool(tta), "dtype": dtype,
+        "checkpoint": [str(checkpoint), *_stamp(checkpoint)], "n_classes": model.n_classes, "tta": bool(tta), "dtype": dtype,
         "normalization": [image.scale, image.offset],
     }
     done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None

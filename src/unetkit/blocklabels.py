@@ -99,9 +99,11 @@ def label_blockwise(
                      background[:, 0] if x == 0 else None, background[:, -1] if x + w == width else None]
             exterior.append(np.concatenate([e[e > 0] for e in edges if e is not None] + [np.zeros(0, np.int64)]))
             ids_here = objects - background  # objects > 0, background < 0
-            for a, b in ((ids_here[:, :-1], ids_here[:, 1:]), (ids_here[:-1], ids_here[1:]),
-                         (ids_here[:-1, :-1], ids_here[1:, 1:]), (ids_here[:-1, 1:], ids_here[1:, :-1])):
-                touching.append(_object_background(a, b))
+            touching.append(_unique_pairs(np.concatenate([
+                _object_background(a, b)
+                for a, b in ((ids_here[:, :-1], ids_here[:, 1:]), (ids_here[:-1], ids_here[1:]),
+                             (ids_here[:-1, :-1], ids_here[1:, 1:]), (ids_here[:-1, 1:], ids_here[1:, :-1]))
+            ])))
             n_bg += bg_count
         n_obj += count
         provisional[y : y + h, x : x + w] = ids_here
@@ -130,7 +132,7 @@ def label_blockwise(
         outside = np.zeros(bg_root.max() + 1, bool)
         outside[bg_root[np.concatenate(exterior)]] = True
         adjacent = np.concatenate(touching) if touching else np.zeros((0, 2), np.int64)
-        adjacent = np.unique(np.stack([bg_root[adjacent[:, 0]], obj_root[adjacent[:, 1]]], axis=1), axis=0)
+        adjacent = _unique_pairs(np.stack([bg_root[adjacent[:, 0]], obj_root[adjacent[:, 1]]], axis=1))
         adjacent = adjacent[~outside[adjacent[:, 0]]]
         neighbours = np.bincount(adjacent[:, 0], minlength=len(outside))
         single = adjacent[neighbours[adjacent[:, 0]] == 1]
@@ -152,6 +154,12 @@ def label_blockwise(
             ids > 0, lut_obj[np.maximum(ids, 0)], lut_bg[np.maximum(-ids, 0)]
         ).astype(out.dtype, copy=False)
     return len(order)
+
+
+def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The distinct rows of an (n, 2) array of non-negative ids below 2^32 (sorted)."""
+    keys = np.unique((pairs[:, 0].astype(np.int64) << 32) | pairs[:, 1].astype(np.int64))
+    return np.stack([keys >> 32, keys & 0xFFFFFFFF], axis=1)
 
 
 def _object_background(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ File-level segmentation (reading, normalising, labels, writing) is `unetkit.segm
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ def predict(
     out=None,
     tiles: Iterable[int] | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
-):
+) -> np.ndarray | Any:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
     The image is extrapolated at its borders by mirroring and cut into input tiles whose output
