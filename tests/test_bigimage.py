@@ -122,6 +122,13 @@ def test_cli_zarr_in_zarr_out_equals_in_memory_prediction_and_labels(tmp_path, r
     assert labels.max() > 3
 
 
+def test_tiny_chunks_get_a_note(tmp_path, raw, checkpoint, capsys):
+    zarr.create_array(store=str(tmp_path / "t.zarr"), data=raw, chunks=(8, 8))
+    assert main(["predict", str(tmp_path / "t.zarr"), "--model", str(checkpoint), "--out", str(tmp_path / "o"),
+                 "--rows", "40", *TILE]) == 0
+    assert "t.zarr: its chunks of 8x8 pixels are tiny" in capsys.readouterr().out
+
+
 def test_a_killed_run_continues_where_it_stopped(tmp_path, raw, checkpoint, expected, monkeypatch, capsys):
     source = tmp_path / "big.zarr"
     zarr.create_array(store=str(source), data=raw, chunks=(64, 64))

@@ -146,6 +146,11 @@ class LazyImage:
             return data
         return data.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
 
+    def chunk_shape(self) -> tuple[int, int]:
+        """(rows, columns) of one stored chunk (a TIFF's tile or strip)."""
+        chunks = dict(zip(self.layout, self._open().chunks))
+        return int(chunks["y"]), int(chunks["x"])
+
     def to_dask(self, chunk: int = 2048):
         """This image as a Dask array (C, H, W) with `chunk`-pixel chunks; each task opens the file."""
         import dask.array as da

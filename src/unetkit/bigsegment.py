@@ -130,6 +130,13 @@ def segment_large(
     else:
         net.to(resolve_device(device))
     written: list[Path] = []
+    from .distributed import MIN_CHUNK_PIXELS
+
+    for image in images:
+        rows_per_chunk, cols_per_chunk = image.chunk_shape()
+        if rows_per_chunk * cols_per_chunk < MIN_CHUNK_PIXELS and image.pixels > MIN_CHUNK_PIXELS:
+            note(f"{image.path}: its chunks of {rows_per_chunk}x{cols_per_chunk} pixels are tiny; it is read in larger "
+                 "blocks, but every read touches many chunks: store it with chunks of 512 pixels or more for speed")
     try:
         for image, name in zip(images, names):
             suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
