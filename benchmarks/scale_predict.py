@@ -36,7 +36,6 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 32768
 CHUNK = 1024
-TILE = 1660  # a legal tile near the one chosen for the whole image within 1 GiB (1452x1916)
 
 
 def pattern(y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -128,16 +127,22 @@ def run_cli(args: list[str], threads: int) -> dict:
             "peak_rss_all_processes_mb": round(peak[1] / 2**20, 1)}
 
 
-def arm(name: str, source: Path, ckpt: Path, out: Path, rows: int, threads: int, extra: list[str], tile: int = TILE) -> dict:
+def arm(name: str, source: Path, ckpt: Path, out: Path, rows: int, threads: int, extra: list[str], tile: int | None = None) -> dict:
     target = out / name
     if target.exists():
         shutil.rmtree(target)
-    args = [str(source), "--model", str(ckpt), "--out", str(target), "--rows", str(rows), "--tile-size", str(tile),
+    tile_option = ["--tile-size", str(tile)] if tile else []  # none: the tile unetkit chooses for a large image
+    args = [str(source), "--model", str(ckpt), "--out", str(target), "--rows", str(rows), *tile_option,
             "--no-progress", "--force", *extra]
     result = run_cli(args, threads)
     pixels = rows * SIZE
     result.update(arm=name, rows=rows, pixels=pixels, megapixels_per_second=round(pixels / result["seconds"] / 1e6, 4),
                   command="unetkit predict " + " ".join(args), threads=threads)
+    probabilities = target / "image_probabilities.zarr"
+    if probabilities.exists():
+        import zarr
+
+        result["tile_shape"] = zarr.open_array(str(probabilities), mode="r").attrs["unetkit"]["tile_shape"]
     shutil.rmtree(target, ignore_errors=True)
     print(json.dumps(result), flush=True)
     return result
@@ -146,7 +151,7 @@ def arm(name: str, source: Path, ckpt: Path, out: Path, rows: int, threads: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("/tmp/unetkit-scale"))
-    parser.add_argument("--rows", type=int, default=1476, help="stripe height of the zarr and BigTIFF runs (one row of 1660 tiles)")
+    parser.add_argument("--rows", type=int, default=2048, help="stripe height of the zarr and BigTIFF runs")
     parser.add_argument("--compare-rows", type=int, default=384, help="stripe height of the single vs Dask runs")
     parser.add_argument("--compare-tile", type=int, default=572, help="tile size of the single vs Dask runs (the paper's)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -158,7 +163,7 @@ def main() -> None:
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out = args.data / "out"
     result: dict = {"image": [SIZE, SIZE], "dtype": "uint8", "chunks": [CHUNK, CHUNK], "network": "UNet(depth=5, base_channels=16)",
-                    "tile_size": TILE, "machine": {"processor": platform.processor() or platform.machine(),
+                    "machine": {"processor": platform.processor() or platform.machine(),
                                                     "cpu": _cpu_name(), "cores": os.cpu_count()},
                     "note": "the 2 cores are shared with other jobs: timings are noisy; arms are interleaved and medians reported"}
     path = RESULTS / "scale_predict.json"

@@ -19,6 +19,9 @@ from .errors import InputError
 
 #: Block side of the labelling passes.
 LABEL_BLOCK = 2048
+#: Activation memory allowed for the default tile of a large image (half the in-memory default, so
+#: that the tile, the network and the labelling pass stay well under 1.5 GB together).
+MEMORY_BUDGET = 512 << 20
 
 
 def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | None, rows: int | None) -> bool:
@@ -147,7 +150,7 @@ def segment_large(
             scale, offset = fit_normalization(loaded.normalization, image, progress=progress)
             normalized = image.normalized(scale, offset)
             shape = image.shape[1:]
-            tiles = (tile_size, tile_size) if tile_size else choose_tile_shape(net, shape, batch_size=batch_size)
+            tiles = (tile_size, tile_size) if tile_size else choose_tile_shape(net, shape, batch_size=batch_size, memory_budget=MEMORY_BUDGET)
             probabilities = out / f"{name}_probabilities.zarr"
             if fmt == "zarr" and probabilities.exists() and not force:
                 note(f"{probabilities}: exists, kept")
