@@ -190,3 +190,12 @@ def test_cli_bad_large_inputs_are_one_line_exit_2(tmp_path, checkpoint, capsys, 
                  "--dask", "tcp://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert "tcp://127.0.0.1:9" in err and len(err.splitlines()) == 1
+
+
+def test_binary_labels_of_a_large_image(tmp_path, raw, checkpoint, expected):
+    source = tmp_path / "b.zarr"
+    zarr.create_array(store=str(source), data=raw, chunks=(64, 64))
+    assert main(["predict", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--labels", "binary", *TILE]) == 0
+    labels = zarr.open_group(str(tmp_path / "o" / "b_labels.ome.zarr"), mode="r")["0"][:]
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, (expected[1] > 0.5).astype(np.uint8))

@@ -200,7 +200,7 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
     return LazyImage(str(path), kind, component, "".join(names), shape, np.dtype(dtype))
 
 
-def _stripes(image: LazyImage, rows: int = 1024):
+def _stripes(image: LazyImage, rows: int = 256):
     for y in range(0, image.shape[1], rows):
         yield image[..., y : min(y + rows, image.shape[1]), :]
 
@@ -218,12 +218,13 @@ def fit_normalization(norm: Normalization, image: LazyImage, progress: bool = Fa
         return float(norm.scale), float(norm.offset)
     if norm.per_channel and image.shape[0] > 1:
         raise InputError(f"{image.path}: the checkpoint normalises each channel on its own, which large images do not support")
-    bar = tqdm(_stripes(image), total=-(-image.shape[1] // 1024), disable=not progress, desc="intensity percentiles", unit="stripe")
+    bar = tqdm(_stripes(image), total=-(-image.shape[1] // 256), disable=not progress, desc="intensity percentiles", unit="stripe")
     if image.dtype.kind in "ui" and image.dtype.itemsize <= 2:
         shift = -int(np.iinfo(image.dtype).min)
         counts = np.zeros(1 << (8 * image.dtype.itemsize), np.int64)
         for stripe in bar:
-            counts += np.bincount((stripe.astype(np.int64) + shift).ravel(), minlength=counts.size)
+            values = stripe.ravel() if shift == 0 else stripe.astype(np.int32).ravel() + shift
+            counts += np.bincount(values, minlength=counts.size)
         cumulative = np.cumsum(counts)
         n = int(cumulative[-1])
 

@@ -194,7 +194,9 @@ def _write_labels(probs, path: Path, rule, labels: str, fill_holes: bool, name: 
     if labels == "binary":
         array = create_ome_labels(partial, shape, chunks, "uint8", name)
         for y in range(0, shape[0], LABEL_BLOCK):
-            array[y : y + LABEL_BLOCK] = (np.asarray(foreground[y : y + LABEL_BLOCK, :]) > rule.threshold).astype(np.uint8)
+            for x in range(0, shape[1], LABEL_BLOCK):
+                window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
+                array[window] = (foreground[window] > rule.threshold).astype(np.uint8)
     else:
         array = create_ome_labels(partial, shape, chunks, "uint32", name)
         block = LABEL_BLOCK // chunks[0] * chunks[0] or chunks[0]
@@ -218,5 +220,5 @@ class _Foreground:
         self.shape = tuple(probs.shape[1:])
 
     def __getitem__(self, key):
-        data = np.asarray(self.probs[(slice(None), *key)]).astype(np.float32)
+        data = np.asarray(self.probs[(slice(None), *key)]).astype(np.float32, copy=False)
         return data[1:].sum(0) if data.shape[0] > 2 else data[-1]
