@@ -44,7 +44,7 @@ def expected(raw):
 
 def write_ome(path, array, version):
     if version == "0.5":
-        from ome_zarr.writer import write_image
+        write_image = pytest.importorskip("ome_zarr.writer").write_image
 
         write_image(array, zarr.open_group(str(path), mode="w"), axes="yx", scale_factors=[2])
     else:  # NGFF 0.4: zarr format 2, metadata at the top level of the attributes
@@ -88,6 +88,7 @@ def test_lazy_inputs_read_the_same_windows(tmp_path, raw, kind):
     assert image.shape == full.shape
     np.testing.assert_array_equal(image[..., 10:77, 150:187], full[:, 10:77, 150:187])
     np.testing.assert_array_equal(image.limited(30)[..., :, :], full[:, :30])
+    pytest.importorskip("dask.array")
     np.testing.assert_array_equal(image.to_dask(chunk=64).compute(), full)  # what Dask workers read
 
 
@@ -113,8 +114,8 @@ def test_cli_zarr_in_zarr_out_equals_in_memory_prediction_and_labels(tmp_path, r
     probs = zarr.open_array(str(tmp_path / "out" / "slide_probabilities.zarr"), mode="r")
     assert probs.chunks == (2, 44, 44)  # one chunk per output tile (stride 44 for tile 60 at depth 2)
     np.testing.assert_allclose(probs[:], expected, atol=1e-5)
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Reader
+    parse_url = pytest.importorskip("ome_zarr.io").parse_url
+    Reader = pytest.importorskip("ome_zarr.reader").Reader
 
     node = next(iter(Reader(parse_url(str(tmp_path / "out" / "slide_labels.ome.zarr")))()))
     labels = np.asarray(node.data[0])
@@ -185,6 +186,7 @@ def test_cli_bad_large_inputs_are_one_line_exit_2(tmp_path, checkpoint, capsys, 
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     assert main(["predict", str(tmp_path / "g.zarr"), "--model", str(checkpoint), "--out", str(tmp_path / "o")]) == 2
     assert "g.zarr: no image array at level 0" in capsys.readouterr().err
+    pytest.importorskip("distributed")
     zarr.create_array(store=str(tmp_path / "a.zarr"), data=np.zeros((20, 20), np.uint8))
     assert main(["predict", str(tmp_path / "a.zarr"), "--model", str(checkpoint), "--out", str(tmp_path / "o"),
                  "--dask", "tcp://127.0.0.1:9"]) == 2
