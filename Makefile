@@ -12,7 +12,7 @@ $(BIN)/unetkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,export,napari]"
+	$(BIN)/pip install --quiet -e ".[dev,export,napari,scale]"
 	touch $@
 
 install: $(BIN)/unetkit

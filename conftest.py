@@ -2,4 +2,13 @@
 
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("napari") else ["src/unetkit/napari/_widget.py"]
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is missing
+        return True
+
+
+_NEEDS = {"src/unetkit/napari/_widget.py": "napari", "src/unetkit/distributed.py": "dask.array"}
+collect_ignore = [path for path, module in _NEEDS.items() if _missing(module)]

@@ -6,7 +6,7 @@ File-level segmentation (reading, normalising, labels, writing) is `unetkit.segm
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +137,10 @@ def predict(
     memory_budget: int | None = None,
     callback: Callable[[int, int], None] | None = None,
     backend: str = "auto",
-) -> np.ndarray:
+    out=None,
+    tiles: Iterable[int] | None = None,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
+) -> np.ndarray | Any:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
     The image is extrapolated at its borders by mirroring and cut into input tiles whose output
@@ -166,9 +169,15 @@ def predict(
             graph, exported once per set of weights and cached; needs ``unetkit[export]``) or
             "auto" (torch on a GPU; on the CPU the faster of the two for this model and tile,
             measured once and remembered; see `unetkit.backends`). Outputs agree within 1e-4.
+        out: writable array-like (n_classes, H, W) to write into instead of a new array (a zarr
+            array, `np.memmap`, ...): each tile is written as its batch finishes, so memory is
+            set by the tile batch, not the image. Values are cast to `out`'s dtype.
+        tiles: indices into the tile plan (`predict_plan`) to compute, in order; default all.
+            With `out`, this resumes a partial result or splits the work.
+        on_batch: called with the plan indices of each batch once it is written to `out`.
 
     Returns:
-        float32 array (n_classes, H, W) of class probabilities.
+        float32 array (n_classes, H, W) of class probabilities, or `out` when given.
 
     Example:
         >>> net = UNet(depth=3, base_channels=4)
@@ -191,19 +200,27 @@ def predict(
         else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
     )
     plan = plan_tiles((height, width), model.geometry, tile_shape)
-    output = np.empty((model.n_classes, height, width), dtype=np.float32)
+    if out is None:
+        output = np.empty((model.n_classes, height, width), dtype=np.float32)
+    elif tuple(out.shape) != (model.n_classes, height, width):
+        raise InputError(f"out has shape {tuple(out.shape)}; it must be (n_classes, H, W) = {(model.n_classes, height, width)}")
+    else:
+        output = out
+    todo = list(range(len(plan))) if tiles is None else [int(i) for i in tiles]
     transforms = range(8) if tta else range(1)
     done = 0
-    calls = -(-len(plan) // int(batch_size)) * len(transforms)
+    calls = -(-len(todo) // int(batch_size)) * len(transforms)
     runner = make_runner(model, backend, device, (int(batch_size), *plan.tile_shape), calls=calls)
-    with runner as run, tqdm(total=len(plan), disable=not progress, desc="tiles", unit="tile") as bar:
-        for batch in plan.batches(int(batch_size)):
-            tiles = np.stack(
+    with runner as run, tqdm(total=len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
+        for start in range(0, len(todo), int(batch_size)):
+            indices = todo[start : start + int(batch_size)]
+            batch = [plan.tiles[i] for i in indices]
+            windows = np.stack(
                 [extract_region(image, t.in_y, t.in_x, *plan.tile_shape) for t in batch]
             ).astype(np.float32, copy=False)
-            if not np.isfinite(tiles).all():
+            if not np.isfinite(windows).all():
                 raise InputError("image contains NaN or infinite values; replace them before predicting")
-            x = torch.from_numpy(tiles).to(device)
+            x = torch.from_numpy(windows).to(device)
             probs = None
             for index in transforms:
                 p = _dihedral(run(_dihedral(x, index)), index, inverse=True)
@@ -213,10 +230,12 @@ def predict(
                 output[:, tile.out_y : tile.out_y + tile.out_h, tile.out_x : tile.out_x + tile.out_w] = p[
                     :, tile.crop_y : tile.crop_y + tile.out_h, tile.crop_x : tile.crop_x + tile.out_w
                 ]
+            if on_batch is not None:
+                on_batch(indices)
             bar.update(len(batch))
             done += len(batch)
             if callback is not None:
-                callback(done, len(plan))
+                callback(done, len(todo))
     return output
 
 

@@ -12,7 +12,7 @@ from . import app
 
 @app.command()
 def predict(
-    inputs: Annotated[List[Path], typer.Argument(help="Images or folders of images (PNG/TIFF).")],
+    inputs: Annotated[List[Path], typer.Argument(help="Images or folders of images (PNG/TIFF), or zarr / OME-Zarr images (level 0).")],
     model: Annotated[Path, typer.Option("--model", help="Checkpoint written by `unetkit train` (RUN/best.pt), or a packaged model's name (`unetkit models`: em-membranes, dic-hela, fluo-nuclei).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average the 8 rotated/mirrored versions (the paper used 7 rotations). Default: as the checkpoint's labels rule was chosen (on for models trained by unetkit train with validation images), else off.")] = None,
@@ -29,8 +29,13 @@ def predict(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files (without it, images whose outputs exist are skipped).")] = False,
     skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Skip inputs that are not readable images instead of stopping before the first image.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    out_format: Annotated[Optional[str], typer.Option("--out-format", help="zarr (NAME_probabilities.zarr, NAME_labels.ome.zarr; computed tile by tile, resumable) or tiff. Default: zarr for zarr inputs and images above 8192x8192 pixels, else tiff.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Probabilities of large images: float32 or float16.")] = "float32",
+    dask: Annotated[Optional[str], typer.Option("--dask", help="Predict on a Dask cluster: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT.")] = None,
+    rows: Annotated[Optional[int], typer.Option("--rows", help="Only the top N rows of each image (a trial run on a stripe).")] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="With --dask: about this many pixels per block side (default 4096).")] = None,
 ) -> None:
-    """Write class probabilities (float32 TIFF) and label images named after each input."""
+    """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input."""
     from ..device import check_device
     from ..io import check_writable_folder
 
@@ -40,15 +45,28 @@ def predict(
 
         raise InputError(f"--backend must be auto, torch or onnxruntime (got {backend!r})")
     check_writable_folder(out, "--out")
-    from ..segment import segment_files
     from . import CommandInterrupted
+    from ..bigsegment import segment_large, wants_large
 
     try:
+        if wants_large(inputs, out_format=out_format, dask=dask, rows=rows):
+            written = segment_large(
+                inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
+                threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
+                out_format=out_format, dtype=dtype, dask=dask, rows=rows, block_size=block_size, force=force,
+                progress=progress, echo=typer.echo,
+            )
+            typer.echo(f"wrote {len(written)} outputs to {out}")
+            return
+        from ..segment import segment_files
+
         written = segment_files(
             inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
             threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
             ctc=ctc, force=force, progress=progress, skip_unreadable=skip_unreadable, echo=typer.echo,
         )
     except KeyboardInterrupt as exc:
+        if wants_large(inputs, out_format=out_format, dask=dask, rows=rows):
+            raise CommandInterrupted("finished tiles are kept; run the same command again to continue") from None
         raise CommandInterrupted(str(exc) or f"nothing was written to {out}") from None
     typer.echo(f"wrote {len(written)} files to {out}")

@@ -1,0 +1,288 @@
+"""Overlap-tile prediction spread over a Dask cluster: blocks of whole tiles, each with its halo.
+
+The image is cut into blocks made of whole tiles of the single-process tile plan
+(`unetkit.predict.predict_plan`), so block starts lie on the pooling grid (`geometry.step`) and
+every tile sees exactly the window it sees in `unetkit.predict`: the result equals the
+single-process result to float rounding. Each block reads its own input window (the block grown
+by the geometry's border, mirrored at the image edges the way `unetkit.tiling.extract_region`
+mirrors) from the source array, so Dask's own boundary handling (`symmetric` padding) is not used.
+
+Workers load the network once, keyed by its checkpoint path; it never travels through the graph.
+
+Example:
+    >>> import dask.array as da  # doctest: +SKIP
+    >>> probs = predict_dask("run/best.pt", da.from_zarr("image.zarr"))  # doctest: +SKIP
+    >>> probs.to_zarr("probabilities.zarr")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .network import UNet
+from .predict import choose_tile_shape, predict
+from .tiling import TilePlan, as_pair, plan_tiles, reflect_indices
+
+#: Target block side in pixels (rounded to whole tiles): large enough that the halo and the task
+#: overhead are small, small enough that a block's input and output fit a worker's memory.
+DEFAULT_BLOCK_SIZE = 4096
+#: Input chunks with fewer pixels than this are rechunked (a warning says so).
+MIN_CHUNK_PIXELS = 64 * 64
+#: How long to try reaching a scheduler before giving up.
+CONNECT_TIMEOUT = "10s"
+
+_models: dict[tuple[str, int], UNet] = {}
+_models_lock = threading.Lock()
+
+
+def worker_model(source: str | UNet, device: str = "cpu") -> UNet:
+    """The network for this process and thread: loaded from a checkpoint path once, then reused."""
+    key = (str(source) if not isinstance(source, UNet) else f"object-{id(source)}", threading.get_ident())
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            if isinstance(source, UNet):
+                model = copy.deepcopy(source)
+            else:
+                from .checkpoint import load_checkpoint
+
+                model = load_checkpoint(source).model
+            model.to(device)
+            _models[key] = model
+    return model
+
+
+class _Window:
+    """A (C, H, W) view of the whole image backed by one window of it (what a block task holds)."""
+
+    def __init__(self, window: np.ndarray, y0: int, x0: int, shape: tuple[int, int, int]) -> None:
+        self.window, self.y0, self.x0 = window, y0, x0
+        self.shape, self.ndim = shape, 3
+
+    def __getitem__(self, key):
+        _, ys, xs = key
+        return self.window[:, ys.start - self.y0 : ys.stop - self.y0, xs.start - self.x0 : xs.stop - self.x0]
+
+
+class _BlockOut:
+    """A writable (n_classes, H, W) view onto one block's output array."""
+
+    def __init__(self, block: np.ndarray, y0: int, x0: int, shape: tuple[int, int, int]) -> None:
+        self.block, self.y0, self.x0, self.shape = block, y0, x0, shape
+
+    def __setitem__(self, key, value) -> None:
+        _, ys, xs = key
+        self.block[:, ys.start - self.y0 : ys.stop - self.y0, xs.start - self.x0 : xs.stop - self.x0] = value
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block: the plan's tiles it holds, its output region and its (mirror-folded) input box."""
+
+    index: tuple[int, int]
+    tiles: tuple[int, ...]
+    out_y: int
+    out_x: int
+    out_h: int
+    out_w: int
+    box: tuple[int, int, int, int]  # y_lo, y_hi, x_lo, x_hi of the source pixels it reads
+
+
+def plan_blocks(plan: TilePlan, block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE) -> list[list[Block]]:
+    """Group the tiles of `plan` into blocks of about `block_size` pixels per side (whole tiles).
+
+    Example:
+        >>> from unetkit.geometry import Geometry
+        >>> plan = plan_tiles((1000, 700), Geometry(depth=3), 124)
+        >>> blocks = plan_blocks(plan, 300)
+        >>> len(blocks), len(blocks[0]), blocks[0][0].out_h, blocks[-1][-1].box
+        (3, 3, 336, (652, 1000, 623, 700))
+    """
+    height, width = plan.image_shape
+    rows = sorted({t.out_y for t in plan.tiles})
+    cols = sorted({t.out_x for t in plan.tiles})
+    per_y, per_x = (max(1, round(b / s)) for b, s in zip(as_pair(block_size, "block_size"), plan.stride))
+    grid = {(t.out_y, t.out_x): i for i, t in enumerate(plan.tiles)}
+    blocks = []
+    for bi, r0 in enumerate(range(0, len(rows), per_y)):
+        block_row = []
+        for bj, c0 in enumerate(range(0, len(cols), per_x)):
+            ys, xs = rows[r0 : r0 + per_y], cols[c0 : c0 + per_x]
+            indices = tuple(grid[(y, x)] for y in ys for x in xs)
+            first, last = plan.tiles[indices[0]], plan.tiles[indices[-1]]
+            in_ys = reflect_indices(first.in_y, last.in_y + plan.tile_shape[0] - first.in_y, height)
+            in_xs = reflect_indices(first.in_x, last.in_x + plan.tile_shape[1] - first.in_x, width)
+            block_row.append(Block(
+                index=(bi, bj), tiles=indices, out_y=first.out_y, out_x=first.out_x,
+                out_h=last.out_y + last.out_h - first.out_y, out_w=last.out_x + last.out_w - first.out_x,
+                box=(int(in_ys.min()), int(in_ys.max()) + 1, int(in_xs.min()), int(in_xs.max()) + 1),
+            ))
+        blocks.append(block_row)
+    return blocks
+
+
+def predict_block(
+    model: str | UNet, window: np.ndarray, block: Block, image_shape: tuple[int, int, int], tile_shape: tuple[int, int],
+    n_classes: int, *, batch_size: int = 1, tta: bool = False, dtype: Any = np.float32, device: str = "cpu",
+) -> np.ndarray:
+    """Probabilities of one block from its input window (runs on a worker)."""
+    net = worker_model(model, device)
+    window = np.asarray(window)
+    if window.ndim == 2:
+        window = window[None]
+    out = np.empty((n_classes, block.out_h, block.out_w), dtype=np.float32)
+    predict(
+        net, _Window(window, block.box[0], block.box[2], image_shape), tile_size=tile_shape, batch_size=batch_size,
+        tta=tta, out=_BlockOut(out, block.out_y, block.out_x, (n_classes, *image_shape[1:])), tiles=block.tiles,
+    )
+    return out.astype(dtype, copy=False)
+
+
+@dataclass
+class BlockTasks:
+    """The per-block Dask tasks of a prediction (see `block_tasks`), before they are assembled."""
+
+    plan: TilePlan
+    blocks: list[list[Block]]
+    tasks: list[list[Any]]  # dask.delayed, one per block
+    n_classes: int
+    dtype: np.dtype
+
+
+def _model_info(model: str | os.PathLike | UNet) -> tuple[str | UNet, UNet]:
+    """(what workers receive, a local copy for the geometry and class count)."""
+    if isinstance(model, UNet):
+        return model, model
+    from .checkpoint import load_checkpoint
+
+    path = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    return path, load_checkpoint(path).model
+
+
+def block_tasks(
+    model: str | os.PathLike | UNet, image, *, tile_size: int | tuple[int, int] | None = None,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
+    dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
+) -> BlockTasks:
+    """One delayed task per block computing its probabilities (for callers that store each block)."""
+    import dask
+    import dask.array as da
+
+    if not isinstance(image, da.Array):
+        raise TypeError(f"image must be a dask array, got {type(image).__name__}; wrap it with dask.array.from_array")
+    if image.ndim not in (2, 3) or 0 in image.shape:
+        raise InputError(f"image must be a non-empty (H, W) or (C, H, W) array, got shape {image.shape}")
+    ref, net = _model_info(model)
+    channels = 1 if image.ndim == 2 else int(image.shape[0])
+    if channels != net.in_channels:
+        raise InputError(f"image has {channels} channel(s) but the model expects {net.in_channels}")
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    tile_shape = (
+        as_pair(tile_size) if tile_size is not None
+        else choose_tile_shape(net, (height, width), memory_budget=memory_budget, batch_size=batch_size)
+    )
+    plan = plan_tiles((height, width), net.geometry, tile_shape)
+    blocks = plan_blocks(plan, block_size)
+    chunk_h, chunk_w = max(image.chunks[-2]), max(image.chunks[-1])
+    if chunk_h * chunk_w < MIN_CHUNK_PIXELS and image.numblocks[-1] * image.numblocks[-2] > 1:
+        target = max(256, min(as_pair(block_size, "block_size")))
+        warnings.warn(
+            f"input chunks of {chunk_h}x{chunk_w} pixels are tiny (many small reads, a large "
+            f"task graph); rechunking to {target}x{target}. Store the image with larger chunks to avoid this",
+            stacklevel=2,
+        )
+        image = image.rechunk({image.ndim - 2: target, image.ndim - 1: target})
+    if isinstance(ref, UNet):
+        ref = dask.delayed(ref, name=f"unetkit-model-{uuid.uuid4().hex}")
+    image_shape = (channels, height, width)
+    run = dask.delayed(predict_block, pure=True)
+    tasks = [
+        [
+            run(ref, image[..., b.box[0] : b.box[1], b.box[2] : b.box[3]], b, image_shape, tile_shape, net.n_classes,
+                batch_size=batch_size, tta=tta, dtype=dtype, device=device)
+            for b in row
+        ]
+        for row in blocks
+    ]
+    return BlockTasks(plan=plan, blocks=blocks, tasks=tasks, n_classes=net.n_classes, dtype=np.dtype(dtype))
+
+
+def predict_dask(
+    model: str | os.PathLike | UNet, image, *, tile_size: int | tuple[int, int] | None = None,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
+    dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
+):
+    """Class probabilities of a Dask image as a lazy Dask array (n_classes, H, W), one chunk per block.
+
+    Equals `unetkit.predict(model, image.compute(), tile_size=...)` to float rounding for the same
+    tile size (the default tile is chosen the same way). Pass a checkpoint path rather than a
+    `UNet`: workers then load it once each; a `UNet` object is shipped to each worker once.
+
+    Args:
+        model: checkpoint path (readable by the workers) or a `UNet`.
+        image: Dask array (H, W) or (C, H, W), normalised as the model expects.
+        tile_size: input tile size; None chooses as `unetkit.predict` does.
+        block_size: about this many pixels per block side, rounded to whole tiles.
+        batch_size, tta, device: as for `unetkit.predict`, per worker.
+        dtype: output dtype (float32, or float16 to halve storage).
+
+    Example:
+        >>> import dask.array as da
+        >>> net = UNet(depth=2, base_channels=4)
+        >>> image = da.random.random((50, 70)).astype("float32")
+        >>> probs = predict_dask(net, image, tile_size=44, block_size=32)
+        >>> probs.shape, probs.chunks[1], bool(np.allclose(probs.compute(), predict(net, image.compute(), tile_size=44)))
+        ((2, 50, 70), (28, 22), True)
+    """
+    import dask.array as da
+
+    tasks = block_tasks(model, image, tile_size=tile_size, block_size=block_size, batch_size=batch_size, tta=tta,
+                        dtype=dtype, device=device, memory_budget=memory_budget)
+    meta = np.empty((0, 0, 0), dtype=tasks.dtype)
+    return da.block([
+        [
+            da.from_delayed(task, shape=(tasks.n_classes, b.out_h, b.out_w), dtype=tasks.dtype, meta=meta)
+            for task, b in zip(task_row, block_row)
+        ]
+        for task_row, block_row in zip(tasks.tasks, tasks.blocks)
+    ])
+
+
+def connect(address: str, timeout: str | None = None) -> Any:
+    """A `distributed.Client` for ``local:N`` (N worker processes, 1 thread each) or a scheduler address.
+
+    An unreachable scheduler raises `InputError` naming the address.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--dask needs the optional dependencies: pip install 'unetkit[scale]'") from None
+    if address.startswith("local:"):
+        count = address.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(f"--dask {address}: give local:N with N >= 1 worker processes (e.g. local:2)")
+        if int(count) > (os.cpu_count() or 1):
+            warnings.warn(f"--dask {address}: more worker processes than the {os.cpu_count()} CPU cores", stacklevel=2)
+        cluster = LocalCluster(n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster)
+    if "://" not in address:
+        raise InputError(f"--dask {address!r}: give local:N or a scheduler address such as tcp://HOST:8786")
+    try:
+        return Client(address, timeout=timeout or CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(
+            f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}); start it (dask scheduler) or fix the address"
+        ) from None
+
+
+__all__ = ["predict_dask", "block_tasks", "plan_blocks", "predict_block", "connect", "Block", "BlockTasks"]
