@@ -311,6 +311,7 @@ def score(dataset: str, fg_maps: list[np.ndarray], instances: list[np.ndarray] |
         warping, details = warping_error(fg_maps, truth_mask, return_details=True)
         return {"metrics": {"rand_error": rand_error(fg_maps, truth_mask), "rand_error_labels": rand_error(instances, truth_mask),
                             "pixel_error": pixel_error(fg_maps, truth_mask), "warping_error": warping},
+                "rand_error_labels_per_slice": {s.name: round(rand_error(i, t), 4) for s, i, t in zip(samples, instances, truth_mask)},
                 "warping_error_classes": details}
     ap = average_precision(instances, truth, thresholds=(0.5,))[0.5]
     predicted, labelled = [count_objects(p) for p in instances], [count_objects(t) for t in truth]
@@ -407,6 +408,14 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
         mo_inst = [label_components(p > 0.5) for p in mo_fg]
     uk_score = score(dataset, uk_fg, uk_inst, samples)
     mo_score = score(dataset, mo_fg, mo_inst, samples)
+    if dataset == "isbi" and decision:
+        # Where the difference lies: MONAI's map through unetkit's labels rule (map vs decision rule).
+        from unetkit.decision import DecisionRule
+        from unetkit.metrics import rand_error
+
+        rule = DecisionRule.from_dict(decision)
+        mo_score["rand_error_labels_with_unetkit_rule_per_slice"] = {
+            s.name: round(rand_error(rule.apply(p), (s.instances > 0).astype(np.uint8)), 4) for s, p in zip(samples, mo_fg)}
     ratios = {k: (uk_score["metrics"][k] / v if v else None) for k, v in mo_score["metrics"].items()}
 
     read = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
@@ -486,6 +495,10 @@ def print_table(result: dict) -> None:
     walls = [side["training"].get("side_wall_seconds") for side in (uk, mo)]
     print(f"{'training process wall s':<24}" + "".join(f"{w:>12.1f}" if w is not None else f"{'-':>12}" for w in walls))
     print(f"{'predict s/image':<24}{uk['predict_seconds_per_image']:>12.2f}{mo['predict_seconds_per_image']:>12.2f}")
+    if "rand_error_labels_per_slice" in uk:
+        print("Rand error of the labels per slice (unetkit / monai / monai's map with unetkit's rule): " + ", ".join(
+            f"{n}: {v}/{mo['rand_error_labels_per_slice'][n]}/{mo.get('rand_error_labels_with_unetkit_rule_per_slice', {}).get(n, '-')}"
+            for n, v in uk["rand_error_labels_per_slice"].items()))
     if result["dataset"] == "dic":
         print("objects per frame (predicted unetkit / monai / labelled): " + ", ".join(
             f"{n}: {uk['objects_per_frame'][n]['predicted']}/{mo['objects_per_frame'][n]['predicted']}/{uk['objects_per_frame'][n]['labelled']}"
