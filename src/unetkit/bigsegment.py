@@ -19,9 +19,10 @@ from .errors import InputError
 
 #: Block side of the labelling passes.
 LABEL_BLOCK = 2048
-#: Activation memory allowed for the default tile of a large image (half the in-memory default, so
-#: that the tile, the network and the labelling pass stay well under 1.5 GB together).
-MEMORY_BUDGET = 512 << 20
+#: Activation memory allowed for the default tile of a large image: small enough that the tile,
+#: the network, the zarr reads and writes and the labelling pass stay under 1.5 GB together on a
+#: 32768x32768 image (512 MiB peaked at 1.76 GB there).
+MEMORY_BUDGET = 256 << 20
 
 
 def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | None, rows: int | None) -> bool:
