@@ -364,16 +364,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -381,7 +371,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float | None) -> dict:
     """Load both runs, predict the scored images, score them the same way, print and write the results."""
     from unetkit import predict
-    from unetkit.checkpoint import load_checkpoint
+    from unetkit.backends import cpu_name
 
     uk_dir, mo_dir = run_root / "unetkit", run_root / "monai"
     loaded = load_unetkit(uk_dir)
@@ -461,7 +451,7 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
             **mo_score,
         },
         "ratios_unetkit_over_monai": ratios,
-        "machine": {**machine(), "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads_per_side": 1,
+        "machine": {**machine(), "cpu_model": cpu_name(), "logical_cpus": os.cpu_count(), "threads_per_side": 1,
                     "matmul_1024_float32_gflops_one_thread": round(gflops, 1), "monai": _monai_version(),
                     "python": platform.python_version()},
     }

@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--arms", default="zarr,bigtiff,labels,compare,curve")
     args = parser.parse_args()
+    from unetkit.backends import cpu_name
+
     arms = args.arms.split(",")
     t0 = time.perf_counter()
     image, tiff, ckpt = make_data(args.data)
@@ -200,7 +202,7 @@ def main() -> None:
     out = args.data / "out"
     result: dict = {"image": [SIZE, SIZE], "dtype": "uint8", "chunks": [CHUNK, CHUNK], "network": "UNet(depth=5, base_channels=16)",
                     "machine": {"processor": platform.processor() or platform.machine(),
-                                                    "cpu": _cpu_name(), "cores": os.cpu_count()},
+                                                    "cpu": cpu_name(), "cores": os.cpu_count()},
                     "note": "the 2 cores are shared with other jobs: timings are noisy; arms are interleaved and medians reported"}
     path = RESULTS / "scale_predict.json"
     if path.exists():
@@ -244,16 +246,6 @@ def main() -> None:
         result["scaling_curve_megapixels_per_second"] = curve
         save()
     print(json.dumps(result, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
