@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -88,26 +88,24 @@ def _mask_task(data: Path) -> str:
 _RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress", "nproc")
 
 
-def _given_options(ctx: typer.Context, allowed: tuple[str, ...]) -> list[str]:
-    """The options given on the command line (not left at their defaults), other than `allowed`."""
-    given = []
+def _given_params(ctx: typer.Context, leave_out: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
+    """The parameters given on the command line (not left at their defaults), other than `leave_out`."""
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None
-        if param.name in allowed or source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
-            continue
-        negative = ctx.params.get(param.name) is False and getattr(param, "secondary_opts", None)
-        given.append(param.secondary_opts[0] if negative else param.opts[0])
-    return given
+        if param.name not in leave_out and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            yield param, ctx.params.get(param.name)
+
+
+def _given_options(ctx: typer.Context, allowed: tuple[str, ...]) -> list[str]:
+    """The options given on the command line, other than `allowed`, as their names."""
+    return [param.secondary_opts[0] if value is False and getattr(param, "secondary_opts", None) else param.opts[0]
+            for param, value in _given_params(ctx, allowed)]
 
 
 def _command_line(ctx: typer.Context, leave_out: tuple[str, ...]) -> list[str]:
     """The options given on the command line as arguments again (for the processes of --nproc)."""
     arguments = []
-    for param in ctx.command.params:
-        source = ctx.get_parameter_source(param.name) if param.name else None
-        if param.name in leave_out or source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
-            continue
-        value = ctx.params[param.name]
+    for param, value in _given_params(ctx, leave_out):
         if getattr(param, "is_flag", False):
             arguments.append(param.opts[0] if value else param.secondary_opts[0])
         else:
