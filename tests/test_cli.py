@@ -12,18 +12,11 @@ import tifffile
 
 from unetkit.checkpoint import load_checkpoint
 from unetkit.cli import main
-from unetkit.synthetic import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i, (image, labels) in enumerate(synthetic_dataset(3, shape=(48, 56), seed=5)):
-        tifffile.imwrite(root / "images" / f"cell{i}.tif", (image * 255).astype(np.uint8))
-        tifffile.imwrite(root / "masks" / f"cell{i}.tif", labels)
-    return root
+def dataset(tmp_path_factory, write_cell_folder):
+    return write_cell_folder(tmp_path_factory.mktemp("data"))
 
 
 TINY = ["--depth", "2", "--width", "2", "--tile-size", "34", "--no-progress", "--workers", "0"]

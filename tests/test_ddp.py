@@ -117,17 +117,10 @@ def test_batch_size_and_process_count_checks(monkeypatch):
     assert ddp.environment_world() == ddp.World(1, 2, 1)
 
 
-def test_cli_nproc_launches_the_processes(tmp_path, capsys):
-    import tifffile
-
+def test_cli_nproc_launches_the_processes(tmp_path, capsys, write_cell_folder):
     from unetkit.cli import main
 
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for i, (image, labels) in enumerate(synthetic_dataset(3, shape=(48, 56), seed=5)):
-        tifffile.imwrite(data / "images" / f"cell{i}.tif", (image * 255).astype(np.uint8))
-        tifffile.imwrite(data / "masks" / f"cell{i}.tif", labels)
+    data = write_cell_folder(tmp_path / "data")
     tiny = ["--depth", "2", "--width", "4", "--tile-size", "34", "--workers", "0", "--no-progress", "--val", "cell2"]
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--nproc", "2", *tiny]) == 2

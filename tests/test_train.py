@@ -1,7 +1,6 @@
 import csv
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -187,15 +186,8 @@ def test_ctrl_c_saves_the_interrupted_iteration(samples, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt").iteration == 2  # before the first regular checkpoint
 
 
-def test_start_and_from_run_continue_a_run_exactly(tmp_path):
-    import tifffile
-
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for i, (image, labels) in enumerate(synthetic_dataset(3, shape=(48, 56), seed=5)):
-        tifffile.imwrite(data / "images" / f"cell{i}.tif", (image * 255).astype(np.uint8))
-        tifffile.imwrite(data / "masks" / f"cell{i}.tif", labels)
+def test_start_and_from_run_continue_a_run_exactly(tmp_path, write_cell_folder):
+    data = write_cell_folder(tmp_path / "data")
     config = tiny_config(iterations=4, checkpoint_every=2, val_every=100, choose_decision=False)
     Trainer.start(config, data, tmp_path / "whole", val=["cell2"], progress=False).fit()
     first = Trainer.start(tiny_config(iterations=2, val_every=100, choose_decision=False), data, tmp_path / "split",
