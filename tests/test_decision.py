@@ -81,4 +81,17 @@ def test_candidate_grid():
     objects = candidate_rules("objects", object_area=500)
     assert {r.method for r in membranes} == {"components", "seeded"}
     assert {r.method for r in objects} == {"components", "seeded", "watershed"}
-    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (len(membranes) + 3)
+    seeded = [r for r in membranes if r.method == "seeded"]
+    assert {r.threshold for r in seeded} == {0.0, 0.05, 0.3, 0.5} and len(membranes) == 5 + 4 * 5 * 3
+    assert {r.threshold for r in objects if r.method == "seeded"} == {0.3, 0.5}
+    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (5 + 2 * 5 * 3 + 3)
+
+
+def test_seeded_rule_at_threshold_zero_tiles_the_image_into_basins():
+    # two confident cells either side of a membrane that is faint everywhere (p 0.6): threshold 0
+    # assigns every pixel to one of the two cores and the cells meet where the membrane is
+    prob = np.full((6, 10), 0.99, np.float32)
+    prob[:, 5] = 0.6
+    labels = DecisionRule("seeded", threshold=0.0, seed_threshold=0.9).apply(prob)
+    assert (labels > 0).all() and labels.max() == 2
+    assert (labels[:, :5] == labels[0, 0]).all() and (labels[:, 6:] == labels[0, 9]).all()
