@@ -62,7 +62,7 @@ def test_the_graph_is_exported_once_per_set_of_weights(net, rng, cache, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr("unetkit.export.graphs.export_onnx", refuse)
+    monkeypatch.setattr("unetkit.export.graphs.quick_onnx_bytes", refuse)
     predict(net, image, backend="onnxruntime")  # the cached graph, no new export
     changed = UNet(depth=3, base_channels=4)
     changed.load_state_dict(net.state_dict())
@@ -73,7 +73,7 @@ def test_the_graph_is_exported_once_per_set_of_weights(net, rng, cache, monkeypa
         predict(changed, image, backend="onnxruntime")
 
 
-def _slow(runner_class, monkeypatch, seconds=0.05):
+def _slow(runner_class, monkeypatch, seconds=0.2):  # far above a tiny net's call, also on a busy machine
     original = runner_class.__call__
 
     def slow(self, x):
@@ -103,10 +103,40 @@ def test_auto_measures_on_the_job_remembers_the_faster_and_reuses_it(net, rng, c
         assert run.choice == expected and not calls
 
 
-def test_auto_runs_a_short_job_on_torch_without_exporting(rng, cache):
+def test_auto_runs_a_short_job_on_torch_without_exporting_and_counts_its_seconds(rng, cache, monkeypatch):
+    monkeypatch.setattr(backends, "MIN_MEASURED_SECONDS", 1e9)  # "short", however busy the machine
     fresh = UNet(depth=3, base_channels=4)
-    predict(fresh, rng.random((100, 100)).astype(np.float32), tile_size=92, tta=True, backend="auto")
-    assert not backends.graph_path(fresh).exists() and not (cache / backends.CHOICES_FILE).exists()
+    image = rng.random((100, 100)).astype(np.float32)
+    predict(fresh, image, tile_size=92, tta=True, backend="auto")
+    assert not backends.graph_path(fresh).exists()
+    (entry,) = json.loads((cache / backends.CHOICES_FILE).read_text()).values()
+    assert "backend" not in entry and 0 < entry["unmeasured_torch_seconds"] < backends.MIN_MEASURED_SECONDS
+    predict(fresh, image, tile_size=92, tta=True, backend="auto")
+    (again,) = json.loads((cache / backends.CHOICES_FILE).read_text()).values()
+    assert again["unmeasured_torch_seconds"] > entry["unmeasured_torch_seconds"]  # the two jobs add up
+
+
+def test_auto_measures_once_short_jobs_have_added_up(rng, cache, monkeypatch):
+    fresh = UNet(depth=3, base_channels=4)
+    image = rng.random((100, 100)).astype(np.float32)
+    key = backends.choice_key(fresh, (1, 92, 92))
+    backends.update_choice(key, {"unmeasured_torch_seconds": backends.MIN_MEASURED_SECONDS - 1e-3})
+    _slow(backends.TorchRunner, monkeypatch)
+    predict(fresh, image, tile_size=92, tta=True, backend="auto")  # this job tips the sum over
+    entry = json.loads((cache / backends.CHOICES_FILE).read_text())[key]
+    assert entry["backend"] == "onnxruntime" and "unmeasured_torch_seconds" not in entry
+    assert backends.graph_path(fresh).is_file()
+
+
+def test_the_quick_graph_equals_the_standard_export(net, rng):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from unetkit.export.graphs import INPUT_NAME, onnx_program, onnx_session, quick_onnx_bytes
+
+    x = rng.random((2, 1, 60, 92)).astype(np.float32)  # not the size either graph was traced at
+    quick = onnx_session(quick_onnx_bytes(net), threads=1).run(None, {INPUT_NAME: x})[0]
+    standard = onnx_session(onnx_program(net)[0].SerializeToString(), threads=1).run(None, {INPUT_NAME: x})[0]
+    assert isinstance(onnxruntime.__version__, str) and quick.shape == standard.shape == (2, 2, 20, 52)
+    np.testing.assert_allclose(quick, standard, atol=1e-5)
 
 
 def test_without_onnxruntime_auto_is_torch_and_onnxruntime_says_what_to_install(net, rng, monkeypatch, cache):

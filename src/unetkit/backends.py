@@ -12,8 +12,10 @@ tiling, test-time augmentation and stitching in `predict` are the same for every
   choice is remembered in ``cache_dir()/backends.json`` for this architecture, tile shape, batch
   size, thread count, CPU and library versions. Each backend gets one untimed warm-up call and
   `MEASURED_CALLS` timed ones, all on real tiles. A job too short to repay exporting the graph
-  (under `MIN_MEASURED_SECONDS` by torch) runs on torch without measuring unless the graph is
-  cached already.
+  runs on torch without measuring, unless the graph is cached already; the seconds such jobs
+  spend on torch are added up in backends.json, and the job that brings the sum (its own
+  estimate included) to `MIN_MEASURED_SECONDS` measures. So one long job, or a series of short
+  ones with the same model (a folder of images, an analysis rerun), ends up on the faster backend.
 
 Example:
     >>> import torch
@@ -44,8 +46,9 @@ from .io import atomic_write
 from .network import UNet
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-#: Jobs that torch would finish faster than this (estimated after its first call) are not measured.
-MIN_MEASURED_SECONDS = 30.0
+#: Seconds on torch (this job's estimate after its first call, plus earlier unmeasured jobs of the
+#: same key) from which a job exports the graph and measures. The quick export takes 1-3 s here.
+MIN_MEASURED_SECONDS = 10.0
 #: Timed calls per backend when measuring (after one untimed warm-up call each).
 MEASURED_CALLS = 2
 CHOICES_FILE = "backends.json"
@@ -143,7 +146,10 @@ class AutoRunner:
         self.torch = TorchRunner(model, device)
         self.onnx: OnnxRunner | None = None
         self.chosen: Runner | None = None
-        self.remembered = read_choices().get(key, {}).get("backend")
+        known = read_choices().get(key, {})
+        self.remembered = known.get("backend")
+        self.earlier_torch_seconds = float(known.get("unmeasured_torch_seconds", 0.0))
+        self.torch_started: float | None = None
         self.times: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
         self.first_seconds: float | None = None
         self._stack = contextlib.ExitStack()
@@ -158,6 +164,10 @@ class AutoRunner:
         with self._stack:
             self._stack.enter_context(self.torch.active())
             yield self
+        if self.remembered is None and self.onnx is None and self.torch_started is not None:
+            # a job that ran on torch without measuring: count its seconds towards the next one's decision
+            spent = self.earlier_torch_seconds + time.perf_counter() - self.torch_started
+            update_choice(self.key, {"unmeasured_torch_seconds": round(spent, 3)})
 
     def _timed(self, runner: Runner, x: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
@@ -166,11 +176,12 @@ class AutoRunner:
         return out
 
     def _worth_measuring(self, first_seconds: float) -> bool:
-        """Enough calls left to time both, and either the graph is cached or the job is long
-        enough to repay exporting it."""
+        """Enough calls left to time both, and either this job with the earlier unmeasured ones
+        is long enough to repay exporting the graph, or the graph is cached."""
         if self.calls_left < 1 + 2 * MEASURED_CALLS:
             return False
-        return graph_path(self.model).is_file() or first_seconds * self.calls_left >= MIN_MEASURED_SECONDS
+        projected = self.earlier_torch_seconds + first_seconds * (self.calls_left + 1)
+        return projected >= MIN_MEASURED_SECONDS or graph_path(self.model).is_file()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls_left -= 1
@@ -184,7 +195,7 @@ class AutoRunner:
                 self.chosen = self.onnx = OnnxRunner(self.model)
                 return self.chosen(x)
             if self.first_seconds is None:  # torch's first call: a warm-up that also sizes the job
-                started = time.perf_counter()
+                self.torch_started = started = time.perf_counter()
                 out = self.torch(x)
                 self.first_seconds = time.perf_counter() - started
                 if not self._worth_measuring(self.first_seconds):
@@ -246,12 +257,13 @@ def graph_path(model: UNet) -> Path:
 
 
 def cached_graph(model: UNet) -> Path:
-    """The cached ONNX graph of `model`, exported now if it is not cached yet."""
-    from .export.graphs import export_onnx
+    """The cached ONNX graph of `model`, exported now (`quick_onnx_bytes`) if it is not cached yet."""
+    from .export.graphs import quick_onnx_bytes
 
     path = graph_path(model)
     if not path.is_file():
-        export_onnx(model, path, force=True, check=False)
+        data = quick_onnx_bytes(model)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), force=True)
     return path
 
 
@@ -303,9 +315,14 @@ def read_choices() -> dict[str, dict[str, Any]]:
 
 def remember_choice(key: str, backend: str, seconds: dict[str, float]) -> None:
     """Store the choice for `key` (best seconds per call of each backend alongside)."""
+    update_choice(key, {"backend": backend, "seconds_per_call": {k: round(v, 4) for k, v in seconds.items()}}, replace=True)
+
+
+def update_choice(key: str, values: dict[str, Any], replace: bool = False) -> None:
+    """Merge `values` (or, with `replace`, put them) into the entry of `key` in backends.json."""
     choices = read_choices()
-    choices[key] = {"backend": backend, "seconds_per_call": {k: round(v, 4) for k, v in seconds.items()},
-                    "date": time.strftime("%Y-%m-%d")}
+    entry = {} if replace or not isinstance(choices.get(key), dict) else choices[key]
+    choices[key] = {**entry, **values, "date": time.strftime("%Y-%m-%d")}
     text = json.dumps(choices, indent=1, sort_keys=True)
     with contextlib.suppress(OSError):  # a read-only cache only costs a new measurement next time
         atomic_write(cache_dir() / CHOICES_FILE, lambda path: path.write_text(text), force=True)

@@ -244,6 +244,29 @@ def onnx_program(model: UNet):
     return proto, wrapped
 
 
+def quick_onnx_bytes(model: UNet) -> bytes:
+    """ONNX bytes of `model` with softmax for onnxruntime's own use, made fast.
+
+    torch's TorchScript-based exporter writes the graph in about a fifth of the time of the
+    `torch.export` route of `onnx_program` (1.3 s against 7 s for a width-16 network here), which
+    decides whether the "auto" backend can repay an export within one job. Where that exporter
+    is missing or fails, this falls back to `onnx_program`. Dynamic in batch, height and width.
+    """
+    wrapped = _inference_copy(model)
+    trace_size, _ = example_sizes(model)
+    x = _example(model, trace_size, batch=2)
+    buffer = io.BytesIO()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                wrapped, (x,), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            )
+    except Exception:  # noqa: BLE001 - the older exporter is optional; the standard one follows
+        return onnx_program(model)[0].SerializeToString()
+    return buffer.getvalue()
+
+
 def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
     """Write `model` (with softmax) as one self-contained ONNX file (opset `OPSET`).
 
