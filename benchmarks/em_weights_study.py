@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-maps", type=Path, help="an .npz for the final weights' validation and test maps (float16)")
+    parser.add_argument("--val", help="validation slices, e.g. 02,04,06,19 (default: a fifth, drawn with --seed)")
+    parser.add_argument("--keep-best", type=Path, help="keep the run's best.pt (final weights, labels rule) packed in float16 here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -102,11 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = pm.training_folder("isbi", Path(tmp) / "data")
-        trainer = Trainer.start(config, data, Path(tmp) / "run", progress=False)
+        val = args.val.split(",") if args.val else None
+        trainer = Trainer.start(config, data, Path(tmp) / "run", val=val, progress=False)
         study = SnapshotTrainer(config, trainer.train_samples, trainer.val_samples, Path(tmp) / "run2",
                                 normalization=trainer.normalization, progress=False,
                                 ema_decay=args.ema_decay, snapshot_every=args.snapshot_every)
         study.fit()
+        if args.keep_best:
+            from unetkit.checkpoint import pack_checkpoint
+
+            pack_checkpoint(Path(tmp) / "run2" / "best.pt", "em-membranes", args.keep_best)
     train_seconds = time.perf_counter() - started
     test_samples = pm.load_split("isbi", "test", trainer.normalization)
     rows = []

@@ -20,9 +20,10 @@ from unetkit.train import TrainConfig, Trainer
 NORM = Normalization()
 # SGD, no batch norm, no dropout: two processes with a batch of one tile each compute the same
 # step as one process with a batch of two (batch norm would normalise per rank, see unetkit.ddp).
+# The CPU (gloo) on every machine: on a machine with one GPU, "auto" would ask for a GPU per process.
 CONFIG = dict(depth=2, base_channels=4, tile_size=34, batch_size=2, iterations=4, val_every=2, checkpoint_every=2,
               lr=0.01, seed=0, workers=0, dropout=0.0, batch_norm=False, choose_decision=False,
-              max_seconds=1e6, budget_clock="cpu")
+              max_seconds=1e6, budget_clock="cpu", device="cpu")
 
 
 def make_samples():
@@ -121,7 +122,7 @@ def test_cli_nproc_launches_the_processes(tmp_path, capsys, write_cell_folder):
     from unetkit.cli import main
 
     data = write_cell_folder(tmp_path / "data")
-    tiny = ["--depth", "2", "--width", "4", "--tile-size", "34", "--workers", "0", "--no-progress", "--val", "cell2"]
+    tiny = ["--depth", "2", "--width", "4", "--tile-size", "34", "--workers", "0", "--no-progress", "--val", "cell2", "--device", "cpu"]
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--nproc", "2", *tiny]) == 2
     assert "--batch-size 1 is the batch of all 2 processes together" in capsys.readouterr().err
