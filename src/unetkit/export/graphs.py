@@ -298,6 +298,9 @@ def onnx_session(model: bytes | str | os.PathLike, threads: int | None = None):
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: spinning workers would steal the cores from torch
+    # between calls (the "auto" backend alternates the two while it measures).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
