@@ -59,6 +59,7 @@ from common import RESULTS, machine, write_json
 
 import unetkit
 from unetkit.data import Normalization, Sample, data_root, get_ctc_samples, get_isbi2012_samples
+from unetkit.decision import DecisionRule
 from unetkit.targets import TargetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,7 +382,7 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
     uk_samples = samples if loaded.normalization == Normalization() else load_split(dataset, "test", loaded.normalization)
 
     started = time.perf_counter()
-    uk_probs = [predict(loaded.model, s.image, tta=True) for s in uk_samples]
+    uk_probs = [predict(loaded.model, s.image, tta=True, norm_statistics=DecisionRule.from_dict(loaded.decision).norm_statistics) for s in uk_samples]
     uk_seconds = (time.perf_counter() - started) / len(samples)
     started = time.perf_counter()
     mo_probs = [monai_predict(monai_model, s.image) for s in samples]

@@ -122,7 +122,7 @@ def score(info, root: Path, checkpoint: Path, tta: bool) -> dict[str, Any]:
         rule = DecisionRule()
     samples = load(info, root, info.test_ids, loaded.normalization)
     started = time.perf_counter()
-    maps = [predict(loaded.model, s.image, tta=tta)[1] for s in samples]
+    maps = [predict(loaded.model, s.image, tta=tta, norm_statistics=rule.norm_statistics)[1] for s in samples]
     seconds = (time.perf_counter() - started) / len(samples)
     labels = [rule.apply(m) for m in maps]
     truth = [s.instances for s in samples]

@@ -68,6 +68,9 @@ def test_choose_decision_for_objects_does_not_over_split():
 def test_rule_round_trip_and_validation():
     rule = DecisionRule("seeded", threshold=0.3, seed_threshold=0.8, min_seed_size=10, task="membranes", score=0.1)
     assert DecisionRule.from_dict(rule.to_dict()) == rule
+    stored_before = {k: v for k, v in rule.to_dict().items() if k != "image_statistics"}  # checkpoints of earlier versions
+    assert DecisionRule.from_dict(stored_before).norm_statistics == "training"
+    assert DecisionRule(image_statistics=True).norm_statistics == "image"
     with pytest.raises(InputError, match="method"):
         DecisionRule("magic")
     with pytest.raises(InputError, match="unknown decision rule"):

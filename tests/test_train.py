@@ -168,6 +168,27 @@ def test_best_checkpoint_holds_the_labels_rule_chosen_on_validation(samples, tmp
     assert load_checkpoint(tmp_path / "run" / "last.pt").decision == {}
 
 
+def test_the_rule_records_which_batch_norm_statistics_scored_better(samples, tmp_path, monkeypatch):
+    from unetkit import decision as decision_module
+    from unetkit.decision import DecisionRule
+
+    seen = []
+    original = decision_module.choose_decision
+
+    def spy(maps, truths, **kwargs):
+        rule = original(maps, truths, **kwargs)
+        seen.append(rule.score)
+        return rule
+
+    monkeypatch.setattr("unetkit.train.choose_decision", spy)
+    config = tiny_config(batch_norm=True)
+    Trainer(config, samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
+    rule = DecisionRule.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").decision)
+    assert len(seen) == 2  # maps with the training statistics, then with each image's own
+    assert rule.score == max(seen) and rule.image_statistics == (seen[1] > seen[0])  # objects: higher is better
+    assert rule.norm_statistics == ("image" if rule.image_statistics else "training")
+
+
 def test_ctrl_c_saves_the_interrupted_iteration(samples, tmp_path):
     trainer = Trainer(tiny_config(iterations=6, checkpoint_every=5, val_every=100), samples, [], tmp_path / "run",
                       normalization=NORM, progress=False)

@@ -49,6 +49,8 @@ class DecisionRule:
         h: seed depth of the distance "watershed".
         min_size: objects smaller than this many pixels are dropped.
         tta: the probabilities it was chosen on were averaged over the 8 dihedral transforms.
+        image_statistics: the probabilities it was chosen on were made with batch norm using each
+            image's own statistics (`predict(..., norm_statistics="image")`, `unetkit.adapt`).
         task: "membranes" or "objects" (what the score below measures).
         score: the validation score of this rule (Rand error for membranes, mean of SEG and PQ
             for objects); None for a rule that was not chosen on data.
@@ -65,6 +67,7 @@ class DecisionRule:
     h: float = 2.0
     min_size: int = 0
     tta: bool = False
+    image_statistics: bool = False
     task: str = "objects"
     score: float | None = None
 
@@ -80,6 +83,11 @@ class DecisionRule:
             prob_foreground, threshold=self.threshold, method=self.method,  # type: ignore[arg-type]
             min_size=self.min_size, fill_holes=fill_holes, h=self.h, seed_threshold=self.seed_threshold, min_seed_size=self.min_seed_size,
         )
+
+    @property
+    def norm_statistics(self) -> str:
+        """The `predict` argument that makes maps like the ones this rule was chosen on."""
+        return "image" if self.image_statistics else "training"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

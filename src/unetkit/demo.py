@@ -73,7 +73,7 @@ def run_demo(out: str | Path, *, force: bool = False, settings: DemoSettings = D
     started = time.perf_counter()
     best = load_checkpoint(out / "run" / "best.pt")
     rule = DecisionRule.from_dict(best.decision)  # chosen on the validation images at the end of training
-    probabilities = predict(best.model, normalization(image), tile_size=s.predict_tile, tta=rule.tta)
+    probabilities = predict(best.model, normalization(image), tile_size=s.predict_tile, tta=rule.tta, norm_statistics=rule.norm_statistics)
     predict_seconds = time.perf_counter() - started
     instances = rule.apply(probabilities[1])
     foreground_iou = float(iou(probabilities[1] > 0.5, labels > 0))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .adapt import NORM_STATISTICS, adapt_batch_norm, has_batch_norm
 from .backends import check_backend, make_runner
 from .errors import InputError
 from .network import UNet
@@ -140,6 +141,7 @@ def predict(
     out=None,
     tiles: Iterable[int] | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
+    norm_statistics: str = "training",
 ) -> np.ndarray | Any:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
@@ -175,6 +177,9 @@ def predict(
         tiles: indices into the tile plan (`predict_plan`) to compute, in order; default all.
             With `out`, this resumes a partial result or splits the work.
         on_batch: called with the plan indices of each batch once it is written to `out`.
+        norm_statistics: "training" (batch norm uses the statistics stored in the model) or
+            "image" (statistics of this image, gathered over its tiles first; `unetkit.adapt`).
+            With "image", `backend` "auto" runs torch, since the weights differ per image.
 
     Returns:
         float32 array (n_classes, H, W) of class probabilities, or `out` when given.
@@ -188,6 +193,11 @@ def predict(
         raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1 (got {batch_size})")
+    if norm_statistics not in NORM_STATISTICS:
+        raise InputError(f"norm_statistics must be one of {', '.join(NORM_STATISTICS)} (got {norm_statistics!r})")
+    adapt = norm_statistics == "image" and has_batch_norm(model)
+    if adapt and backend == "onnxruntime":
+        raise InputError("norm_statistics 'image' changes the weights per image; use backend 'torch' or 'auto'")
     check_backend(backend)
     image = _as_chw(image, model.in_channels)
     height, width = int(image.shape[-2]), int(image.shape[-1])
@@ -200,6 +210,8 @@ def predict(
         else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
     )
     plan = plan_tiles((height, width), model.geometry, tile_shape)
+    if adapt:
+        model, backend = adapt_batch_norm(model, np.asarray(image), tile_shape), "torch"
     if out is None:
         output = np.empty((model.n_classes, height, width), dtype=np.float32)
     elif tuple(out.shape) != (model.n_classes, height, width):

@@ -197,7 +197,8 @@ def segment_files(
             image = loaded.normalization(raw)
             if not np.isfinite(image).all():
                 raise InputError(f"{path}: image contains NaN or infinite values; replace them before predicting")
-            probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device, backend=backend)
+            probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device, backend=backend,
+                                    norm_statistics=rule.norm_statistics)
             label_image = labels_from_probabilities(probabilities, rule, binary=labels == "binary", fill_holes=fill_holes)
             arrays = [probabilities, label_image, label_image.astype(np.uint16)]
             for target, array in zip(paths, arrays):

@@ -25,6 +25,7 @@ from .config import DEFAULT_ITERATIONS, PAPER, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
+from .adapt import has_batch_norm
 from .decision import DecisionRule, choose_decision
 from .device import resolve_device
 from .errors import InputError
@@ -498,8 +499,16 @@ class Trainer:
         best_path = self.run_dir / "best.pt"
         loaded = load_checkpoint(best_path)
         model = loaded.model.to(self.device).eval()
-        maps = [predict(model, s.image, tta=tta, device=self.device)[1] for s in self.val_samples]
-        rule = choose_decision(maps, [s.instances for s in self.val_samples], tta=tta)
+        truths = [s.instances for s in self.val_samples]
+        # Maps with the training statistics of batch norm, and (with batch norm) with each image's
+        # own; the rule that scores best on either, with the way its maps were made.
+        rules = []
+        for statistics in ("training", "image") if has_batch_norm(model) else ("training",):
+            maps = [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
+            rule = choose_decision(maps, truths, tta=tta)
+            rules.append(DecisionRule(**{**rule.to_dict(), "image_statistics": statistics == "image"}))
+        lower_is_better = rules[0].task == "membranes"
+        rule = min(rules, key=lambda r: r.score if lower_is_better else -r.score)  # type: ignore[operator]
         save_checkpoint(
             best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),

@@ -193,7 +193,7 @@ def segment_image(
 
     options: dict[str, Any] = {"backend": backend} if backend else {}
     probabilities = predict(loaded.model, normalised, tile_size=tile, tta=use_tta, device=resolve_device(device),
-                            callback=callback, **options)
+                            callback=callback, norm_statistics=rule.norm_statistics, **options)
     labels = labels_from_probabilities(probabilities, rule)
     return Segmentation(probabilities, labels, rule, use_tta, time.perf_counter() - started, notes)
 
