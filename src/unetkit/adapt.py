@@ -43,9 +43,7 @@ def has_batch_norm(model: nn.Module) -> bool:
     return bool(batch_norm_layers(model))
 
 
-def adapt_batch_norm(
-    model: UNet, image: np.ndarray, tile_size: int | tuple[int, int] | None = None, *, memory_budget: int | None = None
-) -> UNet:
+def adapt_batch_norm(model: UNet, image: np.ndarray, tile_size: int | tuple[int, int]) -> UNet:
     """A copy of `model` whose batch-norm layers normalise with statistics of `image`.
 
     Each layer's mean and variance are the average over the image's input tiles (the tile plan
@@ -55,8 +53,7 @@ def adapt_batch_norm(
     Args:
         model: a `UNet`.
         image: (C, H, W) or (H, W) array, normalised as for `predict`.
-        tile_size: input tile size; None picks it as `predict` does.
-        memory_budget: bytes allowed for activations when `tile_size` is None.
+        tile_size: legal input tile size, the one `predict` will use (`predict_plan` shows it).
     """
     layers = batch_norm_layers(model)
     if not layers:
@@ -65,10 +62,6 @@ def adapt_batch_norm(
     if image.ndim == 2:
         image = image[None]
     shape = (int(image.shape[-2]), int(image.shape[-1]))
-    if tile_size is None:
-        from .predict import choose_tile_shape
-
-        tile_size = choose_tile_shape(model, shape, memory_budget=memory_budget)
     tile_shape = as_pair(tile_size)
     plan = plan_tiles(shape, model.geometry, tile_shape)
     adapted = copy.deepcopy(model).eval()
