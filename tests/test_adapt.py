@@ -69,3 +69,24 @@ def test_bad_choices_are_refused(net):
         predict(net, image, norm_statistics="batch")
     with pytest.raises(InputError, match="use backend 'torch' or 'auto'"):
         predict(net, image, tile_size=44, norm_statistics="image", backend="onnxruntime")
+
+
+def test_predict_command_takes_the_statistics_to_use(net, tmp_path, rng, capsys):
+    import tifffile
+
+    from unetkit.checkpoint import save_checkpoint
+    from unetkit.cli import main
+    from unetkit.data import Normalization
+
+    model = tmp_path / "bn.pt"
+    save_checkpoint(model, net, normalization=Normalization(), class_names=["background", "foreground"])
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", (rng.random((50, 60)) * 255).astype(np.uint8))
+    common = ["predict", "--model", str(model), str(tmp_path / "in"), "--tile-size", "44", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "training")]) == 0
+    assert main([*common, "--out", str(tmp_path / "image"), "--norm-statistics", "image"]) == 0
+    training = tifffile.imread(tmp_path / "training" / "a_probabilities.tif")
+    image = tifffile.imread(tmp_path / "image" / "a_probabilities.tif")
+    assert training.shape == image.shape == (2, 50, 60) and np.abs(training - image).max() > 1e-3
+    assert main([*common, "--out", str(tmp_path / "bad"), "--norm-statistics", "batch"]) == 2
+    assert "--norm-statistics must be training or image (got 'batch')" in capsys.readouterr().err

@@ -82,6 +82,7 @@ def segment_files(
     progress: bool = False,
     skip_unreadable: bool = False,
     echo: Callable[[str], None] | None = None,
+    norm_statistics: str | None = None,
 ) -> list:
     """Segment image files with a checkpoint; writes NAME_probabilities.tif and NAME_labels.tif.
 
@@ -90,7 +91,8 @@ def segment_files(
     one on its validation images (`unetkit.decision`), including its test-time augmentation,
     unless `threshold`, `watershed` or `min_size` is given; without a stored rule they are the
     4-connected components of foreground > 0.5 (`tta`, `threshold`, `min_size` default to off,
-    0.5 and 0). `backend` is `unetkit.predict`'s ("auto", "torch" or "onnxruntime"). A packaged model (`unetkit models`) warns about images unlike its training data. With `ctc`, also ``ctc/maskNNN.tif`` numbered by each input's frame
+    0.5 and 0). `backend` is `unetkit.predict`'s ("auto", "torch" or "onnxruntime"), and so is
+    `norm_statistics` ("training" or "image"; default: as the stored rule was chosen). A packaged model (`unetkit models`) warns about images unlike its training data. With `ctc`, also ``ctc/maskNNN.tif`` numbered by each input's frame
     (t041.tif -> mask041.tif); inputs without a frame number are refused.
 
     Before anything is computed, the options, the output folder (writable, not an input folder)
@@ -198,7 +200,7 @@ def segment_files(
             if not np.isfinite(image).all():
                 raise InputError(f"{path}: image contains NaN or infinite values; replace them before predicting")
             probabilities = predict(net, image, tile_size=tile_size, batch_size=batch_size, tta=tta, device=torch_device, backend=backend,
-                                    norm_statistics=rule.norm_statistics)
+                                    norm_statistics=norm_statistics or rule.norm_statistics)
             label_image = labels_from_probabilities(probabilities, rule, binary=labels == "binary", fill_holes=fill_holes)
             arrays = [probabilities, label_image, label_image.astype(np.uint16)]
             for target, array in zip(paths, arrays):

@@ -19,6 +19,7 @@ def predict(
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size (default: the largest that fits in memory).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
+    norm_statistics: Annotated[Optional[str], typer.Option("--norm-statistics", help="Batch norm statistics: 'training' (stored in the model) or 'image' (each image's own, gathered over its tiles first; helps images whose contrast differs from the training images'). Default: as the checkpoint's labels rule was chosen. Files only, not the large-image path.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="What runs the network: torch, onnxruntime (needs unetkit[export]) or auto (torch on a GPU; on the CPU the faster of the two, measured once per model and tile and remembered).")] = "auto",
     threshold: Annotated[Optional[float], typer.Option(help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule.")] = None,
     labels: Annotated[str, typer.Option(help="'instances' (one id per object) or 'binary'.")] = "instances",
@@ -44,6 +45,10 @@ def predict(
         from ..errors import InputError
 
         raise InputError(f"--backend must be auto, torch or onnxruntime (got {backend!r})")
+    if norm_statistics not in (None, "training", "image"):
+        from ..errors import InputError
+
+        raise InputError(f"--norm-statistics must be training or image (got {norm_statistics!r})")
     check_writable_folder(out, "--out")
     from . import CommandInterrupted
     from ..bigsegment import segment_large, wants_large
@@ -64,6 +69,7 @@ def predict(
             inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
             threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
             ctc=ctc, force=force, progress=progress, skip_unreadable=skip_unreadable, echo=typer.echo,
+            norm_statistics=norm_statistics,
         )
     except KeyboardInterrupt as exc:
         if wants_large(inputs, out_format=out_format, dask=dask, rows=rows):
