@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-maps", type=Path, help="an .npz for the final weights' validation and test maps (float16)")
     parser.add_argument("--val", help="validation slices, e.g. 02,04,06,19 (default: a fifth, drawn with --seed)")
+    parser.add_argument("--raw-only", action="store_true", help="score the raw weights only, not their EMA")
     parser.add_argument("--keep-best", type=Path, help="keep the run's best.pt (final weights, labels rule) packed in float16 here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     test_samples = pm.load_split("isbi", "test", trainer.normalization)
     rows = []
     for snap in study.snapshots:
-        for kind in ("raw", "ema"):
+        for kind in ("raw",) if args.raw_only else ("raw", "ema"):
             model = copy.deepcopy(study.model)
             model.load_state_dict(snap[kind])
             scores, val_maps, test_maps = score(model, study.val_samples, test_samples, device)
