@@ -382,7 +382,8 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
     uk_samples = samples if loaded.normalization == Normalization() else load_split(dataset, "test", loaded.normalization)
 
     started = time.perf_counter()
-    uk_probs = [predict(loaded.model, s.image, tta=True, norm_statistics=DecisionRule.from_dict(loaded.decision).norm_statistics) for s in uk_samples]
+    statistics = DecisionRule.from_dict(decision).norm_statistics if decision else "training"
+    uk_probs = [predict(loaded.model, s.image, tta=True, norm_statistics=statistics) for s in uk_samples]
     uk_seconds = (time.perf_counter() - started) / len(samples)
     started = time.perf_counter()
     mo_probs = [monai_predict(monai_model, s.image) for s in samples]

@@ -98,3 +98,22 @@ def test_seeded_rule_at_threshold_zero_tiles_the_image_into_basins():
     labels = DecisionRule("seeded", threshold=0.0, seed_threshold=0.9).apply(prob)
     assert (labels > 0).all() and labels.max() == 2
     assert (labels[:, :5] == labels[0, 0]).all() and (labels[:, 6:] == labels[0, 9]).all()
+
+
+def test_best_rule_follows_the_task_and_keeps_the_first_of_equals():
+    from unetkit.decision import best_rule
+
+    membranes = [DecisionRule(threshold=t, task="membranes", score=s) for t, s in ((0.3, 0.05), (0.4, 0.02), (0.5, 0.02))]
+    objects = [DecisionRule(threshold=t, task="objects", score=s) for t, s in ((0.3, 0.5), (0.4, 0.9), (0.5, 0.9))]
+    assert best_rule(membranes).threshold == 0.4 and best_rule(objects).threshold == 0.4
+    with pytest.raises(InputError, match="at least one"):
+        best_rule([])
+
+
+def test_choose_decision_records_how_the_maps_were_made():
+    truth = np.zeros((40, 40), np.int32)
+    truth[5:20, 5:20] = 1
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    rule = choose_decision([prob], [truth], tta=True, image_statistics=True)
+    assert rule.tta and rule.image_statistics and rule.norm_statistics == "image"
+    assert not choose_decision([prob], [truth]).image_statistics

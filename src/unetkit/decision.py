@@ -153,8 +153,22 @@ def score_labels(task: str, labels: Sequence[np.ndarray], truths: Sequence[np.nd
     return 0.5 * (float(seg_score(list(labels), list(truths))) + float(pq))
 
 
+def best_rule(rules: Sequence[DecisionRule]) -> DecisionRule:
+    """The rule with the best validation score (lowest Rand error for membranes, highest for
+    objects); the first of equals."""
+    if not rules:
+        raise InputError("best_rule needs at least one scored rule")
+    sign = 1.0 if rules[0].task == "membranes" else -1.0
+    return min(rules, key=lambda rule: sign * rule.score)  # type: ignore[operator]
+
+
 def choose_decision(
-    probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray], *, task: str | None = None, tta: bool = False
+    probabilities: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    *,
+    task: str | None = None,
+    tta: bool = False,
+    image_statistics: bool = False,
 ) -> DecisionRule:
     """The rule of `candidate_rules` that scores best on (probability map, instance labels) pairs.
 
@@ -163,6 +177,8 @@ def choose_decision(
         truths: their ground truth (instance labels, or binary masks; ISBI: cells 1, membranes 0).
         task: "membranes" or "objects"; None infers it from the ground truth (`infer_task`).
         tta: whether the maps were made with test-time augmentation (recorded in the rule).
+        image_statistics: whether the maps were made with each image's batch-norm statistics
+            (recorded in the rule).
     """
     if len(probabilities) != len(truths) or not truths:
         raise InputError("choose_decision needs one ground truth per probability map, and at least one")
@@ -173,11 +189,9 @@ def choose_decision(
     areas = np.concatenate([np.bincount(t.ravel())[1:] for t in truths])
     areas = areas[areas > 0]
     object_area = float(np.median(areas)) if areas.size else 0.0
-    lower_is_better = task == "membranes"
-    best: DecisionRule | None = None
-    for rule in candidate_rules(task, object_area):
-        value = score_labels(task, [rule.apply(p) for p in probabilities], truths)
-        if best is None or (value < best.score if lower_is_better else value > best.score):  # type: ignore[operator]
-            best = DecisionRule(**{**rule.to_dict(), "task": task, "score": value, "tta": tta})
-    assert best is not None
-    return best
+    scored = [
+        DecisionRule(**{**rule.to_dict(), "task": task, "tta": tta, "image_statistics": image_statistics,
+                        "score": score_labels(task, [rule.apply(p) for p in probabilities], truths)})
+        for rule in candidate_rules(task, object_area)
+    ]
+    return best_rule(scored)

@@ -26,7 +26,7 @@ from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
 from .adapt import has_batch_norm
-from .decision import DecisionRule, choose_decision
+from .decision import DecisionRule, best_rule, choose_decision
 from .device import resolve_device
 from .errors import InputError
 from .geometry import Geometry
@@ -505,10 +505,8 @@ class Trainer:
         rules = []
         for statistics in ("training", "image") if has_batch_norm(model) else ("training",):
             maps = [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
-            rule = choose_decision(maps, truths, tta=tta)
-            rules.append(DecisionRule(**{**rule.to_dict(), "image_statistics": statistics == "image"}))
-        lower_is_better = rules[0].task == "membranes"
-        rule = min(rules, key=lambda r: r.score if lower_is_better else -r.score)  # type: ignore[operator]
+            rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
+        rule = best_rule(rules)
         save_checkpoint(
             best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
