@@ -250,6 +250,7 @@ def test_predict_ctc_masks_are_numbered_by_frame(run, dataset, tmp_path, capsys)
         (["--depth", "0"], "--depth must be >= 2"),
         (["--padding", "foo"], "--padding must be 'valid'"),
         (["--device", "gpu"], "use one of auto, cpu, cuda, cuda:N, mps"),
+        (["--val-split", "middle"], "--val-split must be last or random"),
     ],
 )
 def test_train_options_are_checked_before_the_run_folder_is_created(dataset, tmp_path, capsys, options, words):

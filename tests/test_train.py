@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 
 import pytest
@@ -224,6 +225,26 @@ def test_start_and_from_run_continue_a_run_exactly(tmp_path, write_cell_folder):
         torch.testing.assert_close(a, b)
     with pytest.raises(InputError, match="not a run folder"):
         Trainer.from_run(tmp_path / "data")
+
+
+def test_a_validation_count_takes_the_last_images_unless_random(tmp_path, write_cell_folder):
+    from unetkit.data import find_pairs, split_pairs
+
+    data = write_cell_folder(tmp_path / "data")
+    config = tiny_config(iterations=1, val_every=100, choose_decision=False, seed=1)  # seed 1 draws cell0
+    last = Trainer.start(config, data, tmp_path / "last", val=1, progress=False)
+    assert [s.name for s in last.val_samples] == ["cell2"]
+    assert json.loads((tmp_path / "last" / "data.json").read_text())["val_split"] == "last"
+    drawn = Trainer.start(config, data, tmp_path / "random", val=1, val_split="random", progress=False)
+    expected = split_pairs(find_pairs(data), 1, seed=config.seed, split="random")[1]
+    assert [s.name for s in drawn.val_samples] == [p.name for p in expected] == ["cell0"]
+    assert json.loads((tmp_path / "random" / "data.json").read_text())["val_split"] == "random"
+    last.fit()
+    old = json.loads((tmp_path / "last" / "data.json").read_text())  # as written before names were recorded
+    for key in ("train", "validation", "val_split"):
+        del old[key]
+    (tmp_path / "last" / "data.json").write_text(json.dumps({**old, "val": "1"}))
+    assert [s.name for s in Trainer.from_run(tmp_path / "last", progress=False).val_samples] == [p.name for p in expected]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

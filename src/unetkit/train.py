@@ -293,6 +293,7 @@ class Trainer:
         *,
         val: float | int | Sequence[str] | None = None,
         val_data: str | os.PathLike | None = None,
+        val_split: str = "last",
         normalization: Normalization | None = None,
         allow_intensity_masks: bool = False,
         epochs: float | None = None,
@@ -302,7 +303,8 @@ class Trainer:
         """A new run in `run_dir` on the dataset folder `data` (see `unetkit.data.find_pairs`).
 
         Validation images are `val_data` if given, else `val` of `data` (a fraction, a count or
-        names, 0.2 if None; `unetkit.data.split_pairs` with the config's seed). `epochs`, if given, sets
+        names, 0.2 if None), chosen by `unetkit.data.split_pairs`: with `val_split` "last" the last
+        images in name order, with "random" drawn with the config's seed. `epochs`, if given, sets
         `config.iterations` to that many passes over the training pixels, counted in output tiles.
         The folder is prepared (`force` allows a non-empty one) and RUN/data.json records the
         dataset and the split, so `from_run` can continue the run.
@@ -317,7 +319,7 @@ class Trainer:
         if val_data is not None:
             train_pairs, val_pairs = pairs, find_pairs(val_data)
         else:
-            train_pairs, val_pairs = split_pairs(pairs, 0.2 if val is None else val, seed=config.seed)
+            train_pairs, val_pairs = split_pairs(pairs, 0.2 if val is None else val, seed=config.seed, split=val_split)
         train, validation = _load_split(train_pairs, val_pairs, normalization, config, allow_intensity_masks)
         if epochs is not None:
             out_pixels = config.geometry.output_size(config.tile_size) ** 2 * config.batch_size
@@ -326,7 +328,7 @@ class Trainer:
         if ddp.world().is_main:
             prepare_output_dir(run_dir, force=force)
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
-            _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+            _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks)
         return cls(config, train, validation, run_dir, normalization=normalization, progress=progress)
 
     @classmethod
@@ -382,13 +384,15 @@ class Trainer:
                                         val_data or data, run_dir)
         elif val_data is not None:
             train_pairs, val_pairs = pairs, find_pairs(val_data)
-        else:
-            train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed)
+        else:  # data.json without names (older runs) split at random
+            train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed,
+                                                 split=setup.get("val_split", "random"))
         train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
         if ddp.world().is_main:
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
             if moved:
-                _write_data_json(run_dir, data, val_data, val, train_pairs, val_pairs, allow_intensity_masks)
+                _write_data_json(run_dir, data, val_data, val, setup.get("val_split", "random"), train_pairs, val_pairs,
+                                 allow_intensity_masks)
         return cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -680,14 +684,14 @@ def _load_split(train_pairs, val_pairs, normalization: Normalization, config: Tr
     return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])
 
 
-def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, train_pairs, val_pairs,
+def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, val_split: str, train_pairs, val_pairs,
                      allow_intensity_masks: bool) -> None:
     """RUN/data.json: the dataset folders and the names of the training and validation images."""
     if isinstance(val, (list, tuple)):
         val = ",".join(map(str, val))
     setup = {
         "data": str(Path(data).resolve()), "val_data": str(Path(val_data).resolve()) if val_data else None,
-        "val": None if val is None else str(val),
+        "val": None if val is None else str(val), "val_split": val_split,
         "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
         "allow_intensity_masks": allow_intensity_masks,
     }

@@ -180,6 +180,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
+    val_split: Annotated[str, typer.Option("--val-split", help="How a fraction or count of --val is chosen: 'last' (the last images in name order, a block at the end of a stack or time series, which shows how the model fares beyond the training range) or 'random' (drawn with --seed).")] = "last",
     iterations: Annotated[Optional[int], typer.Option(help=f"Training iterations, one tile batch each (default {DEFAULT_ITERATIONS}; with --resume: the run's).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Instead of --iterations: passes over the training pixels, counted in output tiles.")] = None,
     seconds: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (a checkpoint is written); counted across resumes. TrainConfig.max_seconds.")] = None,
@@ -242,6 +243,8 @@ def train(
         device = check_device(device)
         if normalize not in ("percentile", "fixed", "none"):
             raise InputError(f"--normalize must be percentile, fixed or none (got {normalize!r})")
+        if val_split not in ("last", "random"):
+            raise InputError(f"--val-split must be last or random (got {val_split!r})")
         check_output_dir(out, force=force)
     else:
         fixed = _given_options(ctx, _RESUME_OPTIONS)
@@ -293,7 +296,7 @@ def train(
                          "none": Normalization(mode="none")}[normalize]
         trainer = Trainer.start(
             config, data, out, val=None if val is None else parse_validation(val), val_data=val_data,
-            normalization=normalization, allow_intensity_masks=allow_intensity_masks, epochs=epochs, force=force,
+            val_split=val_split, normalization=normalization, allow_intensity_masks=allow_intensity_masks, epochs=epochs, force=force,
             progress=progress,
         )
     config = trainer.config

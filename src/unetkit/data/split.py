@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence, TypeVar
 
 import numpy as np
@@ -10,6 +11,11 @@ from ..errors import InputError
 from ..io import repeated
 
 T = TypeVar("T")
+
+#: How a fraction or a count of validation images is chosen. "last": the last images in natural name
+#: order (t9 before t10), a block at the end of a stack or a time series, so validation sees what
+#: lies beyond the training range as new data will; "random": drawn with a seed.
+VALIDATION_SPLITS = ("last", "random")
 
 
 def _keys(item) -> set[str]:
@@ -25,6 +31,7 @@ def split_pairs(
     pairs: Sequence[T],
     val: float | int | str | Sequence[str] = 0.2,
     seed: int = 0,
+    split: str = "last",
 ) -> tuple[list[T], list[T]]:
     """Split image pairs (or samples: anything with a `.name`) into training and validation lists.
 
@@ -32,8 +39,13 @@ def split_pairs(
         pairs: the items to split; their order is kept in both outputs.
         val: a fraction in [0, 1) of the items (at least one when > 0), a count (int), or the names
             of the validation items (pair/sample names, image file names or stems).
-        seed: for a fraction or count, the random choice depends only on `seed` and the set of names
-            (not on their order), so the same data gives the same split every time.
+        seed: for a fraction or count with split="random", the choice depends only on `seed` and the
+            set of names (not on their order), so the same data gives the same split every time.
+        split: how a fraction or count is chosen (`VALIDATION_SPLITS`): "last" (the default) takes
+            the last names in natural order. Neighbouring slices of a stack or frames of a series
+            look alike, so validation drawn among them at random cannot see how the model fares on
+            data beyond the training range; a block at the end can (on ISBI 2012 it is what lets
+            training choose each image's batch-norm statistics, see docs/TRAINING.md).
 
     Raises:
         InputError: unknown names, a fraction outside [0, 1), or an empty training set.
@@ -45,12 +57,16 @@ def split_pairs(
         >>> train, val = split_pairs(pairs, val=["3", "7.png"])
         >>> [p.name for p in val], len(train)
         (['3', '7'], 8)
+        >>> [p.name for p in split_pairs(pairs, val=0.2)[1]]
+        ['8', '9']
     """
     items = list(pairs)
     names = [str(item.name) for item in items]
     twins = repeated(names)
     if twins:
         raise InputError(f"two images are both named {twins[0]!r}; image names must be unique to split them")
+    if split not in VALIDATION_SPLITS:
+        raise InputError(f"validation split must be one of {', '.join(VALIDATION_SPLITS)} (got {split!r})")
     if isinstance(val, str):
         val = [val]
     if isinstance(val, (bool, np.bool_)):
@@ -58,12 +74,12 @@ def split_pairs(
     if isinstance(val, (int, np.integer)):
         if val < 0:
             raise InputError(f"val count must be >= 0 (got {val})")
-        chosen = _random_choice(names, int(val), seed)
+        chosen = _choose(names, int(val), seed, split)
     elif isinstance(val, (float, np.floating)):
         if not 0.0 <= val < 1.0:
             raise InputError(f"val fraction must be in [0, 1) (got {val}); use an int for a number of images")
         count = 0 if val == 0 else max(1, int(round(val * len(items))))
-        chosen = _random_choice(names, count, seed)
+        chosen = _choose(names, count, seed, split)
     else:
         wanted = [str(v) for v in val]
         chosen = set()
@@ -85,7 +101,15 @@ def split_pairs(
     return train, validation
 
 
-def _random_choice(names: list[str], count: int, seed: int) -> set[int]:
+def _natural_key(name: str) -> list:
+    """Sort key that orders the digits in a name by value: slice2 before slice10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def _choose(names: list[str], count: int, seed: int, split: str) -> set[int]:
+    if split == "last":
+        order = sorted(range(len(names)), key=lambda i: (_natural_key(names[i]), names[i]))
+        return set(order[len(order) - count:]) if count else set()
     order = sorted(range(len(names)), key=lambda i: names[i])
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(names))[:count]
