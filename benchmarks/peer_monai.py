@@ -402,7 +402,6 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
     mo_score = score(dataset, mo_fg, mo_inst, samples)
     if dataset == "isbi" and decision:
         # Where the difference lies: MONAI's map through unetkit's labels rule (map vs decision rule).
-        from unetkit.decision import DecisionRule
         from unetkit.metrics import rand_error
 
         rule = DecisionRule.from_dict(decision)
