@@ -8,9 +8,8 @@ facts in src/unetkit/models/models.json and benchmarks/results/pretrained_NAME.j
 
 The splits come from the registry (`unetkit.pretrained.REGISTRY`):
 
-* em-membranes: ISBI 2012 slices 00-19 (validation 02, 04, 06, 19), 20-24 held out;
-* dic-hela: DIC-C2DH-HeLa t000-t044 (validation t001, t002, t004, t011, t018, t022, t023, t032,
-  t034), t045-t059 held out;
+* em-membranes: ISBI 2012 slices 00-19 (validation 16-19), 20-24 held out;
+* dic-hela: DIC-C2DH-HeLa t000-t044 (validation t036-t044), t045-t059 held out;
 * fluo-nuclei: Fluo-N2DH-GOWT1 t01, t21, t39, t72 train, t52 validation, t31 held out.
 
 The run folder (--runs/NAME) is resumed when it holds last.pt; the budget counts across resumes.
@@ -72,6 +71,17 @@ def sessions_total(run_dir: Path) -> dict[str, float]:
         "cpu_minutes": round(sum(s["cpu_seconds"] for s in sessions) / 60, 2),
         "threads": max((s["threads"] for s in sessions), default=torch.get_num_threads()),
     }
+
+
+def checkpoint_budget(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The budget of a run this script did not train: its sessions if it has them, else the time
+    budget its config gave (`unetkit train --seconds`, on the clock it names)."""
+    if (run_dir / "pretrained_sessions.json").is_file():
+        return sessions_total(run_dir)
+    if not config.get("max_seconds"):
+        return {}
+    clock = config.get("budget_clock", "wall")
+    return {f"{clock}_minutes": round(config["max_seconds"] / 60, 2), "budget_clock": clock}
 
 
 def add_session(run_dir: Path, session: dict[str, Any]) -> None:
@@ -206,7 +216,7 @@ def main() -> None:
         config = loaded.train_config
         run_dir = best.parent
         training = {"recipe": RECIPE, "width": config.get("base_channels"), "depth": config.get("depth"),
-                    "iterations": loaded.iteration, "checkpoint": str(best), **sessions_total(run_dir)}
+                    "iterations": loaded.iteration, "checkpoint": str(best), **checkpoint_budget(run_dir, config)}
     else:
         best, training = train(info, root, args)
         run_dir = Path(training["run_dir"])
