@@ -5,6 +5,7 @@ the same time (two subprocesses, one thread each).
     .venv/bin/python benchmarks/peer_monai.py --dataset both --seconds 1500 --width 16
     .venv/bin/python benchmarks/peer_monai.py --dataset isbi --score-only   # score the runs in runs/peer/
     .venv/bin/python benchmarks/peer_monai.py --dataset dic --unetkit-args="--optimizer adam"
+    .venv/bin/python benchmarks/peer_monai.py --dataset isbi --seed 1 --runs runs/peer_seed1   # another pair of seeds
 
 Datasets ($UNETKIT_DATA or ../shared/data beside the repository):
 
@@ -458,9 +459,11 @@ def score_runs(dataset: str, run_root: Path, args, gflops: float, seconds: float
     }
     index = list(range(len(samples)))[:: 1 if dataset == "isbi" else 5]
     shown = [samples[i] for i in index]
-    result["overlays"] = save_side_by_side(RESULTS / f"peer_monai_{dataset}_overlays", shown,
+    stem = f"peer_monai_{dataset}" + (f"_seed{args.seed}" if args.seed else "")
+    result["seed"] = args.seed
+    result["overlays"] = save_side_by_side(RESULTS / f"{stem}_overlays", shown,
                                            [uk_inst[i] for i in index], [mo_inst[i] for i in index])
-    write_json(RESULTS / f"peer_monai_{dataset}.json", result)
+    write_json(RESULTS / f"{stem}.json", result)
     print_table(result)
     return result
 
@@ -499,7 +502,7 @@ def print_table(result: dict) -> None:
 
 
 # -- orchestration --------------------------------------------------------------------------------
-def launch(dataset: str, seconds: float, width: int, run_root: Path, unetkit_args: str) -> None:
+def launch(dataset: str, seconds: float, width: int, run_root: Path, unetkit_args: str, seed: int) -> None:
     """Both sides at once, each a subprocess with one thread; waits for both."""
     for side in ("unetkit", "monai"):
         if (run_root / side).exists():
@@ -510,7 +513,8 @@ def launch(dataset: str, seconds: float, width: int, run_root: Path, unetkit_arg
     try:
         for side in ("unetkit", "monai"):
             command = [sys.executable, str(SCRIPT), "--side", side, "--dataset", dataset, "--seconds", f"{seconds:g}",
-                       "--width", str(width), "--out", str(run_root / side), f"--unetkit-args={unetkit_args}"]
+                       "--width", str(width), "--out", str(run_root / side), f"--unetkit-args={unetkit_args}",
+                       "--seed", str(seed)]
             log = open(run_root / f"{side}.log", "w")
             procs[side] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
         print(f"{dataset}: training unetkit (pid {procs['unetkit'][0].pid}) and MONAI (pid {procs['monai'][0].pid}) "
@@ -538,6 +542,9 @@ def main() -> None:
     parser.add_argument("--unetkit-args", default="", help='extra `unetkit train` options, e.g. --unetkit-args="--optimizer adam"')
     parser.add_argument("--runs", type=Path, default=RUNS, help="run folders: RUNS/<dataset>/{unetkit,monai}")
     parser.add_argument("--score-only", action="store_true", help="skip training; score the runs already in --runs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of both sides (unetkit train --seed, MONAI's set_determinism); other than 0, the "
+                             "results go to peer_monai_<dataset>_seed<N>.json and _overlays/")
     parser.add_argument("--side", choices=("unetkit", "monai"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -548,9 +555,11 @@ def main() -> None:
             parser.error("--side needs --dataset isbi|dic and --out DIR")
         started = time.perf_counter()
         if args.side == "unetkit":
-            summary = train_unetkit(args.dataset, args.seconds, args.out, args.width, shlex.split(args.unetkit_args))
+            seed_args = ["--seed", str(args.seed)] if args.seed else []
+            summary = train_unetkit(args.dataset, args.seconds, args.out, args.width,
+                                    [*seed_args, *shlex.split(args.unetkit_args)])
         else:
-            summary = train_monai(args.dataset, args.seconds, args.out)
+            summary = train_monai(args.dataset, args.seconds, args.out, seed=args.seed)
         summary["budget_seconds"] = args.seconds
         summary["side_wall_seconds"] = time.perf_counter() - started  # loading, training and anything after it
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -566,7 +575,7 @@ def main() -> None:
     for dataset in datasets:
         run_root = args.runs / dataset
         if not args.score_only:
-            launch(dataset, args.seconds, args.width, run_root, args.unetkit_args)
+            launch(dataset, args.seconds, args.width, run_root, args.unetkit_args, args.seed)
         score_runs(dataset, run_root, args, gflops, None if args.score_only else args.seconds)
 
 
