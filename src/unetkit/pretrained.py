@@ -181,13 +181,13 @@ _MODELS: tuple[PretrainedModel, ...] = (
         file="dic-hela.pt",
         description="HeLa cells in DIC microscopy (Cell Tracking Challenge DIC-C2DH-HeLa); one label per cell",
         dataset="ctc-dic-c2dh-hela",
-        train_ids=tuple(i for i in range(45) if i not in (1, 2, 4, 11, 18, 22, 23, 32, 34)),
-        val_ids=(1, 2, 4, 11, 18, 22, 23, 32, 34),
+        train_ids=tuple(range(36)),
+        val_ids=tuple(range(36, 45)),
         test_ids=tuple(range(45, 60)),
         trained_on=(
-            "CTC DIC-C2DH-HeLa sequence 01 frames t000-t044 (36 for training; t001, t002, t004, t011, t018, t022, "
-            "t023, t032, t034 for validation, as `unetkit train` split them; scored on t045-t059); masks are likely "
-            "the CTC silver truth"
+            "CTC DIC-C2DH-HeLa sequence 01 frames t000-t044 (t000-t035 for training; t036-t044, the end of the "
+            "series, for validation, as `unetkit train` split them; scored on t045-t059); masks are likely the CTC "
+            "silver truth"
         ),
         input=InputSpec(
             channels=1, dtype="uint8", bits=8, value_range=(0, 255),
