@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ddp
+from .adapt import NORM_STATISTICS, has_batch_norm
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_ITERATIONS, PAPER, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
-from .adapt import has_batch_norm
 from .decision import DecisionRule, best_rule, choose_decision
 from .device import resolve_device
 from .errors import InputError
@@ -376,6 +376,7 @@ class Trainer:
             if folder is not None and not folder.is_dir():
                 raise InputError(f"{folder}: the run's dataset folder is not there; if it moved, give its new place with {option}")
         val = setup.get("val")
+        val_split = setup.get("val_split", "random")  # data.json of older runs: they split at random
         allow_intensity_masks = bool(setup.get("allow_intensity_masks", False))
         pairs = find_pairs(data)
         if "train" in setup and "validation" in setup:
@@ -384,15 +385,13 @@ class Trainer:
                                         val_data or data, run_dir)
         elif val_data is not None:
             train_pairs, val_pairs = pairs, find_pairs(val_data)
-        else:  # data.json without names (older runs) split at random
-            train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed,
-                                                 split=setup.get("val_split", "random"))
+        else:
+            train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed, split=val_split)
         train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
         if ddp.world().is_main:
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
             if moved:
-                _write_data_json(run_dir, data, val_data, val, setup.get("val_split", "random"), train_pairs, val_pairs,
-                                 allow_intensity_masks)
+                _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks)
         return cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -507,7 +506,7 @@ class Trainer:
         # Maps with the training statistics of batch norm, and (with batch norm) with each image's
         # own; the rule that scores best on either, with the way its maps were made.
         rules = []
-        for statistics in ("training", "image") if has_batch_norm(model) else ("training",):
+        for statistics in NORM_STATISTICS if has_batch_norm(model) else NORM_STATISTICS[:1]:
             maps = [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
             rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
         rule = best_rule(rules)

@@ -247,9 +247,10 @@ def onnx_program(model: UNet):
 def quick_onnx_bytes(model: UNet) -> bytes:
     """ONNX bytes of `model` with softmax for onnxruntime's own use, made fast.
 
-    torch's TorchScript-based exporter writes the graph in about a fifth of the time of the
-    `torch.export` route of `onnx_program` (1.3 s against 7 s for a width-16 network here), which
-    decides whether the "auto" backend can repay an export within one job. Where that exporter
+    torch's TorchScript-based exporter writes the graph much faster than the `torch.export` route
+    of `onnx_program` (0.11 s against 8.9 s at width 16, 1.1 s against 6.3 s at width 64; see
+    benchmarks/results/backend_speed.json), which decides whether the "auto" backend can repay an
+    export within one job. Where that exporter
     is missing or fails, this falls back to `onnx_program`. Dynamic in batch, height and width.
     """
     wrapped = _inference_copy(model)
