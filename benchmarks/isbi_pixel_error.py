@@ -9,7 +9,7 @@ slices they trained on:
 
 For each probability map of a cell (P(cell), TTA for unetkit as `peer_monai` predicts it) it reports
 
-- the pixel error at 0.5 (the issue's figure), at the best single threshold over 0.20-0.80, and
+- the pixel error at 0.5 (the figure `peer_monai` reports), at the best single threshold over 0.20-0.80, and
   with the best threshold chosen for each slice on its own truth (an oracle no method has);
 - the wrong pixels split by their distance to the nearest edge of the annotation: on an edge pixel
   (a cell pixel touching membrane or a membrane pixel touching a cell), 1 px from one, 2 px, or
@@ -125,11 +125,11 @@ def unetkit_report(run: Path) -> dict:
 
 
 def monai_report(run: Path) -> dict:
-    model, iterations = load_monai(run)
-    test = load_split("isbi", "test")
     from unetkit.labels import label_components
     from unetkit.metrics import rand_error, warping_error
 
+    model, iterations = load_monai(run)
+    test = load_split("isbi", "test")
     maps = [monai_predict(model, s.image)[1] for s in test]
     truths = [s.instances > 0 for s in test]
     labels = [label_components(p > 0.5) for p in maps]  # MONAI's labels, as peer_monai draws them
