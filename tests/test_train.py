@@ -166,6 +166,7 @@ def test_best_checkpoint_holds_the_labels_rule_chosen_on_validation(samples, tmp
     summary = Trainer(tiny_config(), samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
     rule = DecisionRule.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").decision)
     assert rule.to_dict() == summary["decision"] and rule.task == "objects" and rule.tta and rule.score is not None
+    assert summary["decision_scores"] == {"training": rule.score}  # no batch norm: one kind of statistics
     assert load_checkpoint(tmp_path / "run" / "last.pt").decision == {}
 
 
@@ -183,11 +184,12 @@ def test_the_rule_records_which_batch_norm_statistics_scored_better(samples, tmp
 
     monkeypatch.setattr("unetkit.train.choose_decision", spy)
     config = tiny_config(batch_norm=True)
-    Trainer(config, samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
+    summary = Trainer(config, samples[:2], samples[2:], tmp_path / "run", normalization=NORM, progress=False).fit()
     rule = DecisionRule.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").decision)
     assert len(seen) == 2  # maps with the training statistics, then with each image's own
     assert rule.score == max(seen) and rule.image_statistics == (seen[1] > seen[0])  # objects: higher is better
     assert rule.norm_statistics == ("image" if rule.image_statistics else "training")
+    assert summary["decision_scores"] == {"training": seen[0], "image": seen[1]}  # the losing option's score too
 
 
 def test_ctrl_c_saves_the_interrupted_iteration(samples, tmp_path):

@@ -272,6 +272,7 @@ class Trainer:
         self.iteration = 0
         self.best_iou = -math.inf
         self.seconds_spent = 0.0  # budget used by earlier sessions of this run (see max_seconds)
+        self.decision_scores: dict[str, float | None] = {}  # validation score of the labels rule per batch-norm statistics
         if resume:
             self._restore()
         else:
@@ -509,6 +510,8 @@ class Trainer:
         for statistics in NORM_STATISTICS if has_batch_norm(model) else NORM_STATISTICS[:1]:
             maps = [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
             rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
+        # Both scores go into the summary: the choice can be close, and a user should see how close.
+        self.decision_scores = {r.norm_statistics: r.score for r in rules}
         rule = best_rule(rules)
         save_checkpoint(
             best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
@@ -577,6 +580,7 @@ class Trainer:
             "val_iou": None if math.isnan(val_iou) else val_iou,
             "val_pixel_error": None if math.isnan(val_error) else val_error,
             "decision": None if decision is None else decision.to_dict(),
+            "decision_scores": None if decision is None else self.decision_scores,
             "run_dir": str(self.run_dir),
         }
 
