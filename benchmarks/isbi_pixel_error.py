@@ -17,7 +17,8 @@ For each probability map of a cell (P(cell), TTA for unetkit as `peer_monai` pre
 - the membrane share of the truth and of the prediction, per slice;
 - the Rand and warping errors of each tool's own labels (unetkit: its stored rule; MONAI: the
   components of P(cell) > 0.5, as `peer_monai` draws them); for the warping error a labels image
-  is read as cells and membrane, the pixels where two cells touch becoming membrane.
+  is read as a training target reads it (`unetkit.targets.foreground_target`): the pixels where
+  two cells touch become membrane.
 
 Writes benchmarks/results/isbi_pixel_error.json.
 """
@@ -48,23 +49,13 @@ def distance_to_edge(truth: np.ndarray) -> np.ndarray:
     return ndi.distance_transform_edt(~edge)
 
 
-def labels_foreground(labels: np.ndarray) -> np.ndarray:
-    """A labels image as cells and membrane: pixels touching (4-neighbourhood) another cell's label
-    become membrane, so touching cells stay apart; background stays background."""
-    cut = np.zeros(labels.shape, bool)
-    for axis in (0, 1):
-        a, b = np.swapaxes(labels, 0, axis)[:-1], np.swapaxes(labels, 0, axis)[1:]
-        contact = (a != b) & (a > 0) & (b > 0)
-        np.swapaxes(cut, 0, axis)[:-1] |= contact
-        np.swapaxes(cut, 0, axis)[1:] |= contact
-    return (labels > 0) & ~cut
-
-
 def labels_warping(labels: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> dict:
-    """Warping error of a tool's own labels (their cells and the lines between them)."""
+    """Warping error of a tool's own labels, read as a training target reads them: cells, with the
+    pixels where two cells touch taken out (`unetkit.targets.foreground_target`)."""
     from unetkit.metrics import warping_error
+    from unetkit.targets import foreground_target
 
-    error, details = warping_error([labels_foreground(l).astype(np.uint8) for l in labels], [t.astype(np.uint8) for t in truths],
+    error, details = warping_error([foreground_target(l) for l in labels], [t.astype(np.uint8) for t in truths],
                                    return_details=True)
     return {"warping_error_labels": round(error, 5), "warping_error_labels_classes": details}
 
@@ -91,6 +82,15 @@ def map_report(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray], names: 
     }
 
 
+def scored_slices(maps: Sequence[np.ndarray], labels: Sequence[np.ndarray], test: Sequence) -> dict:
+    """Everything reported on slices 20-24 for one tool's maps and labels, scored as `peer_monai` scores."""
+    truths = [s.instances > 0 for s in test]
+    metrics = score("isbi", maps, labels, test)["metrics"]
+    return {**map_report(maps, truths, [s.name for s in test]),
+            **{key: round(metrics[key], 5) for key in ("rand_error_labels", "warping_error")},
+            **labels_warping(labels, truths)}
+
+
 def unetkit_report(run: Path) -> dict:
     """`run`: a peer_monai side folder (holding run/) or a run folder of `unetkit train` itself."""
     from unetkit import predict
@@ -107,7 +107,6 @@ def unetkit_report(run: Path) -> dict:
     test = load_split("isbi", "test", loaded.normalization)
     maps = probability(test)
     labels = [unetkit_instances(loaded, p) for p in maps]
-    scored = score("isbi", maps, labels, test)
     trained_on = json.loads((run_dir / "data.json").read_text())["train"]
     seen = get_isbi2012_samples(dataset_folder("isbi"), slices=[int(n) for n in trained_on], normalization=loaded.normalization)
     config = loaded.train_config
@@ -115,10 +114,7 @@ def unetkit_report(run: Path) -> dict:
         "run": str(run), "iterations": loaded.iteration,
         "recipe": {key: config.get(key) for key in ("base_channels", "padding", "tile_size", "lr", "max_seconds", "budget_clock")},
         "rule": decision,
-        "scored_slices": {**map_report(maps, [s.instances > 0 for s in test], [s.name for s in test]),
-                          "rand_error_labels": round(scored["metrics"]["rand_error_labels"], 5),
-                          "warping_error": round(scored["metrics"]["warping_error"], 5),
-                          **labels_warping(labels, [s.instances > 0 for s in test])},
+        "scored_slices": scored_slices(maps, labels, test),
         "training_slices": {key: value for key, value in map_report(
             probability(seen), [s.instances > 0 for s in seen], [s.name for s in seen]).items() if key != "membrane_share"},
     }
@@ -126,18 +122,12 @@ def unetkit_report(run: Path) -> dict:
 
 def monai_report(run: Path) -> dict:
     from unetkit.labels import label_components
-    from unetkit.metrics import rand_error, warping_error
 
     model, iterations = load_monai(run)
     test = load_split("isbi", "test")
     maps = [monai_predict(model, s.image)[1] for s in test]
-    truths = [s.instances > 0 for s in test]
     labels = [label_components(p > 0.5) for p in maps]  # MONAI's labels, as peer_monai draws them
-    return {"run": str(run), "iterations": iterations,
-            "scored_slices": {**map_report(maps, truths, [s.name for s in test]),
-                              "rand_error_labels": round(rand_error(labels, [t.astype(np.uint8) for t in truths]), 5),
-                              "warping_error": round(warping_error(maps, [t.astype(np.uint8) for t in truths]), 5),
-                              **labels_warping(labels, truths)}}
+    return {"run": str(run), "iterations": iterations, "scored_slices": scored_slices(maps, labels, test)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

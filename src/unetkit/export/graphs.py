@@ -250,8 +250,8 @@ def quick_onnx_bytes(model: UNet) -> bytes:
     torch's TorchScript-based exporter writes the graph much faster than the `torch.export` route
     of `onnx_program` (0.11 s against 8.9 s at width 16, 1.1 s against 6.3 s at width 64; see
     benchmarks/results/backend_speed.json), which decides whether the "auto" backend can repay an
-    export within one job. Where that exporter
-    is missing or fails, this falls back to `onnx_program`. Dynamic in batch, height and width.
+    export within one job. Where that exporter is missing or fails, this falls back to
+    `onnx_program`. Dynamic in batch, height and width.
     """
     wrapped = _inference_copy(model)
     trace_size, _ = example_sizes(model)
