@@ -148,10 +148,16 @@ def init_process_group(
 
 
 def finish() -> None:
-    """Leave the process group (a no-op when there is none)."""
+    """Leave the process group, all ranks together (a no-op when there is none).
+
+    The barrier matters: rank 0 chooses the labels rule after training while the others are done,
+    and a rank that tears its gloo connections down while a peer still holds them can abort the
+    process ("terminate called without an active exception"), which fails the whole run.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
