@@ -19,10 +19,6 @@ from .errors import InputError
 
 #: Block side of the labelling passes.
 LABEL_BLOCK = 2048
-#: Activation memory allowed for the default tile of a large image: small enough that the tile,
-#: the network, the zarr reads and writes and the labelling pass stay under 1.5 GB together on a
-#: 32768x32768 image (512 MiB peaked at 1.76 GB there).
-MEMORY_BUDGET = 256 << 20
 
 
 def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | None, rows: int | None) -> bool:
@@ -50,21 +46,25 @@ def output_name(path: Path) -> str:
     return path.stem
 
 
+def check_large_options(*, out_format: str | None, dtype: str, rows: int | None, block_size: int | None, dask: str | None) -> None:
+    """Refuse large-image options that no input could make valid (before anything is loaded or created)."""
+    if out_format not in (None, "zarr", "tiff"):
+        raise InputError(f"--out-format must be zarr or tiff (got {out_format!r})")
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"--dtype must be float32 or float16 (got {dtype!r})")
+    if rows is not None and rows < 1:
+        raise InputError(f"--rows must be >= 1 (got {rows})")
+    if block_size is not None and block_size < 1:
+        raise InputError(f"--block-size must be >= 1 pixel (got {block_size})")
+    if block_size is not None and not dask:
+        raise InputError("--block-size sets the size of Dask blocks; add --dask local:N (or an address) or leave it out")
+
+
 def segment_large(
     inputs: Sequence,
-    checkpoint,
+    model,
     out,
     *,
-    tta: bool | None = None,
-    backend: str = "auto",
-    tile_size: int | None = None,
-    batch_size: int = 1,
-    device: str = "auto",
-    threshold: float | None = None,
-    labels: str = "instances",
-    watershed: bool | None = None,
-    min_size: int | None = None,
-    fill_holes: bool = True,
     out_format: str | None = None,
     dtype: str = "float32",
     dask: str | None = None,
@@ -76,67 +76,58 @@ def segment_large(
 ) -> list[Path]:
     """Segment large images; writes NAME_probabilities.zarr and NAME_labels.ome.zarr (or .tif).
 
-    Inputs are zarr / OME-Zarr (level 0) or TIFF files read window by window. Probabilities are a
-    (n_classes, H, W) `dtype` zarr array chunked like the output tiles; labels an OME-Zarr image
-    (uint32 instance ids, or uint8 0/1 with `labels="binary"`). `out_format="tiff"` streams both
-    into tiled BigTIFFs instead. Labels are the 4-connected components of the checkpoint rule's
-    threshold, holes filled and objects below its minimum size removed, computed over the whole
-    image (objects crossing blocks keep one id); a watershed rule is not applied to large images
-    (a note says so). `dask` is ``local:N`` or a scheduler address; `rows` limits each image to
-    its top rows (for trials); `backend` is `unetkit.predict`'s (used without `dask`). Existing
-    outputs are skipped unless `force`; an interrupted run continues from its finished tiles.
+    `model` is a `unetkit.inference.Segmenter` (or a checkpoint path / packaged name): the same
+    core as for files, so the maps are made and the labels drawn as there. Inputs are zarr /
+    OME-Zarr (level 0) or TIFF files read window by window. Probabilities are a (n_classes, H, W)
+    `dtype` zarr array chunked like the output tiles; labels an OME-Zarr label image (uint32 ids,
+    or uint8 0/1 for binary labels). `out_format="tiff"` streams both into tiled BigTIFFs instead.
+
+    When the maps use each image's own batch-norm statistics, they are gathered over the whole
+    image first (a pass over its tiles without test-time augmentation and without output), then
+    every tile, block and Dask worker uses them. Labels follow the model's rule (seeded watershed,
+    components, ...) block by block, merged across block borders (`unetkit.blocklabels`).
+    `dask` is ``local:N`` or a scheduler address; `rows` limits each image to its top rows (for
+    trials). Existing outputs are skipped unless `force`; an interrupted run continues from its
+    finished tiles.
 
     Example:
         >>> segment_large(["slide.ome.zarr"], "run/best.pt", "out", dask="local:2")  # doctest: +SKIP
     """
     import zarr
 
-    from .checkpoint import load_checkpoint
-    from .device import resolve_device
-    from .pretrained import resolve_checkpoint
-    from .predict import choose_tile_shape
-    from .segment import labels_rule
+    from .inference import Segmenter
 
     note = echo or (lambda message: None)
-    if out_format not in (None, "zarr", "tiff"):
-        raise InputError(f"--out-format must be zarr or tiff (got {out_format!r})")
-    if dtype not in ("float32", "float16"):
-        raise InputError(f"--dtype must be float32 or float16 (got {dtype!r})")
-    if labels not in ("instances", "binary"):
-        raise InputError(f"--labels must be 'instances' or 'binary' (got {labels!r})")
-    if rows is not None and rows < 1:
-        raise InputError(f"--rows must be >= 1 (got {rows})")
+    check_large_options(out_format=out_format, dtype=dtype, rows=rows, block_size=block_size, dask=dask)
     images = [open_lazy(p).limited(rows) for p in inputs]
     names = [output_name(Path(p)) for p in inputs]
     if len(set(names)) != len(names):
         raise InputError(f"several inputs share a name ({', '.join(names)}); their outputs would collide")
-    path = resolve_checkpoint(checkpoint)
-    path = path.resolve() if path.exists() else path
-    loaded = load_checkpoint(path)
-    net = loaded.model
+    if isinstance(model, Segmenter):
+        segmenter = model
+    else:
+        from .pretrained import resolve_checkpoint
+
+        path = resolve_checkpoint(model)
+        segmenter = Segmenter.load(path.resolve() if path.exists() else path)
+        segmenter.source = model
+    checkpoint = _checkpoint_path(segmenter.source)
+    if dask and checkpoint is None:
+        raise InputError("--dask needs the model as a checkpoint file or packaged model name, which every worker loads")
+    net = segmenter.model
+    settings = segmenter.settings
     for image in images:
         if image.shape[0] != net.in_channels:
             raise InputError(f"{image.path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
-    if tile_size is not None:
-        net.geometry.check(tile_size, "--tile-size")
-    rule = labels_rule(loaded.decision, threshold=threshold, watershed=watershed, min_size=min_size)
-    tta = rule.tta if tta is None else bool(tta)
-    if labels == "instances" and rule.method != "components":
-        note(f"labels: the {rule.method} split is not applied to large images; objects are the connected components "
-             f"at threshold {rule.threshold}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = out_format or "zarr"
     client = None
-    from .distributed import connect
+    from .distributed import MIN_CHUNK_PIXELS, connect
 
     if dask:
         client = connect(dask)
-    else:
-        net.to(resolve_device(device))
     written: list[Path] = []
-    from .distributed import MIN_CHUNK_PIXELS
-
     for image in images:
         rows_per_chunk, cols_per_chunk = image.chunk_shape()
         if rows_per_chunk * cols_per_chunk < MIN_CHUNK_PIXELS and image.pixels > MIN_CHUNK_PIXELS:
@@ -149,23 +140,25 @@ def segment_large(
             if not force and all(t.exists() for t in targets):
                 note(f"skipping {image.path}: its outputs exist in {out} (add --force to segment it again)")
                 continue
-            scale, offset = fit_normalization(loaded.normalization, image, progress=progress)
+            scale, offset = fit_normalization(segmenter.loaded.normalization, image, progress=progress)
             normalized = image.normalized(scale, offset)
-            shape = image.shape[1:]
-            tiles = (tile_size, tile_size) if tile_size else choose_tile_shape(net, shape, batch_size=batch_size, memory_budget=MEMORY_BUDGET)
+            tiles = segmenter.tile_shape(normalized.shape)
             probabilities = out / f"{name}_probabilities.zarr"
             if fmt == "zarr" and probabilities.exists() and not force:
                 note(f"{probabilities}: exists, kept")
             else:
-                attributes = {"unetkit": {"class_names": loaded.class_names, "checkpoint": str(path), "tta": tta,
+                statistics = segmenter.statistics(normalized, progress=progress)
+                attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
+                                          "tta": settings.maps.tta, "norm_statistics": settings.maps.norm_statistics,
                                           "tile_shape": list(tiles), "source": str(image.path), "rows": rows}}
-                predict_to_zarr(path, net, normalized, probabilities, tile_shape=tiles, batch_size=batch_size, tta=tta, backend=backend,
-                                dtype=dtype, client=client, block_size=block_size, attributes=attributes,
-                                progress=progress, echo=note)
+                predict_to_zarr(checkpoint if checkpoint is not None else "", net, normalized, probabilities, tile_shape=tiles,
+                                batch_size=settings.batch_size, tta=settings.maps.tta, backend=settings.backend, dtype=dtype,
+                                client=client, block_size=block_size, attributes=attributes, progress=progress, echo=note,
+                                norm_statistics=statistics)
             probs = zarr.open_array(str(probabilities), mode="r")
             label_path = targets[1] if fmt == "zarr" else out / f"{name}_labels.ome.zarr"
             if not label_path.exists() or force:
-                _write_labels(probs, label_path, rule, labels, fill_holes, name, progress)
+                _write_labels(probs, label_path, settings, name, progress)
             if fmt == "tiff":
                 written.append(zarr_to_tiff(probs, targets[0], force=force))
                 written.append(zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force))
@@ -182,7 +175,17 @@ def segment_large(
     return written
 
 
-def _write_labels(probs, path: Path, rule, labels: str, fill_holes: bool, name: str, progress: bool) -> None:
+def _checkpoint_path(source) -> Path | None:
+    """The checkpoint file a segmenter was loaded from (what Dask workers load), if any."""
+    if source is None:
+        return None
+    from .pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    return path.resolve() if path.exists() else None
+
+
+def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> None:
     import zarr
 
     from .blocklabels import label_blockwise
@@ -193,7 +196,8 @@ def _write_labels(probs, path: Path, rule, labels: str, fill_holes: bool, name: 
     shape = tuple(probs.shape[1:])
     chunks = tuple(min(c, 2048) for c in probs.chunks[1:])
     foreground = _Foreground(probs)
-    if labels == "binary":
+    rule = settings.rule
+    if settings.labels == "binary":
         array = create_ome_labels(partial, shape, chunks, "uint8", name)
         for y in range(0, shape[0], LABEL_BLOCK):
             for x in range(0, shape[1], LABEL_BLOCK):
@@ -206,8 +210,8 @@ def _write_labels(probs, path: Path, rule, labels: str, fill_holes: bool, name: 
         def scratch(shape):
             return zarr.create_array(store=str(partial / "scratch"), shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
 
-        label_blockwise(foreground, array, threshold=rule.threshold, min_size=rule.min_size, fill_holes=fill_holes,
-                        block=block, scratch=scratch, progress=progress)
+        label_blockwise(foreground, array, rule=rule, fill_holes=settings.fill_holes, block=block, scratch=scratch,
+                        progress=progress)
         shutil.rmtree(partial / "scratch")
     if path.exists():
         shutil.rmtree(path)
@@ -222,5 +226,6 @@ class _Foreground:
         self.shape = tuple(probs.shape[1:])
 
     def __getitem__(self, key):
-        data = np.asarray(self.probs[(slice(None), *key)]).astype(np.float32, copy=False)
-        return data[1:].sum(0) if data.shape[0] > 2 else data[-1]
+        from .inference import foreground
+
+        return foreground(np.asarray(self.probs[(slice(None), *key)]).astype(np.float32, copy=False))

@@ -13,7 +13,6 @@ from .data.normalize import Normalization
 from .data.samples import make_sample
 from .io import atomic_write, prepare_output_dir, write_png, write_tiff
 from .plots import overlay
-from .predict import predict
 from .synthetic import synthetic_cells, synthetic_dataset
 from .train import Trainer
 
@@ -42,8 +41,7 @@ def run_demo(out: str | Path, *, force: bool = False, settings: DemoSettings = D
     Example:
         >>> summary = run_demo("demo-output", settings=DemoSettings(seconds=20))  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint
-    from .decision import DecisionRule
+    from .inference import InferenceOptions, Segmenter
     from .metrics import average_precision, iou, seg_score
     from .recipes import recipe_config
 
@@ -71,11 +69,11 @@ def run_demo(out: str | Path, *, force: bool = False, settings: DemoSettings = D
 
     image, labels = synthetic_cells(s.test_shape, seed=s.seed + 10_000)
     started = time.perf_counter()
-    best = load_checkpoint(out / "run" / "best.pt")
-    rule = DecisionRule.from_dict(best.decision)  # chosen on the validation images at the end of training
-    probabilities = predict(best.model, normalization(image), tile_size=s.predict_tile, tta=rule.tta, norm_statistics=rule.norm_statistics)
+    # the core `unetkit predict` uses: the labels rule and maps chosen on the validation images
+    segmenter = Segmenter.load(out / "run" / "best.pt", InferenceOptions(tile_size=s.predict_tile))
+    segmented = segmenter.segment(image, name="held-out image")
+    probabilities, instances, rule = segmented.probabilities, segmented.labels, segmented.rule
     predict_seconds = time.perf_counter() - started
-    instances = rule.apply(probabilities[1])
     foreground_iou = float(iou(probabilities[1] > 0.5, labels > 0))
     seg = float(seg_score(instances, labels))
     detection = average_precision(instances, labels, thresholds=(0.5,))[0.5]

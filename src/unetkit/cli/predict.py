@@ -19,8 +19,8 @@ def predict(
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Input tile size (default: the largest that fits in memory).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
-    norm_statistics: Annotated[Optional[str], typer.Option("--norm-statistics", help="Batch norm statistics: 'training' (stored in the model) or 'image' (each image's own, gathered over its tiles first; helps images whose contrast differs from the training images'). Default: as the checkpoint's labels rule was chosen. Files only, not the large-image path.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="What runs the network: torch, onnxruntime (needs unetkit[export]) or auto (torch on a GPU; on the CPU the faster of the two, measured once per model and tile and remembered).")] = "auto",
+    norm_statistics: Annotated[Optional[str], typer.Option("--norm-statistics", help="Batch norm statistics: 'training' (stored in the model) or 'image' (each image's own, gathered over its tiles first; helps images whose contrast differs from the training images'). Default: as the checkpoint's labels rule was chosen. ")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="What runs the network: torch, onnxruntime (needs the export extra: pip install 'unetkit\\[export]') or auto (torch on a GPU; on the CPU the faster of the two, measured once per model and tile and remembered).")] = "auto",
     threshold: Annotated[Optional[float], typer.Option(help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule.")] = None,
     labels: Annotated[str, typer.Option(help="'instances' (one id per object) or 'binary'.")] = "instances",
     watershed: Annotated[Optional[bool], typer.Option("--watershed", help="Split touching objects by a seeded watershed on the distance transform (instead of the stored rule).")] = None,
@@ -37,42 +37,47 @@ def predict(
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="With --dask: about this many pixels per block side (default 4096).")] = None,
 ) -> None:
     """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input."""
-    from ..device import check_device
+    from ..errors import InputError
+    from ..inference import InferenceOptions
     from ..io import check_writable_folder
 
-    check_device(device)  # the quick checks first, before torch is imported
-    if backend not in ("auto", "torch", "onnxruntime"):
-        from ..errors import InputError
+    # Every option is checked before torch is imported, a model loaded or a folder created.
+    options = InferenceOptions(tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
+                               norm_statistics=norm_statistics, threshold=threshold, watershed=watershed, min_size=min_size,
+                               labels=labels, fill_holes=fill_holes).check()
+    from ..bigsegment import check_large_options, segment_large, wants_large
 
-        raise InputError(f"--backend must be auto, torch or onnxruntime (got {backend!r})")
-    if norm_statistics not in (None, "training", "image"):
-        from ..errors import InputError
+    check_large_options(out_format=out_format, dtype=dtype, rows=rows, block_size=block_size, dask=dask)
+    if dask:
+        from ..distributed import check_dask_address
 
-        raise InputError(f"--norm-statistics must be training or image (got {norm_statistics!r})")
+        check_dask_address(dask)
     check_writable_folder(out, "--out")
+    large = wants_large(inputs, out_format=out_format, dask=dask, rows=rows)
+    if large and ctc:
+        raise InputError("--ctc writes 16-bit TIFF masks of ordinary images; large images are written as OME-Zarr labels: "
+                         "leave out --ctc (or --out-format/--dask/--rows)")
+    if large and skip_unreadable:
+        raise InputError("--skip-unreadable applies to batches of ordinary image files; leave it out for zarr/large images")
+    if not large and dtype != "float32":
+        raise InputError("--dtype float16 applies to the zarr/BigTIFF outputs of large images; add --out-format zarr or leave it out")
     from . import CommandInterrupted
-    from ..bigsegment import segment_large, wants_large
+    from ..inference import Segmenter
 
+    segmenter = Segmenter.load(model, options)
+    typer.echo(f"{model}: {segmenter.settings.describe()}")
     try:
-        if wants_large(inputs, out_format=out_format, dask=dask, rows=rows):
-            written = segment_large(
-                inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
-                threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
-                out_format=out_format, dtype=dtype, dask=dask, rows=rows, block_size=block_size, force=force,
-                progress=progress, echo=typer.echo,
-            )
+        if large:
+            written = segment_large(inputs, segmenter, out, out_format=out_format, dtype=dtype, dask=dask, rows=rows,
+                                    block_size=block_size, force=force, progress=progress, echo=typer.echo)
             typer.echo(f"wrote {len(written)} outputs to {out}")
             return
         from ..segment import segment_files
 
-        written = segment_files(
-            inputs, model, out, tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
-            threshold=threshold, labels=labels, watershed=watershed, min_size=min_size, fill_holes=fill_holes,
-            ctc=ctc, force=force, progress=progress, skip_unreadable=skip_unreadable, echo=typer.echo,
-            norm_statistics=norm_statistics,
-        )
+        written = segment_files(inputs, segmenter, out, ctc=ctc, force=force, progress=progress,
+                                skip_unreadable=skip_unreadable, echo=typer.echo)
     except KeyboardInterrupt as exc:
-        if wants_large(inputs, out_format=out_format, dask=dask, rows=rows):
+        if large:
             raise CommandInterrupted("finished tiles are kept; run the same command again to continue") from None
         raise CommandInterrupted(str(exc) or f"nothing was written to {out}") from None
     typer.echo(f"wrote {len(written)} files to {out}")

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from ..inference import Segmentation, labels_rule
 
 #: What the widget's Evaluate button reports (warping error is left out: slow on large images).
 WIDGET_METRICS = ("pixel", "rand", "dice", "iou", "seg", "ap")
@@ -121,30 +119,6 @@ def check_tile_size(loaded, tile_size: int | None) -> int | None:
     return int(tile_size)
 
 
-@dataclass
-class Segmentation:
-    """A segmented layer: what `unetkit predict` would write for it, and how it was made."""
-
-    probabilities: np.ndarray  # float32 (n_classes, H, W)
-    labels: np.ndarray  # uint16 instance labels (H, W)
-    rule: Any  # the unetkit.decision.DecisionRule that drew the labels
-    tta: bool
-    seconds: float
-    notes: list[str] = field(default_factory=list)  # what the user should know (input unlike a packaged model's data)
-
-    def summary(self) -> str:
-        """One line for the widget: objects found, the rule, the time.
-
-        Example:
-            >>> from unetkit.decision import DecisionRule
-            >>> Segmentation(np.zeros((2, 2, 2)), np.array([[0, 1], [2, 2]]), DecisionRule(), False, 1.25).summary()
-            '2 objects (components at 0.5, no TTA) in 1.2 s'
-        """
-        count = int(len(np.unique(self.labels[self.labels > 0])))
-        return (f"{count} object{'s' if count != 1 else ''} ({self.rule.method} at {self.rule.threshold:g}, "
-                f"{'8-fold TTA' if self.tta else 'no TTA'}) in {self.seconds:.1f} s")
-
-
 def segment_image(
     loaded,
     image: np.ndarray,
@@ -158,32 +132,18 @@ def segment_image(
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> Segmentation:
-    """Segment a raw 2D image (a layer's data) as `unetkit predict` segments a file: the
-    checkpoint's normalisation, `unetkit.predict`, and labels by `unetkit.segment.labels_rule`
-    (the rule stored in the checkpoint, with the TTA it was chosen with unless `tta` is given).
+    """Segment a raw 2D image (a layer's data) with the core `unetkit predict` uses
+    (`unetkit.inference.Segmenter`): the checkpoint's normalisation, maps made as its labels rule
+    was chosen (TTA unless `tta` is given, batch-norm statistics) and labels drawn by that rule.
 
     `source` (the checkpoint path or packaged name) lets a packaged model warn about images unlike
     its training data; the warnings become `notes`. `progress(done, total)` is called after each
     batch of tiles; when `cancelled()` turns true the prediction stops with `Cancelled`.
     """
-    from ..device import resolve_device
-    from ..predict import predict
-    from ..pretrained import check_input, pretrained_name
-    from ..segment import labels_from_probabilities, labels_rule
+    from ..inference import InferenceOptions, Segmenter
 
-    started = time.perf_counter()
-    notes: list[str] = []
-    packaged = pretrained_name(source) if source is not None else None
-    if packaged:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            notes.extend(check_input(packaged, image, source=f"layer {name!r}"))
-    rule = labels_rule(loaded.decision)
-    use_tta = rule.tta if tta is None else bool(tta)
-    tile = check_tile_size(loaded, tile_size)
-    normalised = loaded.normalization(image)
-    if not np.isfinite(normalised).all():
-        raise InputError(f"layer {name!r}: normalised image contains NaN or infinite values")
+    options = InferenceOptions(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend or "auto")
+    segmenter = Segmenter(loaded, options, source=source)
 
     def callback(done: int, total: int) -> None:
         if cancelled is not None and cancelled():
@@ -191,11 +151,22 @@ def segment_image(
         if progress is not None:
             progress(done, total)
 
-    options: dict[str, Any] = {"backend": backend} if backend else {}
-    probabilities = predict(loaded.model, normalised, tile_size=tile, tta=use_tta, device=resolve_device(device),
-                            callback=callback, norm_statistics=rule.norm_statistics, **options)
-    labels = labels_from_probabilities(probabilities, rule)
-    return Segmentation(probabilities, labels, rule, use_tta, time.perf_counter() - started, notes)
+    return segmenter.segment(image, name=f"layer {name!r}", callback=callback)
+
+
+def truth_choice(labels_layers: Sequence[str], prediction: str, current: str = "") -> str:
+    """The labels layer to offer as ground truth: the current choice, else the first one, but never
+    the layer chosen as the prediction ("" when there is no other), so a layer is not scored
+    against itself.
+
+    Example:
+        >>> truth_choice(["cells labels", "mask"], "cells labels"), truth_choice(["cells labels"], "cells labels")
+        ('mask', '')
+    """
+    for name in (current, *labels_layers):
+        if name and name != prediction and name in labels_layers:
+            return name
+    return ""
 
 
 def evaluate_labels(
@@ -238,8 +209,6 @@ def format_scores(scores: dict[str, Any]) -> str:
 
 def describe_model(loaded, source: str | os.PathLike) -> str:
     """One line on a loaded model: its network, input channels and labels rule."""
-    from ..segment import labels_rule
-
     rule = labels_rule(loaded.decision)
     config = loaded.model.config
     label = Path(str(source)).name

@@ -47,6 +47,7 @@ from ._segment import (
     layer_image,
     load_model,
     segment_image,
+    truth_choice,
 )
 
 #: The model menu's entry that reads the path field instead of a packaged model.
@@ -183,7 +184,7 @@ class SegmentWidget(QWidget):
         active = self.viewer.layers.selection.active
         self._fill(self.image, images, active.name if isinstance(active, Image) and not self._adding else None)
         self._fill(self.prediction, labels, self.result_name("labels"))
-        self._fill(self.truth, labels, None)
+        self._fill(self.truth, labels, truth_choice(labels, self.prediction.currentText(), self.truth.currentText()))
 
     def _follow_selection(self, event: Any = None) -> None:
         """The image layer selected in the layer list becomes the one to segment."""
@@ -195,12 +196,15 @@ class SegmentWidget(QWidget):
 
     @staticmethod
     def _fill(combo: QComboBox, names: list[str], prefer: str | None) -> None:
-        """Offer `names`, choosing `prefer` if given, else the current choice while it is there, else the first."""
+        """Offer `names`, choosing `prefer` if given ("" chooses none), else the current choice while it
+        is there, else the first."""
         current = combo.currentText()
         combo.blockSignals(True)
         combo.clear()
         combo.addItems(names)
-        for choice in (prefer, current):
+        if prefer == "":
+            combo.setCurrentIndex(-1)
+        for choice in (prefer, current) if prefer != "" else ():
             if choice in names:
                 combo.setCurrentText(choice)
                 break
@@ -300,6 +304,10 @@ class SegmentWidget(QWidget):
         if not all(names) or not all(n in self.viewer.layers for n in names):
             self._say("evaluation needs two labels layers: the segmentation and the ground truth (open the mask "
                       "with File > Open, then choose it under 'ground truth')", error=True)
+            return
+        if names[0] == names[1]:
+            self._say(f"{names[0]!r} is chosen as both the segmentation and the ground truth; choose the ground-truth "
+                      "labels layer (open the mask with File > Open)", error=True)
             return
         prediction, truth = (self.viewer.layers[n].data for n in names)
         self._say(f"scoring {names[0]!r} against {names[1]!r}...")

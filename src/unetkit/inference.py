@@ -1,0 +1,396 @@
+"""One segmentation core: the settings of a prediction, resolved once, and the object that applies them.
+
+A checkpoint stores more than weights: how its probability maps are made (test-time
+augmentation, batch norm with each image's own statistics) and how labels are drawn from them
+(the rule chosen on validation images). Every way of segmenting (files, zarr / BigTIFF images
+larger than memory, Dask blocks, the napari widget, the demo) goes through `Segmenter`, so a
+model gives one result on every path:
+
+* `InferenceOptions` is what the user asked for (None = as the checkpoint says). Its `check`
+  needs no torch, so the command line refuses a bad option before anything is loaded or created.
+* `InferenceSettings.resolve` combines it with the checkpoint once: `maps` (how maps are made),
+  `rule` (how labels are drawn), tile, batch, device and backend.
+* `Segmenter` makes maps (`probabilities`, `statistics` for blockwise paths) and labels (`labels`).
+
+Example:
+    >>> from unetkit.checkpoint import LoadedModel
+    >>> from unetkit.data.normalize import Normalization
+    >>> from unetkit.network import UNet
+    >>> loaded = LoadedModel(UNet(depth=2, base_channels=4), Normalization(), ["background", "cell"],
+    ...                      decision={"method": "seeded", "threshold": 0.2, "tta": True})
+    >>> segmenter = Segmenter(loaded, InferenceOptions(tile_size=44, device="cpu"))
+    >>> segmenter.settings.maps
+    MapSettings(tta=True, norm_statistics='training')
+    >>> result = segmenter.segment(np.random.rand(30, 50).astype("float32"))
+    >>> result.probabilities.shape, result.labels.shape
+    ((2, 30, 50), (30, 50))
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .decision import DecisionRule
+from .errors import InputError
+
+LABEL_KINDS = ("instances", "binary")
+BACKENDS = ("auto", "torch", "onnxruntime")
+NORM_STATISTICS = ("training", "image")
+#: Activation memory for one batch of tiles of an image above `unetkit.bigimage.LARGE_PIXELS`:
+#: small enough that the tile, the network, the zarr reads and writes and the labels pass stay
+#: under 1.5 GB together on a 32768x32768 image (512 MiB there peaked at 1.76 GB).
+LARGE_IMAGE_MEMORY_BUDGET = 256 << 20
+
+
+def memory_budget(pixels: int) -> int | None:
+    """Bytes of activations allowed for the tiles of an image of `pixels` pixels; None leaves the
+    choice to `unetkit.predict.choose_tile_shape` (1 GiB, or a quarter of the memory available).
+
+    It depends on the image's size only, never on the path that segments it, so files, zarr and
+    Dask choose the same tiles (and so gather the same batch-norm statistics) for the same image.
+
+    Example:
+        >>> memory_budget(512 * 512) is None, memory_budget(20000 * 20000) == LARGE_IMAGE_MEMORY_BUDGET
+        (True, True)
+    """
+    from .bigimage import LARGE_PIXELS
+
+    return LARGE_IMAGE_MEMORY_BUDGET if pixels > LARGE_PIXELS else None
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What the user asked for; None means "as the checkpoint's labels rule says".
+
+    Args:
+        tta: average the 8 dihedral transforms (None: as the rule was chosen).
+        tile_size: legal input tile side (None: the cheapest tile within `memory_budget`).
+        batch_size: tiles per forward pass.
+        device: "auto", "cpu", "cuda[:N]" or "mps".
+        backend: "auto", "torch" or "onnxruntime".
+        norm_statistics: "training" or "image" batch-norm statistics (None: as the rule was chosen).
+        threshold, watershed, min_size: any of them replaces the stored rule by components (or
+            the distance watershed) at `threshold` (0.5) with `min_size`.
+        labels: "instances" or "binary".
+        fill_holes: fill holes enclosed by one object.
+
+    Example:
+        >>> InferenceOptions(threshold=1.5).check()
+        Traceback (most recent call last):
+        ...
+        unetkit.errors.InputError: --threshold must be in [0, 1] (got 1.5)
+    """
+
+    tta: bool | None = None
+    tile_size: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    backend: str = "auto"
+    norm_statistics: str | None = None
+    threshold: float | None = None
+    watershed: bool | None = None
+    min_size: int | None = None
+    labels: str = "instances"
+    fill_holes: bool = True
+
+    def check(self) -> "InferenceOptions":
+        """Refuse an option that no checkpoint could make valid (one line each); returns self."""
+        from .device import check_device
+
+        check_device(self.device)
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.norm_statistics not in (None, *NORM_STATISTICS):
+            raise InputError(f"--norm-statistics must be training or image (got {self.norm_statistics!r})")
+        if self.labels not in LABEL_KINDS:
+            raise InputError(f"--labels must be 'instances' or 'binary' (got {self.labels!r})")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"--threshold must be in [0, 1] (got {self.threshold})")
+        if self.min_size is not None and (int(self.min_size) != self.min_size or self.min_size < 0):
+            raise InputError(f"--min-size must be a whole number of pixels >= 0 (got {self.min_size})")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise InputError(f"--batch-size must be an integer >= 1 (got {self.batch_size})")
+        if self.tile_size is not None and (int(self.tile_size) != self.tile_size or self.tile_size < 1):
+            raise InputError(f"--tile-size must be a positive whole number of pixels (got {self.tile_size})")
+        return self
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How probability maps are made: test-time augmentation and batch-norm statistics."""
+
+    tta: bool = False
+    norm_statistics: str = "training"
+
+    def describe(self) -> str:
+        statistics = "each image's batch-norm statistics" if self.norm_statistics == "image" else "stored batch-norm statistics"
+        return f"{'8-fold TTA' if self.tta else 'no TTA'}, {statistics}"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Everything that decides a segmentation, resolved once from a checkpoint and the user's options.
+
+    `maps` says how probability maps are made, `rule` how labels are drawn from them; `origin`
+    says for each of the two whether it came from the checkpoint or from an option.
+    """
+
+    maps: MapSettings
+    rule: DecisionRule
+    tile_size: int | None
+    batch_size: int
+    device: str
+    backend: str
+    labels: str
+    fill_holes: bool
+    origin: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, loaded, options: InferenceOptions | None = None) -> "InferenceSettings":
+        """Settings for the model `loaded` (a `LoadedModel`) under `options` (checked here too)."""
+        from .backends import check_backend
+        from .device import resolve_device
+
+        options = (options or InferenceOptions()).check()
+        stored = dict(loaded.decision or {})
+        rule = labels_rule(stored, threshold=options.threshold, watershed=options.watershed, min_size=options.min_size)
+        replaced = options.threshold is not None or options.watershed is not None or options.min_size is not None
+        # The maps follow how the stored rule was chosen even when its labels step is replaced.
+        chosen = DecisionRule.from_dict(stored) if stored else DecisionRule()
+        tta = chosen.tta if options.tta is None else bool(options.tta)
+        statistics = options.norm_statistics or chosen.norm_statistics
+        if options.tile_size is not None:
+            loaded.model.geometry.check(int(options.tile_size), "--tile-size")
+        device = resolve_device(options.device)
+        check_backend(options.backend, device)
+        origin = {
+            "maps": "options" if options.tta is not None or options.norm_statistics else ("checkpoint" if stored else "defaults"),
+            "rule": "checkpoint" if stored and not replaced else ("options" if replaced else "defaults"),
+        }
+        return cls(MapSettings(tta, statistics), rule, None if options.tile_size is None else int(options.tile_size),
+                   int(options.batch_size), str(device), options.backend, options.labels, bool(options.fill_holes), origin)
+
+    def tile_shape(self, model, image_shape) -> tuple[int, int]:
+        """The input tile (h, w) for an image of `image_shape` ((..., H, W)): the one rule every path uses."""
+        if self.tile_size is not None:
+            return (self.tile_size, self.tile_size)
+        from .predict import choose_tile_shape
+
+        height, width = int(image_shape[-2]), int(image_shape[-1])
+        return choose_tile_shape(model, (height, width), memory_budget=memory_budget(height * width), batch_size=self.batch_size)
+
+    def describe(self) -> str:
+        """One line for the user: how labels are drawn and maps made, and from where.
+
+        Example:
+            >>> settings = InferenceSettings(MapSettings(True, "image"), DecisionRule("seeded", 0.0), None, 1, "cpu", "auto",
+            ...                              "instances", True, {"rule": "checkpoint", "maps": "checkpoint"})
+            >>> settings.describe()
+            "labels (checkpoint): seeded watershed (mask > 0, cores > 0.9); maps (checkpoint): 8-fold TTA, each image's batch-norm statistics; tile auto, backend auto, cpu"
+        """
+        rule = self.rule
+        if self.labels == "binary":
+            drawn = f"binary foreground > {rule.threshold:g}"
+        elif rule.method == "seeded":
+            drawn = f"seeded watershed (mask > {rule.threshold:g}, cores > {rule.seed_threshold:g})"
+        elif rule.method == "watershed":
+            drawn = f"distance watershed at {rule.threshold:g} (h {rule.h:g})"
+        else:
+            drawn = f"connected components at {rule.threshold:g}"
+        if rule.min_size and self.labels != "binary":
+            drawn += f", objects >= {rule.min_size} px"
+        tile = f"{self.tile_size}" if self.tile_size else "auto"
+        return (f"labels ({self.origin.get('rule', 'defaults')}): {drawn}; maps ({self.origin.get('maps', 'defaults')}): "
+                f"{self.maps.describe()}; tile {tile}, backend {self.backend}, {self.device}")
+
+
+@dataclass
+class Segmentation:
+    """An image segmented in memory: what `unetkit predict` writes for it."""
+
+    probabilities: np.ndarray  # float32 (n_classes, H, W)
+    labels: np.ndarray  # instances uint16 (uint32 above 65535 objects) or binary uint8
+    settings: InferenceSettings
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # what the user should know (an input unlike the training data)
+
+    @property
+    def rule(self) -> DecisionRule:
+        return self.settings.rule
+
+    @property
+    def tta(self) -> bool:
+        return self.settings.maps.tta
+
+    def summary(self) -> str:
+        """One line: objects found, the rule, the time.
+
+        Example:
+            >>> s = InferenceSettings(MapSettings(), DecisionRule(), None, 1, "cpu", "auto", "instances", True)
+            >>> Segmentation(np.zeros((2, 2, 2)), np.array([[0, 1], [2, 2]]), s, 1.25).summary()
+            '2 objects (components at 0.5, no TTA) in 1.2 s'
+        """
+        count = int(len(np.unique(self.labels[self.labels > 0])))
+        return (f"{count} object{'s' if count != 1 else ''} ({self.rule.method} at {self.rule.threshold:g}, "
+                f"{'8-fold TTA' if self.tta else 'no TTA'}) in {self.seconds:.1f} s")
+
+
+def foreground(probabilities: np.ndarray) -> np.ndarray:
+    """The foreground probability of (n_classes, H, W) maps: every class but the first summed (the
+    last class itself for two classes)."""
+    return probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
+
+
+def label_dtype(count: int) -> np.dtype:
+    """uint16 for up to 65535 objects, else uint32: ids never wrap."""
+    return np.dtype(np.uint16) if count <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def labels_rule(
+    stored: dict | None, *, threshold: float | None = None, watershed: bool | None = None, min_size: int | None = None
+) -> DecisionRule:
+    """The rule that turns probabilities into labels: the checkpoint's `stored` one (chosen on
+    validation) unless an option is given, else components (or the distance watershed) at
+    `threshold` (0.5) with `min_size` (0).
+
+    Example:
+        >>> labels_rule({"method": "seeded", "threshold": 0.3, "tta": True}).method
+        'seeded'
+        >>> labels_rule({"method": "seeded", "threshold": 0.3}, threshold=0.6).method
+        'components'
+    """
+    if stored and threshold is None and watershed is None and min_size is None:
+        return DecisionRule.from_dict(stored)
+    return DecisionRule(method="watershed" if watershed else "components",
+                        threshold=0.5 if threshold is None else float(threshold), min_size=int(min_size or 0))
+
+
+def labels_from_probabilities(
+    probabilities: np.ndarray, rule: DecisionRule, *, binary: bool = False, fill_holes: bool = True
+) -> np.ndarray:
+    """The label image `unetkit predict` writes for (n_classes, H, W) `probabilities`: instances
+    (uint16; uint32 above 65535 objects) drawn by `rule` from the foreground, or with `binary`
+    uint8 0/1 foreground above the rule's threshold.
+
+    Example:
+        >>> p = np.zeros((2, 4, 6), np.float32); p[1, :, :2] = p[1, :, 4:] = 0.9; p[0] = 1 - p[1]
+        >>> labels_from_probabilities(p, DecisionRule())[0].tolist()
+        [1, 1, 0, 0, 2, 2]
+    """
+    fg = foreground(probabilities)
+    if binary:
+        return (fg > rule.threshold).astype(np.uint8)
+    instances = rule.apply(fg, fill_holes=fill_holes)
+    return instances.astype(label_dtype(int(instances.max(initial=0))))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "out of memory" in text.lower() or isinstance(exc, MemoryError))
+
+
+class Segmenter:
+    """A loaded model with its resolved settings: the one place maps and labels are made.
+
+    Args:
+        loaded: a `unetkit.checkpoint.LoadedModel` (`load_checkpoint(path_or_name)`).
+        options: the user's `InferenceOptions` (default: everything as the checkpoint says).
+        source: the checkpoint path or packaged model name, so a packaged model can warn about
+            images unlike its training data.
+
+    Example:
+        >>> segmenter = Segmenter.load("em-membranes")  # doctest: +SKIP
+        >>> result = segmenter.segment(raw_image, name="slice20.tif")  # doctest: +SKIP
+    """
+
+    def __init__(self, loaded, options: InferenceOptions | None = None, *, source=None) -> None:
+        from .pretrained import pretrained_name
+
+        self.loaded = loaded
+        self.settings = InferenceSettings.resolve(loaded, options)
+        self.source = source
+        self.packaged = pretrained_name(source) if source is not None else None
+        self.model = loaded.model.to(self.settings.device)
+
+    @classmethod
+    def load(cls, checkpoint, options: InferenceOptions | None = None) -> "Segmenter":
+        """A segmenter for a checkpoint file or packaged model name."""
+        from .checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(checkpoint), options, source=checkpoint)
+
+    # -- input ---------------------------------------------------------------------------------
+    def check_raw(self, raw: np.ndarray, name: str = "image") -> list[str]:
+        """Warnings (as notes) when `raw` is unlike a packaged model's training images."""
+        if not self.packaged:
+            return []
+        from .pretrained import check_input
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return check_input(self.packaged, raw, source=name)
+
+    def normalize(self, raw: np.ndarray, name: str = "image") -> np.ndarray:
+        """The checkpoint's normalisation of a raw image; InputError naming `name` for NaN or infinity."""
+        image = self.loaded.normalization(raw)
+        if not np.isfinite(image).all():
+            raise InputError(f"{name}: image contains NaN or infinite values; replace them before predicting")
+        return image
+
+    # -- maps ----------------------------------------------------------------------------------
+    def tile_shape(self, image_shape) -> tuple[int, int]:
+        return self.settings.tile_shape(self.model, image_shape)
+
+    def statistics(self, image, *, progress: bool = False):
+        """Batch-norm statistics of a normalised (lazy) image for blockwise paths, gathered once over
+        its tiles; None when the maps use the stored statistics or the network has no batch norm."""
+        from .adapt import gather_statistics, has_batch_norm
+
+        if self.settings.maps.norm_statistics != "image" or not has_batch_norm(self.model):
+            return None
+        return gather_statistics(self.model, image, self.tile_shape(image.shape), progress=progress)
+
+    def probabilities(self, image, *, statistics=None, out=None, tiles=None, on_batch=None,
+                      callback: Callable[[int, int], None] | None = None, progress: bool = False):
+        """(n_classes, H, W) probabilities of a normalised image, made as `settings.maps` says.
+
+        `statistics` (from `statistics`) replaces gathering them from `image`; `out`, `tiles`,
+        `on_batch` are `unetkit.predict`'s, for writing tile by tile into a zarr array.
+        """
+        from .predict import predict
+
+        s = self.settings
+        tile_shape = self.tile_shape(image.shape)
+        try:
+            return predict(self.model, image, tile_size=tile_shape, batch_size=s.batch_size, tta=s.maps.tta,
+                           backend=s.backend, norm_statistics=statistics if statistics is not None else s.maps.norm_statistics,
+                           out=out, tiles=tiles, on_batch=on_batch, callback=callback, progress=progress)
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise InputError(
+                f"out of memory predicting tiles of {tile_shape[0]}x{tile_shape[1]} pixels in batches of {s.batch_size}; "
+                "lower --tile-size (or leave it out: the tile is then chosen by the memory available) or --batch-size"
+            ) from None
+
+    # -- labels --------------------------------------------------------------------------------
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """Labels drawn from in-memory probabilities by `settings.rule`: instance ids (uint16, or
+        uint32 above 65535 objects) or, for `labels="binary"`, uint8 0/1."""
+        s = self.settings
+        return labels_from_probabilities(probabilities, s.rule, binary=s.labels == "binary", fill_holes=s.fill_holes)
+
+    # -- both ----------------------------------------------------------------------------------
+    def segment(self, raw: np.ndarray, *, name: str = "image",
+                callback: Callable[[int, int], None] | None = None, progress: bool = False) -> Segmentation:
+        """Segment a raw in-memory image: normalise, make maps, draw labels."""
+        started = time.perf_counter()
+        notes = self.check_raw(raw, name)
+        probabilities = self.probabilities(self.normalize(raw, name), callback=callback, progress=progress)
+        return Segmentation(probabilities, self.labels(probabilities), self.settings, time.perf_counter() - started, notes)

@@ -1,0 +1,155 @@
+"""The one segmentation core: settings resolved once, the same maps and labels on every path."""
+
+import numpy as np
+import pytest
+import torch
+
+from unetkit.checkpoint import LoadedModel, save_checkpoint
+from unetkit.data import Normalization
+from unetkit.decision import DecisionRule
+from unetkit.errors import InputError
+from unetkit.inference import (
+    InferenceOptions,
+    InferenceSettings,
+    MapSettings,
+    Segmenter,
+    label_dtype,
+    labels_from_probabilities,
+    memory_budget,
+)
+from unetkit.network import UNet
+from unetkit.predict import choose_tile_shape, predict
+
+
+def tiny_loaded(decision=None, batch_norm=False, seed=0):
+    torch.manual_seed(seed)
+    net = UNet(depth=2, base_channels=4, batch_norm=batch_norm)
+    net.reset_parameters()
+    return LoadedModel(net, Normalization(), ["background", "cell"], decision=dict(decision or {}))
+
+
+SEEDED = DecisionRule(method="seeded", threshold=0.3, seed_threshold=0.5, min_size=2, tta=True, image_statistics=True)
+
+
+@pytest.mark.parametrize("options, words", [
+    (InferenceOptions(threshold=-0.1), "--threshold"),
+    (InferenceOptions(min_size=2.5), "--min-size"),
+    (InferenceOptions(batch_size=0), "--batch-size"),
+    (InferenceOptions(backend="tensorrt"), "--backend"),
+    (InferenceOptions(norm_statistics="batch"), "--norm-statistics"),
+    (InferenceOptions(labels="semantic"), "--labels"),
+    (InferenceOptions(tile_size=0), "--tile-size"),
+    (InferenceOptions(device="gpu7"), "gpu7"),
+])
+def test_options_are_refused_before_anything_is_loaded(options, words):
+    with pytest.raises(InputError, match=words):
+        options.check()
+
+
+def test_settings_follow_the_stored_rule_and_maps():
+    settings = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(device="cpu"))
+    assert settings.maps == MapSettings(tta=True, norm_statistics="image")
+    assert settings.rule == SEEDED
+    assert settings.origin == {"maps": "checkpoint", "rule": "checkpoint"}
+    assert settings.describe().startswith("labels (checkpoint): seeded watershed (mask > 0.3, cores > 0.5), objects >= 2 px; "
+                                          "maps (checkpoint): 8-fold TTA, each image's batch-norm statistics;")
+
+
+def test_an_option_replaces_the_labels_step_but_the_maps_stay_as_the_rule_was_chosen():
+    settings = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(threshold=0.6, device="cpu"))
+    assert (settings.rule.method, settings.rule.threshold, settings.rule.min_size) == ("components", 0.6, 0)
+    assert settings.maps == MapSettings(tta=True, norm_statistics="image")
+    assert settings.origin["rule"] == "options"
+    plain = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(tta=False, norm_statistics="training"))
+    assert plain.maps == MapSettings(tta=False, norm_statistics="training") and plain.origin["maps"] == "options"
+
+
+def test_without_a_stored_rule_labels_are_components_at_one_half_without_tta():
+    settings = InferenceSettings.resolve(tiny_loaded(), InferenceOptions(device="cpu"))
+    assert settings.rule == DecisionRule() and settings.maps == MapSettings()
+    assert settings.origin == {"maps": "defaults", "rule": "defaults"}
+
+
+def test_an_illegal_tile_is_refused_with_the_nearest_legal_ones():
+    with pytest.raises(InputError, match="--tile-size 45 is not legal.*44 or 46"):
+        InferenceSettings.resolve(tiny_loaded(), InferenceOptions(tile_size=45))
+
+
+def test_segmenter_gives_what_predict_and_the_rule_give():
+    loaded = tiny_loaded(SEEDED.to_dict(), batch_norm=True)
+    raw = (np.random.default_rng(1).random((61, 83)) * 255).astype(np.uint8)
+    result = Segmenter(loaded, InferenceOptions(tile_size=44, device="cpu", backend="torch")).segment(raw)
+    image = loaded.normalization(raw)
+    expected = predict(loaded.model, image, tile_size=44, tta=True, norm_statistics="image", backend="torch")
+    np.testing.assert_array_equal(result.probabilities, expected)
+    np.testing.assert_array_equal(result.labels, SEEDED.apply(expected[1]).astype(np.uint16))
+    assert result.labels.dtype == np.uint16 and result.tta and result.rule == SEEDED
+
+
+def test_the_tile_depends_on_the_image_size_only():
+    loaded = tiny_loaded()
+    settings = InferenceSettings.resolve(loaded, InferenceOptions(device="cpu"))
+    assert settings.tile_shape(loaded.model, (1, 300, 500)) == choose_tile_shape(loaded.model, (300, 500))
+    huge = (1, 20000, 20000)
+    assert settings.tile_shape(loaded.model, huge) == choose_tile_shape(loaded.model, huge[1:], memory_budget=memory_budget(20000 * 20000))
+    fixed = InferenceSettings.resolve(loaded, InferenceOptions(tile_size=60))
+    assert fixed.tile_shape(loaded.model, huge) == (60, 60)
+
+
+def test_label_ids_never_wrap():
+    assert label_dtype(65535) == np.uint16 and label_dtype(65536) == np.uint32
+    probabilities = np.zeros((2, 3, 2 * 65600), np.float32)
+    probabilities[1, 1, ::2] = 1.0  # 65600 single-pixel objects
+    labels = labels_from_probabilities(probabilities, DecisionRule())
+    assert labels.dtype == np.uint32 and int(labels.max()) == 65600
+
+
+def test_binary_labels_use_the_rule_threshold():
+    probabilities = np.zeros((2, 2, 3), np.float32)
+    probabilities[1] = [[0.2, 0.4, 0.6], [0.8, 0.35, 0.0]]
+    labels = labels_from_probabilities(probabilities, DecisionRule(threshold=0.3), binary=True)
+    assert labels.dtype == np.uint8 and labels.tolist() == [[0, 1, 1], [1, 1, 0]]
+
+
+def test_out_of_memory_names_the_option_to_lower(monkeypatch):
+    import sys
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 68719476736 bytes")
+
+    monkeypatch.setattr(sys.modules["unetkit.predict"], "predict", fail)
+    segmenter = Segmenter(tiny_loaded(), InferenceOptions(tile_size=44, device="cpu"))
+    with pytest.raises(InputError, match="out of memory predicting tiles of 44x44 pixels.*lower --tile-size"):
+        segmenter.segment(np.zeros((50, 50), np.float32))
+
+
+def test_predict_cli_prints_the_settings_once_and_refuses_options_the_path_cannot_honour(tmp_path, capsys):
+    from unetkit.cli import main
+    from unetkit.io import write_tiff
+
+    loaded = tiny_loaded(SEEDED.to_dict(), batch_norm=True)
+    checkpoint = save_checkpoint(tmp_path / "best.pt", loaded.model, normalization=loaded.normalization,
+                                 class_names=loaded.class_names, decision=SEEDED.to_dict())
+    write_tiff(tmp_path / "in" / "cells.tif", (np.random.default_rng(0).random((40, 52)) * 255).astype(np.uint8))
+    common = ["predict", str(tmp_path / "in"), "--model", str(checkpoint), "--no-progress", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("labels (checkpoint): seeded watershed (mask > 0.3, cores > 0.5), objects >= 2 px; "
+                         "maps (checkpoint): 8-fold TTA, each image's batch-norm statistics;") == 1
+    for options, words in [(["--dtype", "float16"], "--dtype float16 applies"), (["--block-size", "512"], "--block-size"),
+                           (["--out-format", "png"], "--out-format"), (["--rows", "0"], "--rows"),
+                           (["--ctc", "--out-format", "zarr"], "--ctc")]:
+        out = tmp_path / f"refused{len(options)}{options[0]}"
+        assert main([*common, "--out", str(out), *options]) == 2
+        error = capsys.readouterr().err
+        assert words in error and error.count("\n") == 1, error
+        assert not out.exists()
+
+
+def test_predict_help_names_the_export_extra(capsys, monkeypatch):
+    from unetkit.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    main(["predict", "--help"])
+    assert "unetkit[export]" in capsys.readouterr().out
