@@ -61,10 +61,18 @@ def test_find_cycle_sees_a_cycle():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "unetkit.segment" in graph["unetkit.cli.predict"] and "unetkit.predict" in graph["unetkit.segment"]
+    assert "unetkit.segment" in graph["unetkit.cli.predict"] and "unetkit.inference" in graph["unetkit.segment"]
+    assert "unetkit.predict" in graph["unetkit.inference"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_predict_is_the_array_engine():
     graph = import_graph()
     assert not graph["unetkit.predict"] & {"unetkit.io", "unetkit.checkpoint", "unetkit.segment", "unetkit.train"}
+
+
+def test_every_path_segments_through_the_one_core():
+    graph = import_graph()
+    for path in ("unetkit.segment", "unetkit.bigsegment", "unetkit.napari._segment", "unetkit.demo", "unetkit.cli.predict"):
+        assert "unetkit.inference" in graph[path], path
+        assert "unetkit.predict" not in graph[path], f"{path} calls predict itself instead of the core"

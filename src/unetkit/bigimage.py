@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .data.normalize import Normalization
 from .errors import InputError
-from .io import atomic_write
+from .io import _tiff_series, atomic_write
+
+if TYPE_CHECKING:
+    from .adapt import BatchNormStatistics
 
 #: Inputs with more pixels than this are written as zarr unless --out-format says otherwise.
 LARGE_PIXELS = 8192 * 8192
@@ -51,9 +55,15 @@ def _level0(path: Path) -> tuple[str, list[str] | None]:
     attrs = dict(node.attrs)
     multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # NGFF 0.5 / 0.4
     if multiscales:
-        level = multiscales[0]["datasets"][0]["path"]
-        axes = multiscales[0].get("axes")
-        names = [a["name"] if isinstance(a, dict) else a for a in axes] if axes else None
+        try:
+            level = str(multiscales[0]["datasets"][0]["path"])
+            axes = multiscales[0].get("axes")
+            names = [str(a["name"] if isinstance(a, dict) else a) for a in axes] if axes else None
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise InputError(
+                f"{path}: malformed OME-Zarr multiscales metadata ({type(exc).__name__}: {exc}); each multiscale needs "
+                "'datasets' with a 'path' and 'axes' with a 'name' each: write the image again"
+            ) from None
     else:
         level, names = "0", None
     try:
@@ -117,14 +127,18 @@ class LazyImage:
         if self._array is None:
             import zarr
 
-            if self.kind == "zarr":
-                node = zarr.open(self.path, mode="r")
-                self._array = node[self.component] if self.component else node
-            else:
-                import tifffile
+            try:
+                if self.kind == "zarr":
+                    node = zarr.open(self.path, mode="r")
+                    self._array = node[self.component] if self.component else node
+                else:
+                    import tifffile
 
-                node = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
-                self._array = node if isinstance(node, zarr.Array) else node["0"]
+                    node = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+                    self._array = node if isinstance(node, zarr.Array) else node["0"]
+            except Exception as exc:  # noqa: BLE001 - e.g. moved or deleted since it was opened on another machine
+                raise InputError(f"{self.path}: cannot open it ({type(exc).__name__}: {str(exc)[:120]}); check that it "
+                                 "exists and is readable here") from None
         return self._array
 
     def __getitem__(self, key) -> np.ndarray:
@@ -137,7 +151,18 @@ class LazyImage:
         index = []
         for axis in self.layout:
             index.append({"c": cs, "y": ys, "x": xs}.get(axis, 0))  # other axes (t, z) have size 1
-        data = np.asarray(self._open()[tuple(index)])
+        array = self._open()
+        try:
+            data = np.asarray(array[tuple(index)])
+        except (InputError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk fails in its codec with no word of where
+            raise InputError(
+                f"{self.path}: cannot read {_window(ys, xs, width)} ({type(exc).__name__}: {str(exc)[:100]}); a chunk "
+                "there is damaged: write the image again (or copy it again)"
+            ) from None
+        if data.dtype.kind in "fc" and not np.isfinite(data).all():
+            raise InputError(f"{self.path}: NaN or infinite values in {_window(ys, xs, width)}; replace them before predicting")
         kept = [a for a in self.layout if a in "cyx"]
         if "c" not in kept:
             data, kept = data[None], ["c", *kept]
@@ -160,8 +185,51 @@ class LazyImage:
                              meta=np.empty((0, 0, 0), dtype=dtype), name=f"unetkit-image-{abs(hash(str(self))):x}")
 
 
-def open_lazy(path: str | os.PathLike) -> LazyImage:
-    """Open a zarr / OME-Zarr (level 0) or TIFF image for window-by-window reading."""
+def _window(ys: slice, xs, width: int) -> str:
+    """Rows and columns of a window, for messages."""
+    x0, x1, _ = (xs if isinstance(xs, slice) else slice(xs, xs + 1)).indices(width)
+    return f"rows {ys.start}..{ys.stop - 1}, columns {x0}..{x1 - 1}"
+
+
+#: Stores with more chunks than this are not listed at open time (the listing would cost a read).
+MAX_LISTED_CHUNKS = 1_000_000
+
+
+def _missing_chunk(path: Path, component: str, array, names: list[str]) -> str | None:
+    """Where `array` (in a folder store) lacks a stored chunk, e.g. "chunk c/0/1 (rows 0..63, columns 64..127)
+    and 2 more"; None when every chunk is stored or the store is not a folder one can list cheaply."""
+    folder = path / component if component else path
+    grid_chunks = getattr(array, "shards", None) or array.chunks  # what is stored: shards, else chunks
+    grid = [-(-int(n) // int(c)) for n, c in zip(array.shape, grid_chunks)]
+    if not folder.is_dir() or int(np.prod(grid)) > MAX_LISTED_CHUNKS:
+        return None
+    stored = set()
+    for root, _, files in os.walk(folder):
+        inside = Path(root).relative_to(folder).as_posix()
+        stored.update(f if inside == "." else f"{inside}/{f}" for f in files)
+    missing = [c for c in np.ndindex(*grid) if array.metadata.encode_chunk_key(c) not in stored]
+    if not missing:
+        return None
+    first = dict(zip(names, zip(missing[0], grid_chunks)))
+    (iy, ch), (ix, cw) = first["y"], first["x"]
+    where = f"rows {iy * ch}..{min((iy + 1) * ch, array.shape[names.index('y')]) - 1}, columns {ix * cw}.." \
+            f"{min((ix + 1) * cw, array.shape[names.index('x')]) - 1}"
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return f"chunk {array.metadata.encode_chunk_key(missing[0])} ({where}){more}"
+
+
+#: Axis names of OME-Zarr images (NGFF): time, channel, z and the two image axes.
+ZARR_AXES = ("t", "c", "z", "y", "x")
+
+
+def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) -> LazyImage:
+    """Open a zarr / OME-Zarr (level 0) or TIFF image for window-by-window reading.
+
+    Zarr reads a chunk missing from the store as the fill value, without a word. For a folder store,
+    missing chunks are found here: refused in zarr format 2 (whose writers store every chunk), a
+    warning in format 3 (zarr 3 leaves out chunks that hold only the fill value); both name the
+    first one. `allow_missing_chunks` accepts them silently.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -173,14 +241,23 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
         array = array[component] if component else array
         shape = tuple(int(s) for s in array.shape)
         kind = "zarr"
+        if names is not None:
+            unknown = [n for n in names if str(n).lower() not in ZARR_AXES]
+            if unknown or len(names) != len(shape):
+                what = f"unknown axis name {unknown[0]!r}" if unknown else f"{len(names)} axis names for {len(shape)} axes"
+                raise InputError(
+                    f"{path}: {what} in its axes {list(names)}; OME-Zarr image axes are named t, c, z, y and x: "
+                    "correct the 'axes' of the store's multiscales metadata"
+                )
     else:
         import tifffile
 
         try:
             with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                shape, names = tuple(int(s) for s in series.shape), list(series.axes.lower())
-                dtype = series.dtype
+                shape, axes, dtype, _ = _tiff_series(path, tif, True)  # pages written one by one count as pages
+                shape, names = tuple(int(s) for s in shape), list(axes.lower())
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         names = ["c" if a == "s" else a for a in names]
@@ -197,6 +274,13 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
         raise InputError(f"{path}: axes {''.join(names)} have no y and x")
     if kind == "zarr":
         dtype = array.dtype
+        missing = None if allow_missing_chunks else _missing_chunk(path, component, array, names)
+        if missing:
+            message = (f"{path}: {missing} missing from the store; zarr would read them as the fill value "
+                       f"{array.fill_value}. Write the image again")
+            if array.metadata.zarr_format == 2:
+                raise InputError(message + "; if those regions are truly empty, store their chunks too (zarr: write_empty_chunks=True)")
+            warnings.warn(message + " if data was lost (zarr 3 leaves out chunks that hold only the fill value)", stacklevel=2)
     return LazyImage(str(path), kind, component, "".join(names), shape, np.dtype(dtype))
 
 
@@ -308,11 +392,15 @@ def predict_to_zarr(
     attributes: dict[str, Any] | None = None,
     progress: bool = False,
     echo: Callable[[str], None] = lambda message: None,
+    norm_statistics: BatchNormStatistics | None = None,
 ) -> Path:
     """Write the probabilities of a normalised `image` to the zarr array `out`, resuming a killed run.
 
     Chunks are (n_classes, stride_h, stride_w) of the tile plan: each chunk is written by one
     tile only. Works in ``out.partial`` and renames it to `out` when every tile is done.
+    `norm_statistics`: batch-norm statistics for every tile and block (None: the model's own);
+    for the image's own, ``unetkit.adapt.gather_statistics(model, image, tile_shape)`` reads it
+    window by window. A run resumes only with the same statistics.
     """
     import zarr
 
@@ -327,6 +415,8 @@ def predict_to_zarr(
         "checkpoint": [str(checkpoint), *_stamp(checkpoint)], "n_classes": model.n_classes, "tta": bool(tta), "dtype": dtype,
         "normalization": [image.scale, image.offset],
     }
+    if norm_statistics is not None:
+        key["norm_statistics"] = norm_statistics.fingerprint
     done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
     if done is not None and done.done:
         echo(f"{out}: continuing a previous run ({len(done.done)} of {len(plan)} tiles were done)")
@@ -343,13 +433,14 @@ def predict_to_zarr(
     if client is None:
         todo = [i for i in range(len(plan)) if i not in done.done]
         predict(model, image, tile_size=tile_shape, batch_size=batch_size, tta=tta, out=_Cast(array), tiles=todo,
-                on_batch=done.add, progress=progress, backend=backend)
+                on_batch=done.add, progress=progress, backend=backend,
+                norm_statistics="training" if norm_statistics is None else norm_statistics)
     else:
         import dask
         from distributed import as_completed
 
         tasks = block_tasks(checkpoint, image.to_dask(), tile_size=tile_shape, block_size=block_size or DEFAULT_BLOCK_SIZE,
-                            batch_size=batch_size, tta=tta, dtype=dtype)
+                            batch_size=batch_size, tta=tta, dtype=dtype, norm_statistics=norm_statistics, backend=backend)
         store = dask.delayed(_store_block, pure=True)
         pending = {}
         for task_row, block_row in zip(tasks.tasks, tasks.blocks):
@@ -371,20 +462,107 @@ def predict_to_zarr(
     return out
 
 
-def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, name: str):
-    """An OME-Zarr (NGFF 0.5) image group at `path` with one level, array "0" (y, x); returns the array."""
-    import zarr
+#: Label pyramids stop at the first level whose longer side is below this many pixels.
+LABEL_PYRAMID_MIN_SIDE = 1024
 
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}],
-        }],
-    }
-    return group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["y", "x"])
+
+def label_dtype(shape: tuple[int, ...]) -> str:
+    """The smallest unsigned type that holds every object id an image of `shape` can have (4-connected
+    objects: at most one pixel in two), so ids never wrap.
+
+    Example:
+        >>> label_dtype((256, 256)), label_dtype((512, 512)), label_dtype((100_000, 100_000))
+        ('uint16', 'uint32', 'uint64')
+    """
+    most = (int(np.prod(shape)) + 1) // 2
+    return next(t for t in ("uint16", "uint32", "uint64") if most <= np.iinfo(t).max)
+
+
+def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, name: str, *,
+                      source: str | None = None, colors: list[dict[str, Any]] | None = None):
+    """An OME-Zarr (NGFF 0.5) label image (y, x) at `path`: a multiscales group with "image-label"
+    metadata (`source`: the image it labels, relative to `path`; `colors`: optional
+    {"label-value", "rgba"} entries) and level "0"; returns the level-0 array to fill.
+
+    Place it at IMAGE.ome.zarr/labels/NAME with `create_image_labels`, or on its own. After level 0
+    is written, `write_label_pyramid(path)` adds the lower levels block by block.
+    """
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    fmt = FormatV05()
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["y", "x"])
+    write_multiscales_metadata(group, _label_datasets(1), fmt=fmt, axes=["y", "x"], name=name)
+    image_label: dict[str, Any] = {"version": fmt.version}
+    if source is not None:
+        image_label["source"] = {"image": source}
+    if colors is not None:
+        image_label["colors"] = colors
+    add_metadata(group, {"image-label": image_label}, fmt=fmt)
+    return array
+
+
+def create_image_labels(image: Path, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, *,
+                        colors: list[dict[str, Any]] | None = None):
+    """`create_ome_labels` at IMAGE/labels/NAME inside the OME-Zarr image `image`, listed in its
+    "labels" group (other label images kept); returns the level-0 array."""
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import add_metadata, get_metadata
+
+    fmt = FormatV05()
+    labels = zarr.open_group(str(Path(image) / "labels"), mode="a", zarr_format=fmt.zarr_format)
+    array = create_ome_labels(Path(image) / "labels" / name, shape, chunks, dtype, name, source="../../", colors=colors)
+    listed = [n for n in get_metadata(labels).get("labels", []) if n != name]
+    add_metadata(labels, {"labels": [*listed, name]}, fmt=fmt)
+    return array
+
+
+def _label_datasets(levels: int) -> list[dict[str, Any]]:
+    """Multiscales datasets "0".."levels-1", each halving the one before."""
+    return [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [2.0**k, 2.0**k]}]}
+            for k in range(levels)]
+
+
+def write_label_pyramid(path: Path, *, min_side: int = LABEL_PYRAMID_MIN_SIDE, block: int = 4096,
+                        progress: bool = False) -> int:
+    """Add the lower levels of the label image at `path` (from `create_ome_labels`, level 0 written):
+    each level takes every second pixel of the one above (nearest neighbour, ids unchanged), read and
+    written `block` pixels at a time, until the longer side is below `min_side`; the multiscales
+    metadata then lists them all. Returns the number of levels.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "cells_labels.ome.zarr"
+        >>> level0 = create_ome_labels(path, (5, 6), (4, 4), "uint32", "cells")
+        >>> level0[:] = np.arange(30).reshape(5, 6)
+        >>> write_label_pyramid(path, min_side=4)
+        2
+        >>> import zarr; zarr.open_group(str(path))["1"][:].tolist()
+        [[0, 2, 4], [12, 14, 16], [24, 26, 28]]
+    """
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import get_metadata, write_multiscales_metadata
+
+    group = zarr.open_group(str(path), mode="r+")
+    name = get_metadata(group)["multiscales"][0].get("name")
+    level = group["0"]
+    levels = 1
+    step = block - block % 2 or 2
+    while max(level.shape) >= min_side and min(level.shape) > 1:
+        shape = tuple((s + 1) // 2 for s in level.shape)
+        chunks = tuple(min(c, s) for c, s in zip(level.chunks, shape))
+        lower = group.create_array(str(levels), shape=shape, chunks=chunks, dtype=level.dtype, fill_value=0,
+                                   dimension_names=["y", "x"], overwrite=True)
+        windows = [(y, x) for y in range(0, level.shape[0], step) for x in range(0, level.shape[1], step)]
+        for y, x in tqdm(windows, disable=not progress, desc=f"labels level {levels}", unit="block"):
+            lower[y // 2 : (y + step) // 2, x // 2 : (x + step) // 2] = level[y : y + step : 2, x : x + step : 2]
+        level, levels = lower, levels + 1
+    write_multiscales_metadata(group, _label_datasets(levels), fmt=FormatV05(), axes=["y", "x"], name=name)
+    return levels
 
 
 def zarr_to_tiff(array, path: Path, *, force: bool = False, rows: int = 512) -> Path:

@@ -116,6 +116,9 @@ def segment_large(
         raise InputError("--dask needs the model as a checkpoint file or packaged model name, which every worker loads")
     net = segmenter.model
     settings = segmenter.settings
+    if settings.labels == "instances" and settings.rule.method == "watershed":
+        raise InputError("the distance watershed (--watershed) needs each whole object at once and is not drawn block by "
+                         "block on large images; leave out --watershed, or give --labels binary")
     for image in images:
         if image.shape[0] != net.in_channels:
             raise InputError(f"{image.path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
@@ -186,8 +189,11 @@ def _checkpoint_path(source) -> Path | None:
 
 
 def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> None:
+    """Labels of a probabilities zarr array as an OME-Zarr label image (image-label metadata, a
+    pyramid), drawn by the settings' rule block by block; written in ``PATH.partial``, then renamed."""
     import zarr
 
+    from .bigimage import label_dtype, write_label_pyramid
     from .blocklabels import label_blockwise
 
     partial = path.with_name(path.name + ".partial")
@@ -204,15 +210,18 @@ def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> Non
                 window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
                 array[window] = (foreground[window] > rule.threshold).astype(np.uint8)
     else:
-        array = create_ome_labels(partial, shape, chunks, "uint32", name)
+        array = create_ome_labels(partial, shape, chunks, label_dtype(shape), name)
         block = LABEL_BLOCK // chunks[0] * chunks[0] or chunks[0]
 
-        def scratch(shape):
-            return zarr.create_array(store=str(partial / "scratch"), shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
+        def scratch(kind: str, shape: tuple[int, int]):
+            return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape, chunks=(block, block), dtype="int64",
+                                     fill_value=0)
 
         label_blockwise(foreground, array, rule=rule, fill_holes=settings.fill_holes, block=block, scratch=scratch,
                         progress=progress)
-        shutil.rmtree(partial / "scratch")
+        for folder in partial.glob("scratch-*"):
+            shutil.rmtree(folder)
+    write_label_pyramid(partial, progress=progress)
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial, path)

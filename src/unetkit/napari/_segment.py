@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,13 +42,10 @@ def installed_models() -> list[str]:
 
 
 def backends() -> tuple[str, ...]:
-    """The inference backends `unetkit.predict` offers; () when it has no choice of backend."""
-    from ..predict import predict
+    """The inference backends the segmentation core offers (`unetkit.inference.BACKENDS`)."""
+    from ..inference import BACKENDS
 
-    parameter = inspect.signature(predict).parameters.get("backend")
-    if parameter is None:
-        return ()
-    return ("auto", "torch", "onnxruntime")
+    return BACKENDS
 
 
 _cache: dict[tuple[str, float], Any] = {}
