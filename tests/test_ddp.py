@@ -132,3 +132,35 @@ def test_cli_nproc_launches_the_processes(tmp_path, capsys, write_cell_folder):
     assert main(argv) == 0
     assert load_checkpoint(out / "last.pt").iteration == 2 and json.loads((out / "config.json").read_text())["batch_size"] == 2
     assert [int(row["iteration"]) for row in csv.DictReader(open(out / "log.csv"))] == [1, 2]
+
+
+def test_a_killed_rank_is_named_in_one_line_and_the_others_stay_quiet(monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    assert ddp.killed_rank({0: ddp.PEER_LOST_STATUS, 1: -9}) == (1, 9)
+    assert ddp.killed_rank({0: -15, 1: 2}) is None  # SIGTERM is the launcher stopping the others
+    assert ddp._run_folder(["train", "--data", "d", "--resume", "runs/a/"]) == "runs/a"
+    gloo = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:41890")
+    assert ddp.lost_peer(gloo, ddp.World(0, 2, 0)) and not ddp.lost_peer(gloo, ddp.World())
+    monkeypatch.delenv(ddp.LAUNCHED_VARIABLE, raising=False)
+    error = ddp.peer_lost_error("runs/a/last.pt keeps iteration 4; continue with: unetkit train --resume runs/a")
+    assert isinstance(error, InputError) and "keeps iteration 4" in str(error)
+    monkeypatch.setenv(ddp.LAUNCHED_VARIABLE, "1")
+    assert isinstance(ddp.peer_lost_error("x"), SystemExit)  # the launcher speaks for it
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+                for rank, code in ((0, ddp.PEER_LOST_STATUS), (1, -9))}
+
+    def launcher(config, entrypoint):
+        def run(*args):
+            raise ChildFailedError("unetkit", failures)  # type: ignore[arg-type]
+        return run
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launcher)
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: lines.append(" ".join(map(str, args))))
+    assert ddp.launch(2, ["train", "--resume", "runs/a"]) == 137
+    assert lines == ["unetkit: error: training process rank 1 was killed by signal 9 (SIGKILL; out of memory?) and the "
+                     "others were stopped; runs/a/last.pt keeps the last checkpoint; continue with: unetkit train --resume runs/a"]

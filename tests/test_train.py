@@ -154,7 +154,10 @@ def test_time_budget_is_counted_across_resumes(samples, tmp_path):
     assert first["iterations"] == 1  # out of budget after the first step
     spent = load_checkpoint(tmp_path / "run" / "last.pt").state["seconds_spent"]
     assert spent > 0
-    Trainer(config, samples, [], tmp_path / "run", normalization=NORM, resume=True, progress=False).fit()
+    again = Trainer(config, samples, [], tmp_path / "run", normalization=NORM, resume=True, progress=False).fit()
+    assert again["steps_this_run"] == 0 and "nothing to do" in again["note"]  # the budget is used
+    longer = tiny_config(iterations=100, max_seconds=spent + 1e-6, budget_clock="cpu")
+    assert Trainer(longer, samples, [], tmp_path / "run", normalization=NORM, resume=True, progress=False).fit()["iterations"] == 2
     assert load_checkpoint(tmp_path / "run" / "last.pt").state["seconds_spent"] > spent
     with pytest.raises(InputError, match="budget_clock"):
         tiny_config(budget_clock="gpu")

@@ -64,7 +64,48 @@ def save_checkpoint(
         "state": state or {},
         "decision": decision or {},
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=True)
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(payload, tmp)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: torch's zip writer ("enforce fail at inline_container.cc")
+            raise _WriteFailed(exc) from exc
+
+    try:
+        return atomic_write(path, write, force=True)  # removes the temporary file whatever fails
+    except (_WriteFailed, OSError) as exc:
+        raise _not_written(Path(path), exc.args[0] if isinstance(exc, _WriteFailed) else exc, int(iteration),
+                           bool(train_config)) from None
+
+
+class _WriteFailed(Exception):
+    """torch.save failed; carries its error past `atomic_write` to `_not_written`."""
+
+
+#: What a failed write's errno means, and what frees the way.
+_WRITE_ERRORS = {
+    28: ("the disk is full (errno 28)", "free disk space"),
+    30: ("the file system is read-only (errno 30)", "make the folder writable"),
+    27: ("the file is too large for this file system (errno 27)", "use a file system that allows larger files"),
+    122: ("the disk quota is exceeded (errno 122)", "free space within your quota"),
+}
+
+
+def _not_written(path: Path, exc: OSError | RuntimeError, iteration: int, training: bool) -> InputError:
+    """One line for a checkpoint that could not be written: the file, why, what was kept and the fix.
+
+    Example:
+        >>> str(_not_written(Path("run/last.pt"), OSError(28, "No space left on device"), 7, True))[:73]
+        'run/last.pt: cannot write the checkpoint of iteration 7: the disk is full'
+    """
+    errno = getattr(exc, "errno", None)
+    reason, fix = _WRITE_ERRORS.get(errno, (None, "check free disk space and permissions"))
+    if reason is None:
+        detail = " ".join(str(exc).split())
+        reason = f"the write failed ({detail[:200]}{' ...' if len(detail) > 200 else ''})"
+    kept = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} was written"
+    then = f"then continue with `unetkit train --resume {path.parent}`" if training else "then save it again"
+    return InputError(f"{path}: cannot write the checkpoint of iteration {iteration}: {reason}; {kept}. {fix[0].upper()}{fix[1:]}, {then}")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -89,6 +130,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if int(payload.get("version", 0)) > VERSION:
         raise InputError(f"{path}: written by a newer unetkit (format {payload['version']}); upgrade unetkit")
     try:
+        _check_weights(payload["model_config"], payload["state_dict"])
+        decision = dict(payload.get("decision") or {})
+        if decision:
+            from .decision import DecisionRule
+
+            DecisionRule.from_dict(decision)  # a hand-edited rule fails here, not at prediction time
         model = UNet(**payload["model_config"])
         model.load_state_dict(payload["state_dict"])
         return LoadedModel(
@@ -98,7 +145,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             train_config=payload.get("train_config", {}),
             iteration=int(payload.get("iteration", 0)),
             state=payload.get("state", {}),
-            decision=dict(payload.get("decision", {})),
+            decision=decision,
         )
     except KeyError as exc:
         problem = f"its entry {exc} is missing"
@@ -108,6 +155,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     raise InputError(
         f"{path}: damaged or incompatible unetkit checkpoint: {problem}; give another checkpoint or retrain"
     ) from None
+
+
+def _check_weights(config: Any, state_dict: Any) -> None:
+    """Raise ValueError unless `state_dict` is finite and of the network `config` describes.
+
+    Checked before the network is built: an edited config (depth 30, width 4096) would otherwise
+    allocate the network it describes, gigabytes, before `load_state_dict` found the mismatch.
+    """
+    if not isinstance(config, dict) or not isinstance(state_dict, dict):
+        raise TypeError("model_config and state_dict must be dictionaries")
+    levels = len({key.split(".")[1] for key in state_dict if key.startswith("down.")})
+    first, head = state_dict.get("down.0.0.weight"), state_dict.get("head.weight")
+    if first is None or head is None or first.ndim != 4 or head.ndim != 4:
+        raise ValueError("the weights are not those of a unetkit UNet (no down.0.0.weight or head.weight)")
+    found = {"depth": levels, "base_channels": int(first.shape[0]), "in_channels": int(first.shape[1]),
+             "n_classes": int(head.shape[0])}
+    defaults = {"in_channels": 1, "n_classes": 2}
+    for name, value in found.items():
+        said = config.get(name, defaults.get(name))
+        if said != value:
+            raise ValueError(f"model_config says {name}={said!r} but the weights have {name}={value} "
+                             f"(down.0.0.weight {tuple(first.shape)}, head.weight {tuple(head.shape)}, {levels} levels)")
+    for key, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"weight {key} holds NaN or infinite values (the training diverged or the file is damaged)")
 
 
 def load_pretrained(name: str, map_location: str = "cpu"):

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 #: Environment variables torchrun sets in every process it starts.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Set by `launch` in the processes it starts: it names a process that died, so the others stay quiet.
+LAUNCHED_VARIABLE = "UNETKIT_LAUNCHED"
+#: Exit status of a process that stopped because another one did (see `peer_lost_error`).
+PEER_LOST_STATUS = 1
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,7 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
     if nproc < 1:
         raise InputError(f"--nproc must be >= 1 (got {nproc})")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    os.environ[LAUNCHED_VARIABLE] = "1"
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
         rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
@@ -283,11 +288,83 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "unetkit", *arguments)
     except ChildFailedError as exc:
+        killed = killed_rank({rank: failure.exitcode for rank, failure in exc.failures.items()})
+        if killed is not None:  # it could not say so itself
+            print(f"unetkit: error: {killed_message(*killed, _run_folder(arguments))}", file=sys.stderr)
+            return 128 + killed[1]
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
     except SignalException as exc:  # Ctrl-C or SIGTERM: the processes got it too and rank 0 kept last.pt
         return 128 + int(exc.sigval)
     return 0
+
+
+def killed_rank(exit_codes: dict[int, int]) -> tuple[int, int] | None:
+    """(rank, signal) of the process that was killed (by other than SIGTERM or SIGINT, which the
+    launcher itself sends to stop the others), from the processes' exit codes (-N: signal N).
+
+    Example:
+        >>> killed_rank({0: 1, 1: -9}), killed_rank({0: -15, 1: 2})
+        ((1, 9), None)
+    """
+    import signal
+
+    stops = (signal.SIGTERM, signal.SIGINT)
+    killed = sorted((rank, -code) for rank, code in exit_codes.items() if code < 0 and -code not in stops)
+    return killed[0] if killed else None
+
+
+def killed_message(rank: int, signum: int, run: str | None) -> str:
+    """One line on a training process killed by a signal, and how to continue.
+
+    Example:
+        >>> killed_message(1, 9, "runs/a")
+        'training process rank 1 was killed by signal 9 (SIGKILL; out of memory?) and the others were stopped; runs/a/last.pt keeps the last checkpoint; continue with: unetkit train --resume runs/a'
+    """
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown signal"
+    hint = "; out of memory?" if signum == signal.SIGKILL else ""
+    where = (f"{run}/last.pt keeps the last checkpoint; continue with: unetkit train --resume {run}" if run
+             else "continue with unetkit train --resume RUN")
+    return f"training process rank {rank} was killed by signal {signum} ({name}{hint}) and the others were stopped; {where}"
+
+
+def _run_folder(arguments: Sequence[str]) -> str | None:
+    """The run folder of ``unetkit train`` ARGUMENTS (--resume RUN or --out RUN)."""
+    for option in ("--resume", "--out"):
+        for i, argument in enumerate(arguments[:-1]):
+            if argument == option:
+                return str(arguments[i + 1]).rstrip("/")
+            if argument.startswith(option + "="):
+                return argument.split("=", 1)[1].rstrip("/")
+    return None
+
+
+def lost_peer(exc: BaseException, place: World) -> bool:
+    """Whether `exc` is a collective failing because another process of the group is gone."""
+    if not place.distributed:
+        return False
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        words in text for words in ("closed by peer", "Connection reset", "Broken pipe", "NCCL")
+    )
+
+
+def peer_lost_error(advice: str) -> BaseException:
+    """What a process raises when another one of the group stopped (`advice`: what was kept, how to continue).
+
+    Under `launch`, which names the process that died, a quiet exit (status `PEER_LOST_STATUS`);
+    otherwise (torchrun) one line.
+    """
+    if os.environ.get(LAUNCHED_VARIABLE):
+        return SystemExit(PEER_LOST_STATUS)
+    return InputError(f"another training process stopped (its own message, or torchrun's, says why); {advice}")
 
 
 def interrupt_once() -> None:

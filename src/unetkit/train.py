@@ -5,10 +5,13 @@ an exact `resume`, a CSV log and a plot of the curves.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +25,7 @@ from . import ddp
 from .adapt import NORM_STATISTICS, has_batch_norm
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DEFAULT_ITERATIONS, PAPER, from_dict_strict
+from .config import DEFAULT_ITERATIONS, PAPER, check_settings, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
@@ -36,6 +39,8 @@ from .network import UNet
 from .predict import predict
 from .targets import TargetConfig
 
+#: The loader's length when only `max_seconds` limits a run (`TrainConfig.iterations` None).
+UNLIMITED_ITERATIONS = 10**12
 LOG_COLUMNS = ("iteration", "loss", "seconds", "val_iou", "val_pixel_error")
 #: `TargetConfig` fields, which configs written before `TrainConfig.targets` held at their top level.
 TARGET_KEYS = tuple(f.name for f in fields(TargetConfig))
@@ -95,7 +100,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     dice_weight: float = 0.0
     lr_schedule: str = "constant"
-    iterations: int = DEFAULT_ITERATIONS
+    iterations: int | None = DEFAULT_ITERATIONS  # None: `max_seconds` alone limits the run
     max_seconds: float | None = None
     budget_clock: str = "wall"
     choose_decision: bool = True
@@ -111,19 +116,18 @@ class TrainConfig:
             self.augment = AugmentConfig.from_dict(self.augment)
         if isinstance(self.targets, dict):
             self.targets = TargetConfig.from_dict(self.targets)
+        for name, kind in (("augment", AugmentConfig), ("targets", TargetConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise InputError(f"{name} must be a {kind.__name__} or a mapping of its settings (got {getattr(self, name)!r})")
+        check_settings({f.name: getattr(self, f.name) for f in fields(self)})
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be 'sgd' or 'adam' (got {self.optimizer!r})")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         if self.budget_clock not in ("wall", "cpu"):
             raise InputError(f"budget_clock must be 'wall' or 'cpu' (got {self.budget_clock!r})")
-        for name in ("iterations", "batch_size", "val_every", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0 (got {self.lr})")
-        if self.workers < 0:
-            raise InputError(f"workers must be >= 0 (got {self.workers})")
+        if self.iterations is None and self.max_seconds is None:
+            raise InputError("iterations None (no iteration limit) needs max_seconds (--seconds), the run's time budget")
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -211,6 +215,130 @@ class _Budget:
         return self.spent_before + self.clock() - self.started
 
 
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, SLURM, docker stop) during `fit`, raised as KeyboardInterrupt
+    only where the state is a whole iteration.
+
+    Inside `interruptible()` (loading tiles, forward and backward, validation, the labels rule: work
+    that is redone on resume) a signal interrupts at once; elsewhere (the optimiser step, log rows,
+    checkpoints) it is remembered and raised at the next `check()` or `interruptible()`. So
+    last.pt is never written from half an optimiser step. Installed in the main thread only.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._open = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        if self._open:
+            self._open = False
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a signal came in since `fit` started."""
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        self.check()
+        self._open = True
+        try:
+            yield
+        finally:
+            self._open = False
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two processes never train one run at once.
+
+    RUN/.unetkit.lock holds the training process's id and is locked with `fcntl.flock`, which the
+    system releases when the process ends, however it ends: a lock file left by a killed process
+    does not block. `release` removes the file. Without fcntl (Windows) there is no lock.
+
+    Example:
+        >>> with RunLock("runs/a"):  # doctest: +SKIP
+        ...     pass
+    """
+
+    NAME = ".unetkit.lock"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / self.NAME
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (a no-op if this object holds it); InputError naming the holder if another process does."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        if self._file is not None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise InputError(f"{self.run_dir} is being trained by process {holder or '(unknown)'}; "
+                                 "wait for it or stop it") from None
+            try:  # the holder may have removed the file between our open and our lock: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+        return self
+
+    def check(self) -> None:
+        """Raise as `acquire` would, without keeping the lock."""
+        if self.run_dir.is_dir():
+            self.acquire().release()
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # before unlocking: a waiting process then locks a new file
+        self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's (CUDA) OutOfMemoryError or the CPU allocator's failure."""
+    text = str(exc)
+    return (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower())
+
+
 class Trainer:
     """Trains a U-Net on `samples` and writes a run folder.
 
@@ -273,8 +401,17 @@ class Trainer:
         self.best_iou = -math.inf
         self.seconds_spent = 0.0  # budget used by earlier sessions of this run (see max_seconds)
         self.decision_scores: dict[str, float | None] = {}  # validation score of the labels rule per batch-norm statistics
+        self.stopped_by: str | None = None  # what ended `fit`: "iterations", "seconds" or "interrupted"
+        self._run_lock = RunLock(self.run_dir)
+        self._saved_iteration: int | None = None  # what last.pt holds, as far as this trainer knows
         if resume:
-            self._restore()
+            if self._world.is_main:
+                self._run_lock.acquire()  # before _restore, which may shorten log.csv
+            try:
+                self._restore()
+            except BaseException:
+                self._run_lock.release()
+                raise
         else:
             torch.manual_seed(config.seed)
             self.model.reset_parameters()
@@ -322,11 +459,13 @@ class Trainer:
         else:
             train_pairs, val_pairs = split_pairs(pairs, 0.2 if val is None else val, seed=config.seed, split=val_split)
         train, validation = _load_split(train_pairs, val_pairs, normalization, config, allow_intensity_masks)
+        _check_validation_masks(val_pairs, validation)
         if epochs is not None:
             out_pixels = config.geometry.output_size(config.tile_size) ** 2 * config.batch_size
             total = sum(s.shape[0] * s.shape[1] for s in train)
             config.iterations = max(1, round(epochs * total / out_pixels))
         if ddp.world().is_main:
+            RunLock(run_dir).check()
             prepare_output_dir(run_dir, force=force)
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
             _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks)
@@ -341,13 +480,16 @@ class Trainer:
         val_data: str | os.PathLike | None = None,
         iterations: int | None = None,
         max_seconds: float | None = None,
+        device: str | None = None,
         progress: bool = True,
     ) -> "Trainer":
         """Continue the run in `run_dir` exactly where it stopped, from its folder alone.
 
         RUN/config.json gives the settings, RUN/data.json the dataset and the split, RUN/last.pt the
         state. `data` / `val_data` give a dataset that moved (recorded in data.json again);
-        `iterations` and `max_seconds` extend the run's budget. Messages say what is missing.
+        `iterations` and `max_seconds` extend the run's budget; `device` replaces the run's (a run
+        trained on a GPU continues on the CPU). Messages say what is missing. Another process
+        training the run (`RunLock`) is refused before anything is loaded.
         """
         from .checkpoint import load_checkpoint
         from .data import find_pairs, split_pairs
@@ -356,17 +498,23 @@ class Trainer:
         run_dir = Path(run_dir)
         check_writable_folder(run_dir, "--resume")
         saved, setup = _read_run(run_dir)
+        if ddp.world().is_main:
+            RunLock(run_dir).check()
         overrides = {"iterations": iterations if iterations is not None else saved.get("iterations"),
                      "max_seconds": max_seconds if max_seconds is not None else saved.get("max_seconds")}
+        if device is not None:
+            overrides["device"] = device
         try:
             config = TrainConfig.from_dict({**saved, **overrides})
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{run_dir / 'config.json'}: {exc}") from None
+            raise _damaged(run_dir / "config.json", str(exc)) from None
         last = load_checkpoint(run_dir / "last.pt")
         try:
             TrainConfig.from_dict(last.train_config)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{run_dir / 'last.pt'}: {exc}") from None
+        if (iterations is not None and iterations <= last.iteration) or (config.iterations or math.inf) < last.iteration:
+            raise InputError(f"{run_dir} has done {last.iteration} iterations; --iterations must be more than {last.iteration}")
         resolve_device(config.device)
         moved = data is not None or val_data is not None
         data = Path(data) if data is not None else Path(setup["data"])
@@ -389,11 +537,13 @@ class Trainer:
         else:
             train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed, split=val_split)
         train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
-        if ddp.world().is_main:
+        _check_validation_masks(val_pairs, validation)
+        trainer = cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
+        if ddp.world().is_main:  # under the trainer's lock: a write another process has in progress is not removed
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
             if moved:
                 _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks)
-        return cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
+        return trainer
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -418,21 +568,23 @@ class Trainer:
         self.iteration = loaded.iteration
         self.best_iou = float(loaded.state.get("best_iou", -math.inf))
         self.seconds_spent = float(loaded.state.get("seconds_spent", 0.0))
+        self._saved_iteration = self.iteration
         self._truncate_log(self.iteration)
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _save(self, name: str) -> Path:
+    def _save(self, name: str, torch_rng: torch.Tensor | None = None) -> Path:
+        """RUN/NAME with the weights and the resumable state (`torch_rng`: the generator state to resume with)."""
         if not self._world.is_main:
             return self.run_dir / name
         state = {
             "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state() if torch_rng is None else torch_rng,
             "best_iou": self.best_iou,
             "seconds_spent": self.seconds_spent,
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        return save_checkpoint(
+        path = save_checkpoint(
             self.run_dir / name,
             self.model,
             normalization=self.normalization,
@@ -441,6 +593,9 @@ class Trainer:
             iteration=self.iteration,
             state=state,
         )
+        if name == "last.pt":
+            self._saved_iteration = self.iteration
+        return path
 
     @property
     def log_path(self) -> Path:
@@ -450,8 +605,10 @@ class Trainer:
         if not self.log_path.exists():
             return
         with open(self.log_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
-        self._write_log(rows)
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if int(r["iteration"]) <= iteration]
+        if len(kept) < len(rows):  # rewritten only when there is something to drop: a finished run stays untouched
+            self._write_log(kept)
 
     def _write_log(self, rows: list[dict]) -> None:
         if not self._world.is_main:
@@ -488,7 +645,7 @@ class Trainer:
 
     def _set_learning_rate(self, seconds_spent: float) -> None:
         c = self.config
-        progress = self.iteration / c.iterations
+        progress = 0.0 if c.iterations is None else self.iteration / c.iterations
         if c.max_seconds:
             progress = max(progress, seconds_spent / c.max_seconds)
         for group in self.optimizer.param_groups:
@@ -522,34 +679,64 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until `config.iterations` (or `max_seconds`); returns a summary dict.
 
-        Ctrl-C saves RUN/last.pt at the interrupted iteration (so `from_run` continues from it)
-        and raises KeyboardInterrupt again. A NaN loss raises `TrainingDiverged`.
+        Ctrl-C or SIGTERM saves RUN/last.pt at the last whole iteration (so `from_run` continues
+        from it exactly; `unetkit train` then exits with status 130) and raises KeyboardInterrupt
+        again. A NaN loss raises `TrainingDiverged`; running out of memory, an InputError naming
+        --tile-size and --batch-size; both keep the last checkpoint. A run whose budget is used
+        only chooses its labels rule if that is missing, and otherwise changes nothing. The run
+        folder is locked (`RunLock`) while `fit` runs.
         """
+        try:
+            if self._world.is_main:
+                self._run_lock.acquire()
+            with _StopSignals() as stops:
+                return self._fit(stops)
+        finally:
+            self._run_lock.release()
+
+    def _fit(self, stops: _StopSignals) -> dict[str, Any]:
         c = self.config
+        start_iteration = self.iteration
+        if self._finished() and not self._rule_missing():
+            return self._nothing_to_do()
         self._write_run_files()
         loader = self._tile_loader()
         self.model.train()
-        start_iteration = self.iteration
         budget = ddp.shared_clock(_Budget(c.budget_clock, self.seconds_spent), self.device, self._world)
         started = time.perf_counter()
-        compute_seconds = 0.0
+        compute_seconds = validation_seconds = decision_seconds = 0.0
         self._last_good = self.iteration
         bar = tqdm(total=c.iterations, initial=self.iteration, disable=not (self.progress and self._world.is_main), desc="train", unit="it")
         val_iou = val_error = float("nan")
-        finished = False
+        finished = self._finished()  # a resumed run whose labels rule is missing: that alone
+        rng = torch.get_rng_state()
+        pending: dict | None = None  # this iteration's log row until it is written
+        phase = f"in training step {self.iteration + 1}"  # for an out-of-memory message
         try:
-            for batch in loader:
+            batches = iter(loader)
+            while not finished:
+                rng = torch.get_rng_state()  # what a resume from this iteration starts with
+                with stops.interruptible():
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 step_started = time.perf_counter()
-                loss = self._step(batch, budget)
+                phase = f"in training step {self.iteration + 1}"
+                loss = self._step(batch, budget, stops)
                 compute_seconds += time.perf_counter() - step_started
                 self.iteration += 1
                 elapsed = time.perf_counter() - started
                 self.seconds_spent = budget.spent()
                 finished = self._finished()
-                row = {"iteration": self.iteration, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
+                row = pending = {"iteration": self.iteration, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
+                rng = torch.get_rng_state()
                 if self.val_samples and self._world.is_main and (self.iteration % c.val_every == 0 or finished):
-                    val_iou, val_error = self._validate_and_keep_best(row)
+                    validation_started = time.perf_counter()
+                    phase = f"validating iteration {self.iteration}"
+                    val_iou, val_error = self._validate_and_keep_best(row, stops)
+                    validation_seconds = time.perf_counter() - validation_started
                 self._append_log(row)
+                pending = None
                 if row["val_iou"]:  # RUN/report.html, refreshed at each validation
                     from .report import write_training_report
 
@@ -559,22 +746,40 @@ class Trainer:
                 bar.update(1)
                 if self.iteration % c.checkpoint_every == 0 or finished:
                     self._checkpoint()
-                if finished:
-                    break
+                stops.check()
+            decision = None
+            if finished and self._rule_missing():
+                decision_started = time.perf_counter()
+                phase = "choosing the labels rule"
+                with stops.interruptible():
+                    decision = self.choose_decision()
+                decision_seconds = time.perf_counter() - decision_started
         except KeyboardInterrupt:
-            self._save("last.pt")  # Ctrl-C: keep the interrupted iteration so `--resume` continues from it
+            self._keep_interrupted(rng, pending)
+            raise
+        except RuntimeError as exc:
+            if ddp.lost_peer(exc, self._world):
+                if stops.received is not None:  # the other processes were stopped by the same signal
+                    self._keep_interrupted(rng, pending)
+                    raise KeyboardInterrupt from None
+                raise ddp.peer_lost_error(self._resume_advice()) from None
+            if _out_of_memory(exc):
+                raise self._out_of_memory_error(phase) from None
             raise
         finally:
             bar.close()
-        decision = self.choose_decision() if finished and self.val_samples and c.choose_decision and self._world.is_main else None
+        self.stopped_by = self._limit_reached()
         seconds = time.perf_counter() - started
         steps = self.iteration - start_iteration
         return {
             "iterations": self.iteration,
             "steps_this_run": steps,
+            "stopped_by": self.stopped_by,
             "seconds": seconds,
             "step_seconds": compute_seconds / max(steps, 1),
             "loop_seconds_per_step": seconds / max(steps, 1),
+            "final_validation_seconds": validation_seconds if steps else 0.0,
+            "decision_seconds": decision_seconds,
             "train_gflops": self.flops_per_step * steps / max(compute_seconds, 1e-9) / 1e9,
             "best_val_iou": None if self.best_iou == -math.inf else self.best_iou,
             "val_iou": None if math.isnan(val_iou) else val_iou,
@@ -583,6 +788,60 @@ class Trainer:
             "decision_scores": None if decision is None else self.decision_scores,
             "run_dir": str(self.run_dir),
         }
+
+    def _keep_interrupted(self, torch_rng: torch.Tensor, pending: dict | None) -> None:
+        """Ctrl-C or SIGTERM: save the last whole iteration as last.pt, so `--resume` continues from it exactly."""
+        self.stopped_by = "interrupted"
+        if pending is not None:  # interrupted in the validation of an iteration that is done
+            self._append_log(pending)
+        if self._saved_iteration != self.iteration:
+            self._save("last.pt", torch_rng=torch_rng)
+
+    def _rule_missing(self) -> bool:
+        """Whether this run should choose a labels rule and best.pt does not hold one yet."""
+        c, best = self.config, self.run_dir / "best.pt"
+        if not (self.val_samples and c.choose_decision and self._world.is_main and best.is_file()):
+            return False
+        return not load_checkpoint(best).decision
+
+    def _nothing_to_do(self) -> dict[str, Any]:
+        """The summary of a run whose budget is used and whose labels rule (if any) is stored; no file is touched."""
+        self.stopped_by = self._limit_reached()
+        rule = ""
+        decision = None
+        if self.val_samples and self.config.choose_decision and (self.run_dir / "best.pt").is_file():
+            decision = load_checkpoint(self.run_dir / "best.pt").decision or None
+            rule = ", labels rule stored" if decision else ""
+        return {
+            "iterations": self.iteration, "steps_this_run": 0, "stopped_by": self.stopped_by,
+            "note": f"{self.run_dir} is finished ({self.iteration} iterations{rule}); nothing to do",
+            "best_val_iou": None if self.best_iou == -math.inf else self.best_iou,
+            "decision": decision, "run_dir": str(self.run_dir),
+        }
+
+    def _limit_reached(self) -> str | None:
+        c = self.config
+        if c.iterations is not None and self.iteration >= c.iterations:
+            return "iterations"
+        if c.max_seconds is not None and self.seconds_spent >= c.max_seconds:
+            return "seconds"
+        return None
+
+    def _resume_advice(self) -> str:
+        last = self.run_dir / "last.pt"
+        kept = f"{last} keeps iteration {self._saved_iteration}" if self._saved_iteration is not None else "no checkpoint was written yet"
+        return f"{kept}; continue with: unetkit train --resume {self.run_dir}"
+
+    def _out_of_memory_error(self, phase: str) -> InputError:
+        c = self.config
+        smaller = c.geometry.legal_sizes(c.tile_size - 1)
+        lower = f"--tile-size {smaller[-1]}" if smaller else "a smaller --tile-size"
+        batch = f" or --batch-size {max(1, c.batch_size // 2)}" if c.batch_size > 1 else ""
+        return InputError(
+            f"out of memory {phase} on {self.device} with --tile-size {c.tile_size} and "
+            f"--batch-size {c.batch_size} (network depth {c.depth}, width {c.base_channels}); "
+            f"{self._resume_advice().split(';')[0]}. Start a new run (--out) with {lower}{batch}"
+        )
 
     # -- the steps of `fit` ----------------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -598,28 +857,30 @@ class Trainer:
     def _tile_loader(self):
         """Batches of augmented tiles from the current iteration to the last (item i = f(seed, i))."""
         c = self.config
+        iterations = UNLIMITED_ITERATIONS if c.iterations is None else c.iterations  # a time budget alone
         dataset = TileDataset(
             self.train_samples, c.geometry, c.tile_size, augmenter=Augmenter(c.augment),
-            length=c.iterations * c.batch_size, seed=c.seed,
+            length=iterations * c.batch_size, seed=c.seed,
         )
         return get_tile_loader(
             dataset, batch_size=c.batch_size, num_workers=c.workers,
-            start=self.iteration * c.batch_size, stop=c.iterations * c.batch_size,
+            start=self.iteration * c.batch_size, stop=iterations * c.batch_size,
             rank=self._world.rank, world_size=self._world.world_size,
         )
 
-    def _step(self, batch: dict[str, torch.Tensor], budget: _Budget) -> float:
-        """One optimisation step on `batch`; returns the loss."""
-        image = batch["image"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
-        weights = batch["weights"].to(self.device, non_blocking=True)
-        self._set_learning_rate(budget.spent())
-        ddp.seed_step(self.config.seed, self.iteration, self._world)
-        loss = self.loss_fn(self._net(image), target, weights)
-        batch_loss = ddp.mean_over_ranks(loss, self._world)  # the global batch's loss, the same on every rank
-        self._check_finite(batch_loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def _step(self, batch: dict[str, torch.Tensor], budget: _Budget, stops: _StopSignals | None = None) -> float:
+        """One optimisation step on `batch`; returns the loss. Until the weights change, `stops` may interrupt it."""
+        with stops.interruptible() if stops is not None else contextlib.nullcontext():
+            image = batch["image"].to(self.device, non_blocking=True)
+            target = batch["target"].to(self.device, non_blocking=True)
+            weights = batch["weights"].to(self.device, non_blocking=True)
+            self._set_learning_rate(budget.spent())
+            ddp.seed_step(self.config.seed, self.iteration, self._world)
+            loss = self.loss_fn(self._net(image), target, weights)
+            batch_loss = ddp.mean_over_ranks(loss, self._world)  # the global batch's loss, the same on every rank
+            self._check_finite(batch_loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -635,13 +896,12 @@ class Trainer:
             )
 
     def _finished(self) -> bool:
-        c = self.config
-        out_of_time = c.max_seconds is not None and self.seconds_spent >= c.max_seconds
-        return self.iteration >= c.iterations or out_of_time
+        return self._limit_reached() is not None
 
-    def _validate_and_keep_best(self, row: dict[str, str]) -> tuple[float, float]:
+    def _validate_and_keep_best(self, row: dict[str, str], stops: _StopSignals | None = None) -> tuple[float, float]:
         """Score the validation images into `row`; a new best IoU is saved as best.pt."""
-        val_iou, val_error = self.validate()
+        with stops.interruptible() if stops is not None else contextlib.nullcontext():
+            val_iou, val_error = self.validate()
         self.model.train()
         row["val_iou"], row["val_pixel_error"] = f"{val_iou:.6f}", f"{val_error:.6f}"
         if val_iou > self.best_iou:
@@ -687,6 +947,16 @@ def _load_split(train_pairs, val_pairs, normalization: Normalization, config: Tr
     return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])
 
 
+def _check_validation_masks(val_pairs: Sequence, validation: Sequence[Sample]) -> None:
+    """Refuse a validation mask without objects: the labels rule and the scores cannot be measured on it."""
+    for pair, sample in zip(val_pairs, validation):
+        if not sample.instances.any():
+            raise InputError(
+                f"{getattr(pair, 'mask', None) or sample.name}: this validation mask has no objects, so validation "
+                "cannot score it; choose other validation images with --val NAMES, or remove this image"
+            )
+
+
 def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, val_split: str, train_pairs, val_pairs,
                      allow_intensity_masks: bool) -> None:
     """RUN/data.json: the dataset folders and the names of the training and validation images."""
@@ -702,11 +972,45 @@ def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, val_
     atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
 
 
+#: Keys config.json has held since the first release: without one, a resume would guess the run.
+_CONFIG_KEYS = ("depth", "base_channels", "padding", "dropout", "batch_norm", "tile_size", "batch_size", "optimizer",
+                "lr", "iterations", "seed")
+#: What each key of data.json must hold (for the message, and the test); "data" is required.
+_SETUP_KEYS = {
+    "data": ("a folder path", lambda v: isinstance(v, str) and v != ""),
+    "val_data": ("a folder path or null", lambda v: v is None or isinstance(v, str)),
+    "val": ("a text or null", lambda v: v is None or isinstance(v, str)),
+    "val_split": ("'last' or 'random'", lambda v: v in ("last", "random")),
+    "train": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "validation": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "allow_intensity_masks": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _damaged(path: Path, problem: str) -> InputError:
+    return InputError(f"{path}: {problem}; the run cannot be resumed from it: restore the file, or start a new run with --out")
+
+
 def _read_json(path: Path) -> dict:
+    """A run file's JSON object."""
     try:
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: damaged ({exc}); the run cannot be resumed, start a new one") from None
+        raise _damaged(path, f"damaged, not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise _damaged(path, f"holds a {type(values).__name__}, not a JSON object")
+    return values
+
+
+def _check_run_files(run_dir: Path, saved: dict, setup: dict) -> None:
+    """The keys config.json and data.json must have, and the types of data.json's values."""
+    for path, values, required in ((run_dir / "config.json", saved, _CONFIG_KEYS), (run_dir / "data.json", setup, ("data",))):
+        missing = [key for key in required if key not in values]
+        if missing:
+            raise _damaged(path, f"lacks {', '.join(missing)}")
+    for key, (what, valid) in _SETUP_KEYS.items():
+        if key in setup and not valid(setup[key]):
+            raise _damaged(run_dir / "data.json", f"{key} must be {what} (got {setup[key]!r})")
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -725,7 +1029,9 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
         )
     if missing:
         raise InputError(f"{run_dir}: cannot resume, {' and '.join(missing)} missing; start a new run with --out")
-    return _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
+    saved, setup = _read_json(run_dir / "config.json"), _read_json(run_dir / "data.json")
+    _check_run_files(run_dir, saved, setup)
+    return saved, setup
 
 
 def _recorded_pairs(pairs: list, names: list, folder: Path, run_dir: Path) -> list:
