@@ -172,3 +172,72 @@ def test_predict_command_checks_the_backend_first(tmp_path, capsys):
                  "--backend", "tensorrt"]) == 2
     assert "--backend must be auto, torch or onnxruntime (got 'tensorrt')" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+@pytest.fixture(scope="module")
+def bn_net():
+    torch.manual_seed(5)
+    model = UNet(depth=2, base_channels=4, batch_norm=True)
+    from unetkit.adapt import batch_norm_layers
+
+    with torch.no_grad():  # trained statistics far from any one image's
+        for layer in batch_norm_layers(model):
+            layer.running_mean.fill_(0.2)
+            layer.running_var.fill_(3.0)
+    return model.eval()
+
+
+def test_onnxruntime_takes_image_statistics_and_a_statistics_value(bn_net, rng):
+    from unetkit.adapt import gather_statistics
+
+    image = rng.random((70, 83)).astype(np.float32)
+    stats = gather_statistics(bn_net, rng.random((90, 60)).astype(np.float32), 44)  # another image's
+    for statistics in ("image", stats):
+        for tta in (False, True):
+            reference = predict(bn_net, image, tile_size=44, tta=tta, norm_statistics=statistics, backend="torch")
+            got = predict(bn_net, image, tile_size=44, tta=tta, norm_statistics=statistics, backend="onnxruntime")
+            np.testing.assert_allclose(got, reference, atol=1e-4)
+    training = predict(bn_net, image, tile_size=44, backend="onnxruntime")
+    assert np.abs(training - predict(bn_net, image, tile_size=44, norm_statistics="image", backend="onnxruntime")).max() > 1e-3
+    assert backends.graph_path(bn_net).is_file() and backends.fed_graph_path(bn_net).is_file()
+
+
+def test_auto_measures_and_remembers_with_image_statistics_too(bn_net, rng, cache, monkeypatch):
+    monkeypatch.setattr(backends, "MIN_MEASURED_SECONDS", 0.0)
+    image = rng.random((100, 100)).astype(np.float32)
+    reference = predict(bn_net, image, tile_size=92, tta=True, norm_statistics="image", backend="torch")
+    _slow(backends.TorchRunner, monkeypatch)
+    got = predict(bn_net, image, tile_size=92, tta=True, norm_statistics="image", backend="auto")
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    choices = json.loads((cache / backends.CHOICES_FILE).read_text())
+    key = backends.choice_key(bn_net, (1, 92, 92), statistics=backends.BatchNormStatistics((), (), 92, 1, 1))
+    assert choices[key]["backend"] == "onnxruntime" and key != backends.choice_key(bn_net, (1, 92, 92))
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"not a graph"])
+@pytest.mark.parametrize("fed", [False, True])
+def test_a_damaged_cached_graph_is_exported_again(bn_net, rng, damage, fed, capfd):
+    from unetkit.export.graphs import onnx_session
+
+    image = rng.random((50, 50)).astype(np.float32)
+    statistics = "image" if fed else "training"
+    expected = predict(bn_net, image, tile_size=44, norm_statistics=statistics, backend="onnxruntime")
+    path = backends.fed_graph_path(bn_net) if fed else backends.graph_path(bn_net)
+    path.write_bytes(damage(path.read_bytes()))
+    backends._SESSIONS.clear()
+    got = predict(bn_net, image, tile_size=44, norm_statistics=statistics, backend="onnxruntime")
+    np.testing.assert_array_equal(got, expected)
+    onnx_session(path)  # a readable graph again
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_kept_runner_is_reused_for_the_next_part_of_a_job(net):
+    cpu = torch.device("cpu")
+    with backends.make_runner(net, "torch", cpu, (1, 44, 44), calls=10, keep=True) as first:
+        pass
+    with backends.make_runner(net, "torch", cpu, (1, 44, 44), calls=10, keep=True) as second:
+        assert second is first
+    with backends.make_runner(net, "torch", cpu, (1, 60, 60), calls=10, keep=True) as other:
+        assert other is not first
+    with backends.make_runner(net, "torch", cpu, (1, 44, 44), calls=10) as fresh:
+        assert fresh is not first

@@ -119,3 +119,67 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_result_is_complete(client, 
     os.kill(pid, signal.SIGKILL)
     result = future.result(timeout=120)
     assert np.abs(result - expected).max() < 1e-5
+
+
+def bn_net() -> UNet:
+    torch.manual_seed(4)
+    model = UNet(depth=2, base_channels=4, batch_norm=True)
+    from unetkit.adapt import batch_norm_layers
+
+    with torch.no_grad():  # trained statistics far from the image's
+        for layer in batch_norm_layers(model):
+            layer.running_mean.fill_(0.2)
+            layer.running_var.fill_(3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bn_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "bn.pt"
+    save_checkpoint(path, bn_net(), normalization=Normalization(mode="none"), class_names=["bg", "fg"])
+    return path
+
+
+def test_workers_and_the_large_image_path_use_the_image_statistics_given(client, bn_checkpoint, image, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from unetkit.adapt import gather_statistics
+    from unetkit.bigimage import open_lazy, predict_to_zarr
+
+    net = bn_net()
+    expected = predict(net, image, tile_size=60, norm_statistics="image")
+    assert np.abs(expected - predict(net, image, tile_size=60)).max() > 1e-3  # really other statistics
+    stats = gather_statistics(net, da.from_array(image, chunks=(70, 90)), 60)  # once, over the whole image
+    probs = predict_dask(bn_checkpoint, da.from_array(image, chunks=(70, 90)), tile_size=60, block_size=50,
+                         norm_statistics=stats)
+    assert len(probs.chunks[1]) > 2 and np.abs(probs.compute() - expected).max() <= 1e-5
+    stored = zarr.create_array(store=str(tmp_path / "image.zarr"), shape=SHAPE, dtype="float32", chunks=(64, 64))
+    stored[:] = image
+    lazy = open_lazy(tmp_path / "image.zarr")
+    assert gather_statistics(net, lazy, 60) == stats
+    for name, options in {"single.zarr": {}, "blocks.zarr": {"client": client, "block_size": 50}}.items():
+        out = predict_to_zarr(bn_checkpoint, net, lazy, tmp_path / name, tile_shape=(60, 60), norm_statistics=stats,
+                              **options)
+        assert np.abs(zarr.open_array(str(out))[:] - expected).max() <= 1e-5, name
+
+
+def test_a_worker_measures_the_backend_once_over_many_small_blocks(image, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from collections import OrderedDict
+
+    from unetkit import backends
+
+    monkeypatch.setenv("UNETKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backends, "MIN_MEASURED_SECONDS", 0.0)
+    monkeypatch.setattr(backends, "_KEPT", OrderedDict())
+    made, measured = [], []
+    original_init, original_remember = backends.AutoRunner.__init__, backends.remember_choice
+    monkeypatch.setattr(backends.AutoRunner, "__init__", lambda self, *a, **k: made.append(1) or original_init(self, *a, **k))
+    monkeypatch.setattr(backends, "remember_choice", lambda *a, **k: measured.append(a[1]) or original_remember(*a, **k))
+    net = bn_net()
+    plan = plan_tiles(SHAPE, net.geometry, 44)
+    blocks = [b for row in plan_blocks(plan, 40) for b in row]
+    assert len(blocks) > 6 and all(len(b.tiles) <= 2 for b in blocks)  # each too short to measure alone
+    probs = predict_dask(net, da.from_array(image), tile_size=44, block_size=40, backend="auto")
+    result = probs.compute(scheduler="synchronous")
+    assert made == [1] and len(measured) == 1  # one runner, one measurement, for all blocks of this worker thread
+    np.testing.assert_allclose(result, predict(net, image, tile_size=44, backend="torch"), atol=1e-4)

@@ -136,3 +136,21 @@ def test_progress_bar(net, rng, capsys):
 def test_bad_input(net, image, kwargs, error, match):
     with pytest.raises(error, match=match):
         predict(net, image, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_a_raw_integer_image_warns_once_with_the_fix(net, rng, dtype):
+    import warnings
+
+    image = (rng.random((97, 61)) * 200).astype(dtype)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        probs = predict(net, image, tile_size=44)  # several tiles, one warning
+    unnormalised = [w for w in seen if "unnormalised" in str(w.message)]
+    assert len(unnormalised) == 1 and probs.shape == (2, 97, 61)
+    assert "loaded.normalization(image)" in str(unnormalised[0].message) and unnormalised[0].filename == __file__
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        predict(net, image.astype(np.float32) / 200, tile_size=44)
+        predict(net, image > 100, tile_size=44)  # a mask is not a raw image
+    assert not [w for w in seen if "unnormalised" in str(w.message)]

@@ -8,6 +8,11 @@ by the geometry's border, mirrored at the image edges the way `unetkit.tiling.ex
 mirrors) from the source array, so Dask's own boundary handling (`symmetric` padding) is not used.
 
 Workers load the network once, keyed by its checkpoint path; it never travels through the graph.
+Batch-norm statistics (`unetkit.adapt.BatchNormStatistics`, e.g. gathered once over the whole
+image with `gather_statistics`) travel as one small value and every block uses them, so the blocks
+equal `predict(..., norm_statistics=stats)` on the whole image. Each worker thread keeps its
+runner across blocks (`backends.make_runner(..., keep=True)`): the "auto" backend measures once
+per worker over the whole job, not per block (a block of a few tiles is too short to measure).
 
 Example:
     >>> import dask.array as da  # doctest: +SKIP
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -28,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .adapt import BatchNormStatistics, check_statistics
 from .errors import InputError
 from .network import UNet
 from .predict import choose_tile_shape, predict
@@ -134,8 +141,12 @@ def plan_blocks(plan: TilePlan, block_size: int | tuple[int, int] = DEFAULT_BLOC
 def predict_block(
     model: str | UNet, window: np.ndarray, block: Block, image_shape: tuple[int, int, int], tile_shape: tuple[int, int],
     n_classes: int, *, batch_size: int = 1, tta: bool = False, dtype: Any = np.float32, device: str = "cpu",
+    norm_statistics: BatchNormStatistics | None = None, backend: str = "auto", job_calls: int | None = None,
 ) -> np.ndarray:
-    """Probabilities of one block from its input window (runs on a worker)."""
+    """Probabilities of one block from its input window (runs on a worker).
+
+    `job_calls` (batches of the whole job) keeps this thread's runner for the next block.
+    """
     net = worker_model(model, device)
     window = np.asarray(window)
     if window.ndim == 2:
@@ -144,6 +155,8 @@ def predict_block(
     predict(
         net, _Window(window, block.box[0], block.box[2], image_shape), tile_size=tile_shape, batch_size=batch_size,
         tta=tta, out=_BlockOut(out, block.out_y, block.out_x, (n_classes, *image_shape[1:])), tiles=block.tiles,
+        norm_statistics="training" if norm_statistics is None else norm_statistics, backend=backend,
+        job_calls=len(block.tiles) if job_calls is None else job_calls,
     )
     return out.astype(dtype, copy=False)
 
@@ -173,8 +186,12 @@ def block_tasks(
     model: str | os.PathLike | UNet, image, *, tile_size: int | tuple[int, int] | None = None,
     block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
     dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
+    norm_statistics: BatchNormStatistics | None = None, backend: str = "auto",
 ) -> BlockTasks:
-    """One delayed task per block computing its probabilities (for callers that store each block)."""
+    """One delayed task per block computing its probabilities (for callers that store each block).
+
+    `norm_statistics` and `backend` are as for `predict_dask`.
+    """
     import dask
     import dask.array as da
 
@@ -182,7 +199,17 @@ def block_tasks(
         raise TypeError(f"image must be a dask array, got {type(image).__name__}; wrap it with dask.array.from_array")
     if image.ndim not in (2, 3) or 0 in image.shape:
         raise InputError(f"image must be a non-empty (H, W) or (C, H, W) array, got shape {image.shape}")
+    if norm_statistics is not None and not isinstance(norm_statistics, BatchNormStatistics):
+        raise InputError(
+            f"norm_statistics must be None or a BatchNormStatistics (got {norm_statistics!r}); for the image's own "
+            "statistics pass unetkit.adapt.gather_statistics(model, image, tile_size)"
+        )
+    from .backends import check_backend
+
+    check_backend(backend)
     ref, net = _model_info(model)
+    if norm_statistics is not None:
+        check_statistics(net, norm_statistics)
     channels = 1 if image.ndim == 2 else int(image.shape[0])
     if channels != net.in_channels:
         raise InputError(f"image has {channels} channel(s) but the model expects {net.in_channels}")
@@ -204,12 +231,17 @@ def block_tasks(
         image = image.rechunk({image.ndim - 2: target, image.ndim - 1: target})
     if isinstance(ref, UNet):
         ref = dask.delayed(ref, name=f"unetkit-model-{uuid.uuid4().hex}")
+    stats = None
+    if norm_statistics is not None:  # one node of the graph, however many blocks use it
+        stats = dask.delayed(norm_statistics, name=f"unetkit-statistics-{norm_statistics.fingerprint[:32]}")
     image_shape = (channels, height, width)
+    job_calls = -(-len(plan) // int(batch_size)) * (8 if tta else 1)
     run = dask.delayed(predict_block, pure=True)
     tasks = [
         [
             run(ref, image[..., b.box[0] : b.box[1], b.box[2] : b.box[3]], b, image_shape, tile_shape, net.n_classes,
-                batch_size=batch_size, tta=tta, dtype=dtype, device=device)
+                batch_size=batch_size, tta=tta, dtype=dtype, device=device, norm_statistics=stats, backend=backend,
+                job_calls=job_calls)
             for b in row
         ]
         for row in blocks
@@ -221,6 +253,7 @@ def predict_dask(
     model: str | os.PathLike | UNet, image, *, tile_size: int | tuple[int, int] | None = None,
     block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
     dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
+    norm_statistics: BatchNormStatistics | None = None, backend: str = "auto",
 ):
     """Class probabilities of a Dask image as a lazy Dask array (n_classes, H, W), one chunk per block.
 
@@ -235,6 +268,11 @@ def predict_dask(
         block_size: about this many pixels per block side, rounded to whole tiles.
         batch_size, tta, device: as for `unetkit.predict`, per worker.
         dtype: output dtype (float32, or float16 to halve storage).
+        norm_statistics: batch-norm statistics every block uses (None: the model's own). For the
+            image's own, gather them once over the whole image:
+            ``gather_statistics(net, image, tile_size)``; the result then equals
+            ``predict(net, image, tile_size=..., norm_statistics="image")``.
+        backend: as for `unetkit.predict`; "auto" measures once per worker, not per block.
 
     Example:
         >>> import dask.array as da
@@ -247,7 +285,8 @@ def predict_dask(
     import dask.array as da
 
     tasks = block_tasks(model, image, tile_size=tile_size, block_size=block_size, batch_size=batch_size, tta=tta,
-                        dtype=dtype, device=device, memory_budget=memory_budget)
+                        dtype=dtype, device=device, memory_budget=memory_budget, norm_statistics=norm_statistics,
+                        backend=backend)
     meta = np.empty((0, 0, 0), dtype=tasks.dtype)
     return da.block([
         [
@@ -258,30 +297,76 @@ def predict_dask(
     ])
 
 
+#: What --dask accepts: local:N, or a scheduler at tcp:// or tls:// HOST:PORT (HOST a name, IPv4 or [IPv6]).
+_DASK_ADDRESS = re.compile(r"^(?:local:(?P<workers>\d+)|(?:tcp|tls)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5}))$")
+
+
+def check_dask_address(address: str) -> str:
+    """`address` if it is a --dask value: ``local:N`` (N >= 1 worker processes) or ``tcp://HOST:PORT``
+    (``tls://HOST:PORT``); InputError otherwise. Syntax only: nothing is imported or contacted.
+
+    Example:
+        >>> check_dask_address("tcp://10.0.0.5:8786")
+        'tcp://10.0.0.5:8786'
+    """
+    match = _DASK_ADDRESS.match(str(address).strip())
+    if match and match["workers"] is not None and int(match["workers"]) >= 1:
+        return match.string
+    if match and match["port"] is not None and 1 <= int(match["port"]) <= 65535:
+        return match.string
+    raise InputError(
+        f"--dask {address!r}: not a Dask address; give local:N (N >= 1 worker processes, e.g. local:2) or a "
+        "scheduler address tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786, tls://HOST:PORT with TLS)"
+    )
+
+
+def _handshake(address: str, seconds: float) -> None:
+    """Connect to `address` and complete Dask's handshake, all within `seconds`.
+
+    `Client(timeout=...)` bounds only the TCP connection: it then waits for the scheduler's
+    handshake without a limit, so a service that accepts connections but is no Dask scheduler (a
+    web server) would hang it. Runs in its own thread, so a caller's running event loop is no matter.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect as open_comm
+    from distributed.security import Security
+
+    async def shake() -> None:
+        comm = await asyncio.wait_for(open_comm(address, timeout=seconds, **Security().get_connection_args("client")), seconds)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, shake()).result()
+
+
 def connect(address: str, timeout: str | None = None) -> Any:
     """A `distributed.Client` for ``local:N`` (N worker processes, 1 thread each) or a scheduler address.
 
-    An unreachable scheduler raises `InputError` naming the address.
+    A malformed address, or one where no Dask scheduler answers within `timeout` (default
+    `CONNECT_TIMEOUT`), raises `InputError` naming the address.
     """
+    address = check_dask_address(address)
     try:
+        from dask.utils import parse_timedelta
         from distributed import Client, LocalCluster
     except ImportError:
         raise InputError("--dask needs the optional dependencies: pip install 'unetkit[scale]'") from None
     if address.startswith("local:"):
-        count = address.split(":", 1)[1]
-        if not count.isdigit() or int(count) < 1:
-            raise InputError(f"--dask {address}: give local:N with N >= 1 worker processes (e.g. local:2)")
-        if int(count) > (os.cpu_count() or 1):
+        count = int(address.split(":", 1)[1])
+        if count > (os.cpu_count() or 1):
             warnings.warn(f"--dask {address}: more worker processes than the {os.cpu_count()} CPU cores", stacklevel=2)
-        cluster = LocalCluster(n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None)
         return Client(cluster)
-    if "://" not in address:
-        raise InputError(f"--dask {address!r}: give local:N or a scheduler address such as tcp://HOST:8786")
+    seconds = parse_timedelta(timeout or CONNECT_TIMEOUT, default="seconds")
     try:
-        return Client(address, timeout=timeout or CONNECT_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
+        _handshake(address, seconds)
+        return Client(address, timeout=seconds)
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, or a reply that is not Dask's
         raise InputError(
-            f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}); start it (dask scheduler) or fix the address"
+            f"--dask {address}: no Dask scheduler answered there within {seconds:g} s ({type(exc).__name__}); "
+            "start one (dask scheduler) or fix the address"
         ) from None
 
 

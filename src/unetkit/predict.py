@@ -6,13 +6,14 @@ File-level segmentation (reading, normalising, labels, writing) is `unetkit.segm
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapt import NORM_STATISTICS, adapt_batch_norm, has_batch_norm
+from .adapt import NORM_STATISTICS, BatchNormStatistics, check_statistics, gather_statistics, has_batch_norm
 from .backends import check_backend, make_runner
 from .errors import InputError
 from .network import UNet
@@ -112,6 +113,20 @@ def _as_chw(image, in_channels: int):
     return image
 
 
+def _warn_if_unnormalised(image) -> None:
+    """Warn (once per place in the caller's code) when `image` holds raw integers, not the
+    normalised floats the network was trained on."""
+    dtype = getattr(image, "dtype", None)
+    if getattr(image, "scale", None) is not None:  # a normalised `bigimage.LazyImage`: floats out, stored dtype kept
+        return
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer):
+        warnings.warn(
+            f"predict: the image is {np.dtype(dtype)}, which looks unnormalised; the network expects the "
+            "normalised floats it was trained on: predict(model, loaded.normalization(image)) with the loaded checkpoint",
+            UserWarning, stacklevel=3,
+        )
+
+
 class _AddChannel:
     """A view of a 2D array-like (zarr, Dask, memmap) as (1, H, W) that reads lazily."""
 
@@ -141,7 +156,8 @@ def predict(
     out=None,
     tiles: Iterable[int] | None = None,
     on_batch: Callable[[Sequence[int]], None] | None = None,
-    norm_statistics: str = "training",
+    norm_statistics: str | BatchNormStatistics = "training",
+    job_calls: int | None = None,
 ) -> np.ndarray | Any:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
@@ -177,9 +193,15 @@ def predict(
         tiles: indices into the tile plan (`predict_plan`) to compute, in order; default all.
             With `out`, this resumes a partial result or splits the work.
         on_batch: called with the plan indices of each batch once it is written to `out`.
-        norm_statistics: "training" (batch norm uses the statistics stored in the model) or
-            "image" (statistics of this image, gathered over its tiles first; `unetkit.adapt`).
-            With "image", `backend` "auto" runs torch, since the weights differ per image.
+        norm_statistics: "training" (batch norm uses the statistics stored in the model),
+            "image" (statistics of this image, gathered over the tiles of this tile plan first:
+            `unetkit.adapt.gather_statistics`), or a `BatchNormStatistics` value to use as they
+            are (gathered once over a whole large image, then used for each block of it).
+            Every backend takes each: onnxruntime feeds them to a graph exported once per weights.
+        job_calls: when this call is one part of a larger job (a block of a large image on a Dask
+            worker), the batches of the whole job: the runner, and "auto"'s measurement, are then
+            kept for the next call in this thread with the same model, tile and statistics, so
+            "auto" decides once per process instead of never for blocks of a few tiles.
 
     Returns:
         float32 array (n_classes, H, W) of class probabilities, or `out` when given.
@@ -193,13 +215,15 @@ def predict(
         raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1 (got {batch_size})")
-    if norm_statistics not in NORM_STATISTICS:
-        raise InputError(f"norm_statistics must be one of {', '.join(NORM_STATISTICS)} (got {norm_statistics!r})")
-    adapt = norm_statistics == "image" and has_batch_norm(model)
-    if adapt and backend == "onnxruntime":
-        raise InputError("norm_statistics 'image' changes the weights per image; use backend 'torch' or 'auto'")
+    if not isinstance(norm_statistics, BatchNormStatistics) and norm_statistics not in NORM_STATISTICS:
+        raise InputError(
+            f"norm_statistics must be one of {', '.join(NORM_STATISTICS)} or a BatchNormStatistics (got {norm_statistics!r})"
+        )
+    if isinstance(norm_statistics, BatchNormStatistics):
+        check_statistics(model, norm_statistics)
     check_backend(backend)
     image = _as_chw(image, model.in_channels)
+    _warn_if_unnormalised(image)
     height, width = int(image.shape[-2]), int(image.shape[-1])
     if device is not None:
         model.to(device)
@@ -210,19 +234,23 @@ def predict(
         else choose_tile_shape(model, (height, width), memory_budget=memory_budget, batch_size=batch_size)
     )
     plan = plan_tiles((height, width), model.geometry, tile_shape)
-    if adapt:
-        model, backend = adapt_batch_norm(model, np.asarray(image), tile_shape), "torch"
-    if out is None:
-        output = np.empty((model.n_classes, height, width), dtype=np.float32)
-    elif tuple(out.shape) != (model.n_classes, height, width):
+    if out is not None and tuple(out.shape) != (model.n_classes, height, width):
         raise InputError(f"out has shape {tuple(out.shape)}; it must be (n_classes, H, W) = {(model.n_classes, height, width)}")
-    else:
-        output = out
+    statistics = None
+    if has_batch_norm(model):
+        if isinstance(norm_statistics, BatchNormStatistics):
+            statistics = norm_statistics
+        elif norm_statistics == "image":
+            statistics = gather_statistics(model, image, plan.tile_shape, progress=progress)
+    output = np.empty((model.n_classes, height, width), dtype=np.float32) if out is None else out
     todo = list(range(len(plan))) if tiles is None else [int(i) for i in tiles]
     transforms = range(8) if tta else range(1)
     done = 0
     calls = -(-len(todo) // int(batch_size)) * len(transforms)
-    runner = make_runner(model, backend, device, (int(batch_size), *plan.tile_shape), calls=calls)
+    runner = make_runner(
+        model, backend, device, (int(batch_size), *plan.tile_shape), calls=calls if job_calls is None else int(job_calls),
+        statistics=statistics, keep=job_calls is not None,
+    )
     with runner as run, tqdm(total=len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
         for start in range(0, len(todo), int(batch_size)):
             indices = todo[start : start + int(batch_size)]
