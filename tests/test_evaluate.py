@@ -205,3 +205,37 @@ def test_json_that_is_a_folder_is_refused_before_scoring(isbi_like, capsys):
     assert run("--pred", isbi_like / "pred", "--gt", isbi_like / "gt", "--json", folder, "--force") == 2
     err = capsys.readouterr().err
     assert "is a folder; give a file name for --json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pages_written_one_by_one_are_scored_whole_or_refused(tmp_path):
+    from unetkit.evaluate import load_ground_truth, load_prediction
+
+    background, foreground = split_probabilities()
+    with tifffile.TiffWriter(tmp_path / "probs.tif") as writer:  # another tool's maps: one page per class
+        writer.write(background)
+        writer.write(foreground)
+    np.testing.assert_array_equal(load_prediction(tmp_path / "probs.tif"), foreground)  # channel 1, not page 0
+    with tifffile.TiffWriter(tmp_path / "gt.tif") as writer:
+        writer.write(one_cell())
+        writer.write(np.zeros((5, 8), np.uint8))
+    with pytest.raises(InputError, match=r"gt\.tif: holds 2 pages"):
+        load_ground_truth(tmp_path / "gt.tif")
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    tifffile.imwrite(tmp_path / "truth" / "a.tif", one_cell())
+    with tifffile.TiffWriter(tmp_path / "pred" / "a.tif") as writer:
+        writer.write(one_cell())
+        writer.write(np.zeros((5, 8), np.uint8))
+    with pytest.raises(InputError, match=r"a\.tif: image of shape \(2, 5, 8\) has several channels or pages"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "truth", metrics="dice")
+
+
+def test_evaluate_scores_100k_objects(tmp_path):
+    ids = np.arange(1, 100_001, dtype=np.uint32).reshape(250, 400)
+    square = np.ones((2, 2), np.uint32)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    write_tiff(tmp_path / "gt" / "a.tif", np.kron(ids, square))  # 100,000 objects of 2 x 2 pixels
+    write_tiff(tmp_path / "pred" / "a.tif", np.kron(100_001 - ids, square))  # the same objects, numbered otherwise
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics="seg,ap")
+    assert result.overall["seg"] == 1.0 and result.overall["ap@0.9"] == 1.0 and result.overall["pq@0.5"] == 1.0

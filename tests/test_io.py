@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
 
 import imageio.v3 as iio
 import numpy as np
@@ -83,16 +90,139 @@ def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+def _temp_name(name: str, pid: int, host: str | None = None) -> str:
+    return f".{name}.unetkit-tmp.{host or io._host()}.{pid}.k3j_9x2a{os.path.splitext(name)[1]}"
+
+
 def test_stale_temp_files_are_removed(tmp_path):
-    stale = [tmp_path / ".curves.png.k3j_9x2a.png", tmp_path / ".last.pt.abcdefgh.pt", tmp_path / ".log.csv.a1b2c3d4.csv"]
-    for path in stale:
-        path.write_bytes(b"")
-    keep = [tmp_path / ".gitignore", tmp_path / ".notes.txt.short.txt", tmp_path / "curves.png"]
-    for path in keep:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    killed = [tmp_path / _temp_name("curves.png", dead), tmp_path / _temp_name("last.pt", dead)]
+    writing = [tmp_path / _temp_name("log.csv", os.getpid()), tmp_path / _temp_name("a.tif", dead, "other-host")]
+    users = [tmp_path / ".gitignore", tmp_path / ".notes.txt.short.txt", tmp_path / ".last.pt.abcdefgh.pt",
+             tmp_path / ".log.csv.a1b2c3d4.csv", tmp_path / "curves.png"]  # the old temp pattern: user files now
+    for path in killed + writing + users:
         path.write_bytes(b"x")
-    assert remove_stale_temp_files(tmp_path, older_than=3600) == []  # too recent: maybe another writer's
-    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
-    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert sorted(remove_stale_temp_files(tmp_path, older_than=3600)) == sorted(killed)  # its writer is gone
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(writing)  # old enough (here: any age)
+    assert sorted(tmp_path.iterdir()) == sorted(users)
+
+
+def test_temporary_files_carry_the_mark_and_pid_and_vanish(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "a.txt", lambda p: (seen.append(p.name), p.write_text("x")))
+    assert seen[0].startswith(".a.txt.unetkit-tmp.") and f".{os.getpid()}." in seen[0] and seen[0].endswith(".txt")
+    assert io._TEMP_NAME.match(seen[0]) and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_broken_links_among_images_are_named(tmp_path):
+    iio.imwrite(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "b.tif").symlink_to(tmp_path / "gone" / "b.tif")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not an image name: not ours to judge
+    with pytest.raises(InputError, match=r"b\.tif: a link to .*gone/b\.tif, which does not exist; restore the file or remove the link"):
+        list_images(tmp_path)
+    broken: list = []
+    assert list_images(tmp_path, broken_links=broken) == [tmp_path / "a.png"]
+    assert broken == [tmp_path / "b.tif"]
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EFBIG, "the file is too large for this file system"),
+                                         (errno.EROFS, "the file system is read-only")])
+def test_write_errors_the_user_can_fix_are_one_line_and_leave_no_temp_file(tmp_path, monkeypatch, code, words):
+    def fail(path, *args, **kwargs):
+        open(path, "wb").write(b"half a TIFF")
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(tifffile, "imwrite", fail)
+    with pytest.raises(InputError) as info:
+        write_tiff(tmp_path / "cell_labels.tif", np.zeros((3, 3), np.uint8))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'cell_labels.tif'}: cannot write it: {words} ([Errno {code}]")
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
+    with pytest.raises(PermissionError):  # other errors stay what they are
+        atomic_write(tmp_path / "b.txt", lambda p: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pages_written_one_by_one_are_pages(tmp_path):
+    path = tmp_path / "planes.tif"
+    planes = np.arange(2 * 20 * 30, dtype=np.uint16).reshape(2, 20, 30)
+    with tifffile.TiffWriter(path) as writer:  # tifffile's documented way: one series per write
+        writer.write(planes[0])
+        writer.write(planes[1])
+    for reader in (read_image, read_header):
+        with pytest.raises(InputError, match=r"holds 2 pages") as info:
+            reader(path)
+        assert str(path) in str(info.value) and "save each plane as its own file" in str(info.value)
+    np.testing.assert_array_equal(read_image(path, pages=True), planes)
+    assert read_header(path, pages=True).shape == (2, 20, 30)
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as writer:
+        writer.write(planes[0])
+        writer.write(planes[1, :10])
+    with pytest.raises(InputError, match=r"mixed\.tif: has 2 pages of different shapes"):
+        read_image(tmp_path / "mixed.tif", pages=True)
+
+
+def _png_of_zeros(path, height: int, width: int) -> None:
+    """A grayscale 8-bit PNG of zeros, compressed row by row (a huge image in a small file and little memory)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer, row = zlib.compressobj(9), b"\x00" * (width + 1)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_pngs_beyond_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _png_of_zeros(tmp_path / "scan.png", 14000, 14000)  # 196 Mpixel: Pillow's default limit refuses it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_header(tmp_path / "scan.png").shape == (14000, 14000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the same guard, tripped by a small image
+    _png_of_zeros(tmp_path / "small.png", 60, 70)
+    with pytest.raises(Image.DecompressionBombError):
+        iio.imread(tmp_path / "small.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "small.png").shape == read_header(tmp_path / "small.png").shape == (60, 70)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted for our reads only
+
+
+def test_complex_pixels_are_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "fft.tif", np.ones((8, 9), np.complex64))
+    for reader in (read_image, read_header):
+        with pytest.raises(InputError, match=r"fft\.tif: complex-valued pixels \(complex64\).*magnitude"):
+            reader(tmp_path / "fft.tif")
+
+
+def test_tifffile_metadata_complaints_are_not_printed(tmp_path, caplog):
+    image = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    tifffile.imwrite(tmp_path / "shaped.tif", image, description='{"shape": [7, 9]}', metadata=None)
+    tifffile.imwrite(tmp_path / "imagej.tif", image, description="ImageJ=1.11a\nimages=3\nslices=3\n", metadata=None)
+    with caplog.at_level(logging.DEBUG, logger="tifffile"):
+        tifffile.imread(tmp_path / "shaped.tif")
+        assert "shape does not match" in caplog.text  # what a user saw
+        caplog.clear()
+        for name in ("shaped.tif", "imagej.tif"):
+            np.testing.assert_array_equal(read_image(tmp_path / name), image)
+            assert read_header(tmp_path / name).shape == (4, 5)
+    assert caplog.records == [] and logging.getLogger("tifffile").filters == []
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_pixel_data_damaged_past_the_header_is_an_input_error(tmp_path, compression):
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), compression=compression,
+                     rowsperstrip=8)
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[-2]
+    path.write_bytes(path.read_bytes()[:offset + 3])  # the copy stopped inside the pixel data
+    assert read_header(path).shape == (64, 64)
+    with pytest.raises(InputError, match=r"cut\.tif: the header is readable but the pixel data is damaged or incomplete"):
+        read_image(path)
 
 
 def test_output_checks(tmp_path, monkeypatch):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -225,10 +224,10 @@ ZARR_AXES = ("t", "c", "z", "y", "x")
 def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) -> LazyImage:
     """Open a zarr / OME-Zarr (level 0) or TIFF image for window-by-window reading.
 
-    Zarr reads a chunk missing from the store as the fill value, without a word. For a folder store,
-    missing chunks are found here: refused in zarr format 2 (whose writers store every chunk), a
-    warning in format 3 (zarr 3 leaves out chunks that hold only the fill value); both name the
-    first one. `allow_missing_chunks` accepts them silently.
+    Zarr reads a chunk missing from the store as the fill value, without a word. In a folder store
+    of zarr format 2 (whose writers store every chunk) missing chunks are refused here, naming the
+    first; `allow_missing_chunks` accepts them. Format 3 stores are not checked: zarr 3 leaves out
+    chunks that hold only the fill value, so there a missing chunk is an empty one.
     """
     path = Path(path)
     if not path.exists():
@@ -274,13 +273,16 @@ def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) ->
         raise InputError(f"{path}: axes {''.join(names)} have no y and x")
     if kind == "zarr":
         dtype = array.dtype
-        missing = None if allow_missing_chunks else _missing_chunk(path, component, array, names)
+        # Zarr 3 leaves out chunks that hold only the fill value, so only format 2 (whose writers
+        # store every chunk) tells a lost chunk from an empty one.
+        check = array.metadata.zarr_format == 2 and not allow_missing_chunks
+        missing = _missing_chunk(path, component, array, names) if check else None
         if missing:
-            message = (f"{path}: {missing} missing from the store; zarr would read them as the fill value "
-                       f"{array.fill_value}. Write the image again")
-            if array.metadata.zarr_format == 2:
-                raise InputError(message + "; if those regions are truly empty, store their chunks too (zarr: write_empty_chunks=True)")
-            warnings.warn(message + " if data was lost (zarr 3 leaves out chunks that hold only the fill value)", stacklevel=2)
+            raise InputError(
+                f"{path}: {missing} missing from the store; zarr would read them as the fill value {array.fill_value} "
+                "without a word. Write the image again (if those regions are truly empty, store their chunks too: "
+                "zarr's write_empty_chunks=True)"
+            )
     return LazyImage(str(path), kind, component, "".join(names), shape, np.dtype(dtype))
 
 

@@ -253,3 +253,19 @@ def test_multi_page_training_image_names_the_page_count(tmp_path):
     with pytest.raises(InputError, match="4 pages") as info:
         load_sample(pair)
     assert "a.tif" in str(info.value) and "4x20" not in str(info.value)
+
+
+def test_broken_links_and_pages_written_one_by_one_are_named(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    tifffile.imwrite(root / "images" / "a.tif", np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(root / "masks" / "a.tif", np.eye(8, dtype=np.uint8))
+    (root / "images" / "b.tif").symlink_to(tmp_path / "elsewhere" / "b.tif")  # the disk it pointed to is gone
+    with pytest.raises(InputError, match=r"images/b\.tif: a link to .*elsewhere/b\.tif, which does not exist"):
+        find_pairs(root)
+    with tifffile.TiffWriter(root / "masks" / "c.tif") as writer:
+        writer.write(np.eye(8, dtype=np.uint8))
+        writer.write(np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError, match=r"c\.tif: holds 2 pages"):
+        read_mask(root / "masks" / "c.tif")

@@ -86,3 +86,30 @@ def test_average_precision_pools_images():
 def test_average_precision_rejects_bad_thresholds(thresholds):
     with pytest.raises(InputError, match="IoU thresholds"):
         average_precision(row(1), row(1), thresholds=thresholds)
+
+
+def test_object_scores_of_100k_objects_need_no_dense_object_table(monkeypatch):
+    from unetkit.evaluate import score_images
+    from unetkit.metrics import objects
+
+    gt = np.arange(1, 100_001, dtype=np.int64).reshape(250, 400)  # every pixel its own object
+    pred = gt + 7
+    pred[0, 1] = pred[0, 0]  # one predicted object covers ground-truth objects 1 and 2 (IoU 0.5 each)
+    shapes = []
+    real = objects.linear_sum_assignment
+    monkeypatch.setattr(objects, "linear_sum_assignment", lambda cost, **kw: (shapes.append(cost.shape), real(cost, **kw))[1])
+    scores, notes = score_images(pred, gt, metrics="seg,ap")  # a dense table would take 80 GB
+    assert notes == [] and shapes == [(2, 1)]  # only the one shared part is matched as a table
+    assert scores["seg"] == pytest.approx((99_998 + 0.5 + 0.5) / 100_000, abs=1e-12)
+    assert scores["ap@0.5"] == pytest.approx(99_999 / 100_000, abs=1e-12)  # TP 99,999, FP 0, FN 1
+    assert scores["ap@0.75"] == pytest.approx(99_998 / 100_001, abs=1e-12)  # TP 99,998, FP 1, FN 2
+    assert scores["pq@0.5"] == pytest.approx((99_998 + 0.5) / (99_999 + 0.5), abs=1e-12)
+
+
+def test_matching_in_connected_parts_equals_one_table():
+    gt = row(1, 1, 1, 1, 2, 2, 0, 3, 3)
+    pred = row(1, 1, 2, 2, 2, 2, 0, 3, 3)
+    # IoU: gt1-pred1 2/4, gt1-pred2 2/6, gt2-pred2 2/4 (one part of three pairs), gt3-pred3 1 (a part alone).
+    # Two matches in the first part beat one: gt1-pred1 and gt2-pred2.
+    result = average_precision(pred, gt, thresholds=(0.3,))[0.3]
+    assert result["ap"] == 1.0 and result["pq"] == pytest.approx((0.5 + 0.5 + 1.0) / 3, abs=1e-15)

@@ -63,6 +63,7 @@ class Normalization:
             kept unless `clip`. If the two percentiles coincide (a nearly constant image) the
             minimum and maximum are used instead; a constant image becomes all zeros.
         "fixed": `image * scale + offset` (e.g. scale=1/255 for uint8 data), the same for every image.
+            It suits only images like those it was made for: `check` refuses others (see `expected`).
         "none": the values unchanged, only cast to float32.
 
     Args:
@@ -72,6 +73,9 @@ class Normalization:
         scale, offset: the linear map of "fixed" mode.
         per_channel: in "percentile" mode, normalise each channel on its own (default: jointly,
             which keeps the colour balance of RGB images).
+        dtype, value_range: in "fixed" mode, the integer type (e.g. "uint8") and the (lowest,
+            highest) value of the images it was made for (`made_for` records them); unrecorded
+            (older checkpoints), the range is the one the map sends to [0, 1] and any type fits.
 
     Example:
         >>> norm = Normalization()
@@ -90,6 +94,8 @@ class Normalization:
     scale: float = 1.0
     offset: float = 0.0
     per_channel: bool = False
+    dtype: str | None = None
+    value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("percentile", "fixed", "none"):
@@ -100,9 +106,91 @@ class Normalization:
             )
         if not (np.isfinite(self.scale) and np.isfinite(self.offset)):
             raise InputError(f"normalization scale and offset must be finite (got {self.scale}, {self.offset})")
+        if self.value_range is not None:  # JSON gives a list
+            lo, hi = (float(v) for v in self.value_range)
+            if not lo <= hi:
+                raise InputError(f"normalization value_range must be (lowest, highest) (got {self.value_range})")
+            object.__setattr__(self, "value_range", (lo, hi))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+
+    def expected(self) -> tuple[str | None, tuple[float, float] | None]:
+        """(dtype, (lowest, highest) value) of the images a "fixed" normalisation suits (None: any).
+
+        Unrecorded (older checkpoints), `--normalize fixed`'s x/255 is taken to be made for 0..255.
+
+        Example:
+            >>> Normalization(mode="fixed", scale=1 / 255).expected()
+            (None, (0.0, 255.0))
+        """
+        if self.mode != "fixed":
+            return None, None
+        if self.value_range is None and self.offset == 0 and np.isclose(self.scale, 1 / 255, rtol=1e-9, atol=0):
+            return self.dtype, (0.0, 255.0)
+        return self.dtype, self.value_range
+
+    def made_for(self, images) -> "Normalization":
+        """This normalisation with the type and value range of `images` (the training images) recorded.
+
+        Only "fixed" mode records them: the range is the one the map sends to [0, 1], widened to
+        the values the images hold; the type is recorded when all images share one integer type.
+
+        Example:
+            >>> fixed = Normalization(mode="fixed", scale=1 / 255).made_for([np.array([[3, 300]], np.uint16)])
+            >>> fixed.dtype, fixed.value_range
+            ('uint16', (0.0, 300.0))
+        """
+        if self.mode != "fixed":
+            return self
+        lo, hi = sorted((-self.offset / self.scale, (1.0 - self.offset) / self.scale)) if self.scale else (np.inf, -np.inf)
+        types = set()
+        for image in images:
+            data = np.asarray(image)
+            types.add(data.dtype.name)
+            if data.size and data.dtype.kind in "uif":
+                finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+                if finite.size:
+                    lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        dtype = types.pop() if len(types) == 1 else None
+        value_range = (float(np.round(lo, 6)) + 0.0, float(np.round(hi, 6)) + 0.0) if lo <= hi else None  # no -0.0
+        return replace(self, dtype=dtype if dtype and np.dtype(dtype).kind in "ui" else None, value_range=value_range)
+
+    def check(self, image: np.ndarray, *, source: str = "image") -> None:
+        """Raise InputError naming `source` when `image` cannot be normalised honestly: complex pixels,
+        or, in "fixed" mode, an integer type or values unlike those the normalisation was made for.
+
+        Example:
+            >>> Normalization(mode="fixed", scale=1 / 255).check(np.array([[0, 257]], np.uint16), source="a.tif")
+            Traceback (most recent call last):
+            ...
+            unetkit.errors.InputError: a.tif: values 0..257, but the model's fixed normalisation (x * 0.00392157 + 0) was made for images with values 0..255; give images like the training images (e.g. convert 16-bit images to 8 bit the same way), or train a model with --normalize percentile
+        """
+        data = np.asarray(image)
+        if data.dtype.kind == "c":
+            raise InputError(f"{source}: complex-valued pixels ({data.dtype}); give real intensities (e.g. the magnitude)")
+        dtype, value_range = self.expected()
+        if self.mode != "fixed" or data.size == 0 or data.dtype.kind not in "uif":
+            return
+        made = f"the model's fixed normalisation (x * {self.scale:.6g} + {self.offset:.6g}) was made for"
+        fix = ("give images like the training images (e.g. convert 16-bit images to 8 bit the same way), "
+               "or train a model with --normalize percentile")
+        if dtype is not None and data.dtype.kind in "ui" and data.dtype != np.dtype(dtype):
+            raise InputError(f"{source}: {data.dtype} image, but {made} {dtype} images; {fix}")
+        if value_range is None:
+            return
+        finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+        if finite.size == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
+        slack = 1e-6 * max(1.0, value_range[1] - value_range[0])
+        if lo < value_range[0] - slack or hi > value_range[1] + slack:
+            raise InputError(
+                f"{source}: values {lo:g}..{hi:g}, but {made} images with values {value_range[0]:g}..{value_range[1]:g}; {fix}"
+            )
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Normalise one image: (H, W), (H, W, C) or (C, H, W) -> (C, H, W) float32."""
+        """Normalise one image: (H, W), (H, W, C) or (C, H, W) -> (C, H, W) float32 (after `check`)."""
+        self.check(image)
         chw = to_chw(image)
         data = chw.astype(np.float32)
         if self.mode == "fixed":
@@ -147,13 +235,19 @@ class Normalization:
             return self
         if self.per_channel:
             raise InputError("fitted() needs per_channel=False: a fixed normalisation has one scale for all channels")
-        lo, hi = self._limits(to_chw(image).astype(np.float32))
+        data = to_chw(image).astype(np.float32)
+        lo, hi = self._limits(data)
         scale = 1.0 / (hi - lo)
-        return replace(self, mode="fixed", scale=scale, offset=-lo * scale)
+        finite = data[np.isfinite(data)]
+        seen = (float(finite.min()), float(finite.max())) if finite.size else (lo, hi)
+        return replace(self, mode="fixed", scale=scale, offset=-lo * scale, value_range=(min(lo, seen[0]), max(hi, seen[1])))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python description, for checkpoints and JSON."""
-        return asdict(self)
+        data = asdict(self)
+        if self.value_range is not None:
+            data["value_range"] = list(self.value_range)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Normalization":

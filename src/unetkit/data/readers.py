@@ -18,13 +18,13 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
-from ..io import list_images, listing, read_image
+from ..io import IMAGE_SUFFIXES, list_images, listing, read_image
 from ..labels import check_labels, relabel_consecutive
 
 MASK_FOLDERS = ("masks", "labels")
@@ -54,6 +54,35 @@ def ctc_frame(stem: str) -> str | None:
     return match.group(1) if match else None
 
 
+def check_unique_frames(paths: Iterable[str | os.PathLike]) -> None:
+    """Refuse two Cell Tracking Challenge names for one frame (t41.tif and t041.tif), naming both files.
+
+    Names without a frame number (`ctc_frame`) are left alone.
+
+    Example:
+        >>> check_unique_frames([Path("t41.tif"), Path("t041.tif")])
+        Traceback (most recent call last):
+        ...
+        unetkit.errors.InputError: t41.tif and t041.tif are both frame 41; keep one file per frame (rename or remove one)
+    """
+    _numbered(map(Path, paths), _CTC_IMAGE, "frame")
+
+
+def _numbered(paths: Iterable[Path], pattern: re.Pattern, what: str) -> dict[int, Path]:
+    """The files whose stem `pattern` numbers, by number; one number written two ways is refused."""
+    table: dict[int, Path] = {}
+    for path in paths:
+        match = pattern.match(path.stem)
+        if match is None:
+            continue
+        number = int(match.group(1))
+        if number in table:
+            raise InputError(f"{table[number]} and {path} are both {what} {number}; keep one file per {what} "
+                             "(rename or remove one)")
+        table[number] = path
+    return table
+
+
 @dataclass(frozen=True)
 class ImagePair:
     """An image file, its mask file (None when unannotated) and a short unique name.
@@ -69,6 +98,12 @@ class ImagePair:
 
 
 def _nonempty_images(folder: Path) -> list[Path]:
+    broken = sorted(p for p in folder.iterdir() if p.is_symlink() and not p.exists()
+                    and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if broken:
+        more = f" ({listing(broken[1:])} too)" if len(broken) > 1 else ""
+        raise InputError(f"{broken[0]}: a link to {os.readlink(broken[0])}, which does not exist{more}; "
+                         "restore the file it points to or remove the link")
     files = list_images(folder)
     if not files:
         raise InputError(f"{folder}: no images (PNG or TIFF) in this folder; put the image files there")
@@ -132,17 +167,10 @@ def _folder_pairs(image_dir: Path, mask_dir: Path, allow_missing_masks: bool, pr
 def _ctc_pairs(
     image_dir: Path, mask_dir: Path | None, allow_missing_masks: bool, prefix: str = ""
 ) -> list[ImagePair]:
-    def number(pattern: re.Pattern) -> Callable[[Path], int | None]:
-        def key(path: Path) -> int | None:
-            match = pattern.match(path.stem)
-            return int(match.group(1)) if match else None
-
-        return key
-
-    images = _unique_by(_nonempty_images(image_dir), number(_CTC_IMAGE))
+    images = _numbered(_nonempty_images(image_dir), _CTC_IMAGE, "frame")
     if not images:
         raise InputError(f"{image_dir}: no frames named tNNN.tif; Cell Tracking Challenge images are t000.tif, t001.tif, ...")
-    masks = _unique_by(_nonempty_images(mask_dir), number(_CTC_MASK)) if mask_dir is not None else {}
+    masks = _numbered(_nonempty_images(mask_dir), _CTC_MASK, "frame") if mask_dir is not None else {}
     orphans = sorted(masks[k] for k in set(masks) - set(images))
     if orphans:
         raise InputError(f"{orphans[0]}: mask without an image (expected {image_dir}/t{orphans[0].stem[7:]}.tif)")

@@ -16,10 +16,6 @@ Each metric is also an accumulator (`PixelError`, `RandError`, `SEG`, ...; see
 `unetkit.metrics.base`): `update(pred, gt)` image by image, `aggregate()` pools them the same way.
 `METRICS` (`unetkit.metrics.registry`) names them for `unetkit evaluate`.
 
-Each metric is also an accumulator (`PixelError`, `RandError`, `SEG`, ...; see
-`unetkit.metrics.base`): `update(pred, gt)` image by image, `aggregate()` pools them the same way.
-`METRICS` (`unetkit.metrics.registry`) names them for `unetkit evaluate`.
-
 Example:
     >>> import numpy as np
     >>> from unetkit.metrics import pixel_error, seg_score

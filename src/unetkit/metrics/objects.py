@@ -1,7 +1,8 @@
 """Object metrics on instance label images (0 = background, every other value one object).
 
-Overlaps of all (ground-truth, predicted) object pairs come from one contingency table over the
-combined labels; matching works on that table, never on pixels.
+Overlaps of all (ground-truth, predicted) object pairs come from one sparse contingency table over
+the combined labels (only the pairs that overlap); matching works on that table, never on pixels,
+and never builds a dense (objects x objects) array, so images with 100,000 objects fit in memory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from ..errors import InputError
 from .base import CumulativeMetric
@@ -77,6 +80,41 @@ def _check_ap_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     return ts
 
 
+def _match(i: np.ndarray, j: np.ndarray, ious: np.ndarray) -> tuple[int, float]:
+    """(matches, their summed IoU) of a one-to-one matching of the pairs (i, j) with most matches,
+    then most IoU.
+
+    The pairs form a sparse bipartite graph; each connected part is matched on its own (the optimum
+    of the whole is the union of the parts' optima), so no (objects x objects) table is ever built.
+    A pair alone in its part (every pair when IoU > 0.5) is a match as it is.
+    """
+    if i.size == 0:
+        return 0, 0.0
+    rows, row = np.unique(i, return_inverse=True)
+    cols, col = np.unique(j, return_inverse=True)
+    graph = coo_matrix((np.ones(i.size), (row, rows.size + col)), shape=(rows.size + cols.size,) * 2)
+    _, part = connected_components(graph, directed=False)
+    edge_part = part[row]
+    sizes = np.bincount(edge_part, minlength=part.max() + 1)
+    single = sizes[edge_part] == 1
+    tp, total = int(np.count_nonzero(single)), float(ious[single].sum())
+    shared = np.flatnonzero(~single)
+    shared = shared[np.argsort(edge_part[shared], kind="stable")]
+    for edges in np.split(shared, np.flatnonzero(np.diff(edge_part[shared])) + 1) if shared.size else ():
+        r, rr = np.unique(row[edges], return_inverse=True)
+        c, cc = np.unique(col[edges], return_inverse=True)
+        # Most matches first, then most IoU: the IoU bonus of all matches together stays < 1.
+        weight = np.zeros((r.size, c.size))
+        weight[rr, cc] = 1.0 + ious[edges] / (2.0 * min(r.size, c.size))
+        iou = np.zeros((r.size, c.size))
+        iou[rr, cc] = ious[edges]
+        a, b = linear_sum_assignment(weight, maximize=True)
+        chosen = weight[a, b] > 0
+        tp += int(np.count_nonzero(chosen))
+        total += float(iou[a[chosen], b[chosen]].sum())
+    return tp, total
+
+
 class AveragePrecision(CumulativeMetric):
     """Accumulator of `average_precision`: rows [TP, FP, FN, sum of IoU over TP], one per IoU threshold."""
 
@@ -93,19 +131,7 @@ class AveragePrecision(CumulativeMetric):
         rows = []
         for t in self.thresholds:
             ok = ious >= t
-            tp, total = 0, 0.0
-            if ok.any():
-                r, row = np.unique(i[ok], return_inverse=True)
-                c, col = np.unique(j[ok], return_inverse=True)
-                # Most matches first, then most IoU: the IoU bonus of all matches together stays < 1.
-                iou = np.zeros((r.size, c.size))
-                iou[row, col] = ious[ok]
-                weight = np.zeros((r.size, c.size))
-                weight[row, col] = 1.0 + ious[ok] / (2.0 * min(r.size, c.size))
-                rr, cc = linear_sum_assignment(weight, maximize=True)
-                chosen = weight[rr, cc] > 0
-                tp = int(np.count_nonzero(chosen))
-                total = float(iou[rr[chosen], cc[chosen]].sum())
+            tp, total = _match(i[ok], j[ok], ious[ok])
             rows.append((tp, n_pred - tp, n_gt - tp, total))
         return np.array(rows, dtype=np.float64)
 
