@@ -1,14 +1,18 @@
 """bioimage.io model packages (format 0.5) from unetkit checkpoints, and the `unetkit export` entry.
 
 A package holds the network three ways (`pytorch_state_dict` with its architecture as a plain-torch
-file, `torchscript`, `onnx`), a test input and the output it must give, a cover image (the test
-output's contours over the image), a README with a Validation section, and a description whose
-axes state the legal input sizes (min + n*step from the network's geometry) and the output size
-(input size - 2 * border for the paper's unpadded network; the same size with a halo for
-padding "same"). Preprocessing repeats the checkpoint's normalisation (`Normalization`):
+file, `torchscript`, `onnx`), all of which take any input size and return probabilities of the
+same size (mirrored inside the network exactly as `unetkit.predict` mirrors one tile), a test input
+and the output `unetkit.predict` gives for it, a cover image, and a README stating what the package
+cannot carry (test-time augmentation, per-image batch-norm statistics, the labels rule) and the
+scores. The description states input sizes min + n*step and an output halo that is a multiple of
+the pooling step, so bioimage.io's runner gives unetkit's result whole and in blocks; the input is
+padded by reflection (unetkit's mirror). Preprocessing repeats the checkpoint's normalisation:
 percentiles -> `scale_range`, fixed -> `scale_linear`, clipping -> `clip`. The package is built
 and validated with `bioimageio.spec`, and each weight format is run on the test input with
 `bioimageio.core.test_model` before it is written; a package that fails either is refused.
+It is written in a temporary folder beside `out` and moved into place; `force` replaces only a
+package folder that unetkit wrote (its `MARKER` file lists the files), never anything else.
 
 Needs ``pip install 'unetkit[export]'``.
 
@@ -24,7 +28,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,17 +42,37 @@ from ..data.normalize import Normalization, to_chw
 from ..errors import InputError
 from ..io import read_image, write_png, write_tiff
 from ..pretrained import get_model, pretrained_name
-from ..tiling import extract_region, same_margin
+from ..tiling import extract_region
 from . import FORMATS
-from .graphs import OPSET, Probabilities, export_onnx, export_torchscript
+from .graphs import OPSET, AnySize, any_size_layout, export_onnx, export_torchscript
 
 CITATION = {
     "text": "Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
     "MICCAI 2015, LNCS 9351, pp. 234-241",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
-#: Output pixels per side the test input aims at (the input adds the network's border).
-TEST_OUTPUT_SIZE = 256
+#: Pixels per side the test input aims at (the smallest stated input size at least this large).
+TEST_SIZE = 256
+#: The packaged models' training data: what to cite (`unetkit.pretrained` names the papers).
+DATA_CITATIONS = {
+    "isbi2012": [
+        {"text": "Cardona A et al. An integrated micro- and macroarchitectural analysis of the Drosophila brain by "
+                 "computer-assisted serial section electron microscopy. PLoS Biol 8:e1000502, 2010",
+         "doi": "10.1371/journal.pbio.1000502"},
+        {"text": "Arganda-Carreras I et al. Crowdsourcing the creation of image segmentation algorithms for "
+                 "connectomics. Front Neuroanat 9:142, 2015", "doi": "10.3389/fnana.2015.00142"},
+    ],
+    "ctc": [
+        {"text": "Maska M et al. A benchmark for comparison of cell tracking algorithms. Bioinformatics 30:1609-1617, "
+                 "2014", "doi": "10.1093/bioinformatics/btu080"},
+        {"text": "Ulman V et al. An objective comparison of cell-tracking algorithms. Nat Methods 14:1141-1152, 2017",
+         "doi": "10.1038/nmeth.4473"},
+        {"text": "Maska M et al. The Cell Tracking Challenge: 10 years of objective benchmarking. Nat Methods "
+                 "20:1010-1020, 2023", "doi": "10.1038/s41592-023-01879-y"},
+    ],
+}
+#: The file of a packaged model's package that states its training data's terms.
+DATA_TERMS = "DATA_TERMS.md"
 ARCHITECTURE_FILE = Path(__file__).with_name("architecture.py")
 
 
@@ -54,8 +80,10 @@ def export_checkpoint(
     checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, force: bool = False, **options: Any
 ) -> Path:
     """Export a checkpoint (RUN/best.pt or a packaged model's name) as `fmt`: "onnx",
-    "torchscript" (one file each) or "bioimageio" (a .zip, or a folder for any other name;
-    `options` go to `export_bioimageio`).
+    "torchscript" (one file each, any input size, output as large as the input) or "bioimageio"
+    (a .zip, or a folder for any other name; `options` go to `export_bioimageio`).
+
+    `out` is checked (see `check_destination`) before the checkpoint is even loaded.
 
     Example:
         >>> export_checkpoint("em-membranes", "onnx", "em.onnx")  # doctest: +SKIP
@@ -63,12 +91,11 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists; use --force to overwrite it")
     if fmt == "bioimageio":
         return export_bioimageio(checkpoint, out, force=force, **options)
     if options:
         raise InputError(f"options {sorted(options)} apply to --format bioimageio only")
+    check_destination(out, force=force, folder=False)
     model = load_checkpoint(checkpoint).model
     write = export_onnx if fmt == "onnx" else export_torchscript
     return write(model, out, force=force)
@@ -81,6 +108,8 @@ def export_bioimageio(
     sample: str | os.PathLike | None = None,
     name: str | None = None,
     authors: Sequence[str] = (),
+    maintainers: Sequence[str] = (),
+    git_repo: str | None = None,
     license: str | None = None,
     test: bool = True,
     force: bool = False,
@@ -95,30 +124,37 @@ def export_bioimageio(
             validation image (RUN/data.json), else a synthetic image of cells.
         name: the package's name (default "unetkit " + the model or run folder name).
         authors: author names (default: the user's login name; "unetkit" for packaged models).
-        license: SPDX identifier (default "MIT"); packaged models carry their data's terms as a file.
+        maintainers: GitHub user names of the package's maintainers (default: none stated).
+        git_repo: URL of the Git repository the model is developed in (default: none stated).
+        license: SPDX identifier of the weights (default "MIT"); packaged models add their
+            training data's terms as DATA_TERMS.md.
         test: run `bioimageio.core.test_model` for every weight format before writing.
-        force: replace an existing `out`.
+        force: replace `out` if it is a package this function wrote (see `check_destination`).
         echo: receives one line per step.
 
     Raises:
-        InputError: the checkpoint cannot be traced (naming the layer), or the package fails
-            validation or its test (the first errors of the validator); FileExistsError: `out` exists.
+        InputError: `out` cannot be written or replaced, the checkpoint cannot be traced (naming
+            the layer), or the package fails validation or its test (the first errors of the
+            validator); FileExistsError: `out` exists and not `force`.
     """
     note = echo or (lambda message: None)
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists; use --force to overwrite it")
+    zipped = out.suffix.lower() == ".zip"
+    check_destination(out, force=force, folder=not zipped)
     spec = _require_bioimageio()
     loaded = load_checkpoint(checkpoint)
     packaged = pretrained_name(checkpoint)
     model = loaded.model.eval()
-    content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license)
+    content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license,
+                           maintainers=maintainers, git_repo=git_repo)
     # The description alone first, so that a wrong name or license is refused before any export.
     early = spec.build_description(content, context=spec.ValidationContext(perform_io_checks=False))
     _refuse_if_failed(early, "validation")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".unetkit-export-", dir=out.parent) as tmp:
-        root = Path(tmp) / "package"
+    remove_stale_temp_folders(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=out.parent))
+    try:
+        root = tmp / "package"
         root.mkdir()
         note("writing the weights (state dict, TorchScript, ONNX)")
         shutil.copyfile(ARCHITECTURE_FILE, root / "architecture.py")
@@ -133,10 +169,8 @@ def export_bioimageio(
         write_tiff(root / "sample_input.tif", test_input[0])
         write_tiff(root / "sample_output.tif", test_output[0])
         _write_cover(root / "cover.png", loaded, test_input, test_output)
-        files = ["README.md", "cover.png"]
         if packaged:
-            (root / "LICENSE.md").write_text(get_model(packaged).license + "\n")
-            files.append("LICENSE.md")
+            (root / DATA_TERMS).write_text(f"# Terms of the training data\n\n{get_model(packaged).license}\n")
         (root / "README.md").write_text(_readme(loaded, checkpoint, packaged, source, test_input.shape))
         descr = spec.build_description(content, context=spec.ValidationContext(root=root, file_name="rdf.yaml"))
         _refuse_if_failed(descr, "validation")
@@ -144,15 +178,131 @@ def export_bioimageio(
             note("testing every weight format on the test input (bioimageio.core)")
             descr = _tested(descr)
         note(f"writing {out}")
-        staged = Path(tmp) / ("package.zip" if out.suffix.lower() == ".zip" else "folder")
-        if out.suffix.lower() == ".zip":
+        staged = tmp / ("package.zip" if zipped else "folder")
+        if zipped:
             spec.save_bioimageio_package(descr, output_path=staged)
         else:
             spec.save_bioimageio_package_as_folder(descr, output_path=staged)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            _write_marker(staged)
+        check_destination(out, force=force, folder=not zipped)  # again: the export took a while
+        if out.is_dir():
+            os.replace(out, tmp / "replaced")
         os.replace(staged, out)
+    finally:
+        _remove_own_folder(tmp)
     return out
+
+
+# -- where the export goes: checks, temporary folders, replacing only what unetkit wrote ------------
+
+#: The file in a package folder that names the files unetkit wrote there (one per line).
+MARKER = ".unetkit-package"
+_TEMP_NAME = re.compile(r"^\.unetkit-export-(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>[0-9]+)-[a-z0-9_]{8}$")
+#: Age after which a temporary folder of another machine (same shared folder) counts as stale.
+STALE_SECONDS = 24 * 3600
+
+
+def check_destination(out: str | os.PathLike, *, force: bool, folder: bool) -> None:
+    """Refuse `out` before any export work: an existing `out` without `force`, a missing or
+    read-only parent folder, a folder where a file is wanted, and (`folder` packages) a folder
+    that is not a package unetkit wrote or holds files it did not write.
+
+    Raises:
+        FileExistsError: `out` exists and not `force`.
+        InputError: anything else, in one line naming the path.
+
+    Example:
+        >>> check_destination("new-package", force=False, folder=True)  # doctest: +SKIP
+    """
+    out = Path(out)
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the folder {parent} is not writable")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(f"{out}: already exists; use --force to overwrite it")
+    if out.is_symlink():
+        raise InputError(f"--out {out}: is a link; give a new name (--force replaces only what unetkit wrote)")
+    if not folder:
+        if out.is_dir():
+            raise InputError(f"--out {out}: is a folder; give a file name")
+        if not os.access(out, os.W_OK):
+            raise InputError(f"--out {out}: is not writable")
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a package folder unetkit wrote; give a new folder name")
+    foreign = _foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(
+            f"--out {out}: not replaced, the folder holds files unetkit did not write ({shown}); "
+            "give a new folder name or move those files"
+        )
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in `folder` that its marker does not list (all of them without a marker)."""
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    try:
+        written = set((folder / MARKER).read_text().split("\n")) | {MARKER}
+    except OSError:
+        written = set()
+    return [name for name in present if name not in written]
+
+
+def _write_marker(folder: Path) -> None:
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    (folder / MARKER).write_text("\n".join(names) + "\n")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _temp_prefix() -> str:
+    return f".unetkit-export-{_host()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_folders(folder: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Delete the temporary folders that an export killed mid-way left in `folder`; return them.
+
+    Only folders named as this module names them (``.unetkit-export-HOST-PID-xxxxxxxx``) count:
+    of this machine, when process PID has ended; of another machine, when older than
+    `STALE_SECONDS`. Nothing else is touched.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for path in Path(folder).iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(match["pid"])
+        if match["host"] == _host():
+            stale = pid != os.getpid() and not _running(pid)
+        else:
+            stale = now - path.stat().st_mtime > STALE_SECONDS
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _remove_own_folder(tmp: Path) -> None:
+    if _TEMP_NAME.match(tmp.name):  # never anything but the folder this process made
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -215,19 +365,21 @@ def _run_validation_image(run_dir: Path) -> Path | None:
 
 
 def _test_size(model) -> int:
+    """The smallest size the package states (`_min_input`) that is at least `TEST_SIZE`."""
     g = model.geometry
-    extra = 2 * (same_margin(g) if g.padding == "same" else g.border)
-    return g.input_size(TEST_OUTPUT_SIZE) if g.padding == "valid" else g.legal_sizes(TEST_OUTPUT_SIZE + extra)[-1]
+    minimum = _min_input(g)
+    return minimum + max(0, -(-(TEST_SIZE - minimum) // g.step)) * g.step
 
 
 def _test_tensors(loaded: LoadedModel, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A centred legal-size window of the raw image (1, C, s, s) and the probabilities it gives."""
+    """A centred window of the raw image (1, C, s, s) and the probabilities (1, n_classes, s, s)
+    that `unetkit.predict` gives for it (one tile, no test-time augmentation)."""
     size = _test_size(loaded.model)
     y0, x0 = (raw.shape[-2] - size) // 2, (raw.shape[-1] - size) // 2
     window = np.ascontiguousarray(extract_region(raw, y0, x0, size, size), dtype=np.float32)
     normalised = loaded.normalization(window)
     with torch.no_grad():
-        output = Probabilities(loaded.model.eval())(torch.from_numpy(normalised)[None]).numpy()
+        output = AnySize(loaded.model.eval(), loaded.model.geometry)(torch.from_numpy(normalised)[None]).numpy()
     return window[None], output
 
 
@@ -246,12 +398,26 @@ def _write_cover(path: Path, loaded: LoadedModel, test_input: np.ndarray, test_o
     write_png(path, np.concatenate([plain, overlay(image, labels)], axis=1), force=True)
 
 
+def _halo(g) -> int:
+    """Output pixels per side that a block must drop: the context each pixel needs (the border,
+    or the margin for padding "same") rounded up to the pooling step, so that blocks of a
+    multiple of the step stay on the pooling grid."""
+    return any_size_layout(g)[0] if g.padding == "same" else -(-g.border // g.step) * g.step
+
+
 def _min_input(g) -> int:
-    """The smallest input size the package states: the geometry's, or for padding "same" the
-    smallest legal size larger than the halo on both sides."""
-    if g.padding == "valid":
-        return g.min_size
-    return next(s for s in g.legal_sizes(2 * same_margin(g) + 2 * g.step) if s > 2 * same_margin(g))
+    """The smallest input size the package states: one step more than the halo on both sides, so
+    that every stated size (min + n*step) leaves a block centre of a multiple of the step."""
+    return 2 * _halo(g) + g.step
+
+
+def _pixel_size(packaged: str | None) -> dict[str, Any]:
+    """The space axes' unit and scale where the packaged model's training data states a pixel size."""
+    text = get_model(packaged).input.pixel_size if packaged else None
+    found = re.fullmatch(r"\s*([0-9.]+)\s*x\s*([0-9.]+)\s*(nm|um|µm)\s*", text or "")
+    if not found or found[1] != found[2]:
+        return {}
+    return {"unit": "nanometer" if found[3] == "nm" else "micrometer", "scale": float(found[1])}
 
 
 def _identifier(text: str) -> str:
@@ -271,41 +437,46 @@ def _preprocessing(norm: Normalization) -> list[dict[str, Any]]:
     return steps
 
 
-def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name, authors, license) -> dict[str, Any]:
+def _data_citations(packaged: str | None) -> list[dict[str, str]]:
+    if not packaged:
+        return []
+    dataset = get_model(packaged).dataset
+    return DATA_CITATIONS.get("ctc" if dataset.startswith("ctc-") else dataset, [])
+
+
+def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name, authors, license,
+                 maintainers: Sequence[str] = (), git_repo: str | None = None) -> dict[str, Any]:
     model = loaded.model
     g = model.geometry
-    config = dict(model.config, dropout=0.0)  # inference only
+    config = dict(model.config, dropout=0.0, any_size=list(any_size_layout(g)))  # inference only
     if name is None:
         base = packaged or Path(str(checkpoint)).resolve().parent.name or "model"
         name = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", f"unetkit U-Net {base}")[:64]
     authors = list(authors) or (["unetkit"] if packaged else [getpass.getuser()])
-    minimum = _min_input(g)
-    space = {"size": {"min": minimum, "step": g.step}}
-    if g.padding == "valid":
-        out_axes = [{"type": "space", "id": axis, "size": {"tensor_id": "input", "axis_id": axis, "offset": -2 * g.border}}
-                    for axis in ("y", "x")]
-    else:
-        out_axes = [{"type": "space", "id": axis, "halo": same_margin(g), "size": {"tensor_id": "input", "axis_id": axis}}
-                    for axis in ("y", "x")]
+    minimum, halo, pixel = _min_input(g), _halo(g), _pixel_size(packaged)
+    space = {"size": {"min": minimum, "step": g.step}, **pixel}
+    # Same size out, with a halo that blocks drop: the graphs mirror-pad inside, so any size runs.
+    out_axes = [{"type": "space", "id": axis, "halo": halo, "size": {"tensor_id": "input", "axis_id": axis}, **pixel}
+                for axis in ("y", "x")]
     channel_names = ["gray"] if model.in_channels == 1 else [f"channel{i}" for i in range(model.in_channels)]
     torch_version = torch.__version__.split("+")[0]
     what = f"{g.depth} levels, {config['base_channels']} channels at the first, padding {g.padding!r}"
     description = (get_model(packaged).description + "; " if packaged else "") + (
-        f"U-Net (Ronneberger et al. 2015) trained with unetkit: {what}. Outputs class probabilities; "
-        f"valid input sizes are {minimum} + n*{g.step} pixels."
+        f"U-Net (Ronneberger et al. 2015) trained with unetkit: {what}. Outputs class probabilities as large as "
+        f"the input; blocks of {minimum} + n*{g.step} pixels drop a halo of {halo}."
     )
     tags = ["unetkit", "unet2d", "u-net", "2d", "segmentation", "semantic-segmentation", "pytorch", "torchscript", "onnx"]
     if packaged:
         tags += {"em-membranes": ["electron-microscopy", "membranes", "isbi2012"], "dic-hela": ["dic", "cells", "hela"],
                  "fluo-nuclei": ["fluorescence-light-microscopy", "nuclei"]}.get(packaged, [])
-    return {
+    content = {
         "format_version": _format_version(),
         "type": "model",
         "name": name,
         "description": description[:1000],
         "authors": [{"name": a} for a in authors],
-        "cite": [CITATION],
-        "license": {"source": "LICENSE.md"} if packaged else (license or "MIT"),
+        "cite": [CITATION, *_data_citations(packaged)],
+        "license": license or "MIT",
         "tags": tags,
         "documentation": {"source": "README.md"},
         "covers": [{"source": "cover.png"}],
@@ -317,6 +488,7 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
             "test_tensor": {"source": "test_input.npy"},
             "sample_tensor": {"source": "sample_input.tif"},
             "data": {"type": "float32"},
+            "pad": {"mode": "reflect"},  # the mirror unetkit uses (no repeated edge pixel)
             "preprocessing": _preprocessing(loaded.normalization),
         }],
         "outputs": [{
@@ -340,6 +512,13 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
         "config": {"unetkit": {"model": model.config, "normalization": loaded.normalization.to_dict(),
                                "decision": loaded.decision, "border": g.border, "packaged_model": packaged}},
     }
+    if maintainers:
+        content["maintainers"] = [{"github_user": user} for user in maintainers]
+    if git_repo:
+        content["git_repo"] = git_repo
+    if packaged:
+        content["attachments"] = [{"source": DATA_TERMS}]
+    return content
 
 
 def _format_version() -> str:
@@ -380,39 +559,69 @@ def _tested(descr):
     return descr
 
 
+def _rule_text(decision: dict | None) -> str:
+    """The stored labels rule in words, e.g. "seeded at threshold 0.5 (h=2.0, seed_threshold=0.9)"."""
+    if not decision or not decision.get("method"):
+        return "none stored: unetkit's default (4-connected components of probability > 0.5)"
+    details = {k: v for k, v in decision.items() if k not in ("method", "threshold", "score", "task", "tta")}
+    extra = f" ({', '.join(f'{k}={v}' for k, v in details.items())})" if details else ""
+    return f"{decision['method']} at threshold {decision.get('threshold')}{extra}"
+
+
 def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, test_shape) -> str:
     model, g = loaded.model, loaded.model.geometry
     norm = loaded.normalization
     if norm.mode == "percentile":
         preprocessing = (f"each image's percentiles {norm.low:g} and {norm.high:g} "
-                         f"({'per channel' if norm.per_channel else 'over all channels'}) are mapped to 0 and 1")
+                         f"({'per channel' if norm.per_channel else 'over all channels'}) are mapped to 0 and 1 "
+                         "(`scale_range`)")
     elif norm.mode == "fixed":
-        preprocessing = f"values are mapped by x * {norm.scale:g} + {norm.offset:g}"
+        preprocessing = f"values are mapped by x * {norm.scale:g} + {norm.offset:g} (`scale_linear`)"
     else:
         preprocessing = "values are used as they are"
     if norm.clip:
-        preprocessing += ", then clipped to [0, 1]"
+        preprocessing += ", then clipped to [0, 1] (`clip`)"
+    decision = loaded.decision or {}
+    tta = bool(decision.get("tta", False))
+    halo, minimum = _halo(g), _min_input(g)
     lines = [
         f"# {packaged or 'U-Net'} (unetkit)", "",
         "A U-Net (Ronneberger, Fischer & Brox, MICCAI 2015) trained with unetkit.", "",
         "## Input and output", "",
         f"- Input: {model.in_channels} channel(s), float32; {preprocessing} (the package's preprocessing does this).",
-        f"- Valid input sizes: {_min_input(g)} + n*{g.step} pixels along y and x (every 2x2 pooling sees an even size).",
-        (f"- Output: class probabilities {loaded.class_names}, {2 * g.border} pixels smaller than the input "
-         f"({g.border} per side: unpadded convolutions, so tiles that overlap by that much stitch without seams)."
-         if g.padding == "valid" else
-         f"- Output: class probabilities {loaded.class_names}, as large as the input; crop {same_margin(g)} pixels "
-         "per side of each tile (the halo) when tiling."),
-        f"- Network: depth {g.depth}, {model.config['base_channels']} channels at the first level, "
-        f"batch norm {'on' if model.config['batch_norm'] else 'off'}.",
-        f"- Test input: a {test_shape[-2]}x{test_shape[-1]} window of {source}.", "",
+        f"- Input size: {minimum} + n*{g.step} pixels along y and x for the bioimage.io runner (which refuses other "
+        f"sizes: mirror-pad such an image yourself); the ONNX and TorchScript files alone take any size. Inside the "
+        f"network the image is mirrored (without repeating the edge pixel) up to the tile size unetkit would use, "
+        f"and the result is cropped back.",
+        f"- Output: class probabilities {loaded.class_names}, as large as the input.",
+        f"- Blockwise prediction: blocks of {minimum} + n*{g.step} pixels, dropping a halo of {halo} pixels per side. "
+        f"Blocks then start on the network's pooling grid, so the stitched result equals the whole-image result "
+        f"(within float rounding).",
+        f"- Network: depth {g.depth}, {model.config['base_channels']} channels at the first level, padding "
+        f"{g.padding!r}, batch norm {'on' if model.config['batch_norm'] else 'off'}.",
+        f"- Test input: a {test_shape[-2]}x{test_shape[-1]} window of {source}; its test output is what "
+        "`unetkit.predict(..., tta=False, norm_statistics=\"training\")` gives.", "",
+        "## What this package does not carry", "",
+        "unetkit does more than this package can describe. Without unetkit you get the probabilities of one pass of "
+        "the network, and not:", "",
+        f"- Test-time augmentation: unetkit {'averages' if tta else 'can average'} the 8 flips and rotations of "
+        f"each image{' (this model was scored with it)' if tta else ''}.",
+        "- Each image's own batch-norm statistics (`norm_statistics=\"image\"`); the package uses the statistics "
+        "stored at training time." if model.config.get("batch_norm") else
+        "- (No batch norm in this network, so nothing depends on per-image statistics.)",
+        f"- The labels rule that turns probabilities into labels: {_rule_text(decision)}. Apply it with "
+        "`unetkit predict`, or threshold the foreground probability yourself.",
+        "- A constant image: unetkit maps it to 0; `scale_range` divides by its tiny range instead."
+        if norm.mode == "percentile" else "- (Nothing else: the normalisation is fully expressed.)", "",
         "## Validation", "",
     ]
     if packaged:
         info = get_model(packaged)
-        lines += [f"Trained on {info.trained_on}.", ""]
+        lines += [f"Trained on {info.trained_on}. Pixel size: {info.input.pixel_size or 'not stated'} "
+                  f"({info.input.pixel_size_source}). Data terms: see {DATA_TERMS}.", ""]
         if info.scores:
-            lines += ["Held-out scores (unetkit's labels rule on these probabilities):", "",
+            lines += ["Held-out scores with unetkit (its labels rule"
+                      f"{' and test-time augmentation' if tta else ''} on these probabilities):", "",
                       "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info.scores.items()]
             lines.append("")
@@ -420,15 +629,17 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
     if best_iou is not None and np.isfinite(float(best_iou)):
         lines += [f"- Best foreground IoU on the run's validation images: {float(best_iou):.4f} "
                   f"(checkpoint at iteration {loaded.iteration}).", ""]
-    decision = loaded.decision or {}
     if decision.get("score") is not None:
         measure = "Rand error (lower is better)" if decision.get("task") == "membranes" else "mean of SEG and PQ at IoU 0.5"
-        lines += [f"- Labels rule chosen on the validation images: {decision.get('method')} at threshold "
-                  f"{decision.get('threshold')}, {measure} {float(decision['score']):.4f}.", ""]
-    if len(lines) and lines[-1] == "" and lines[-2] == "## Validation":
+        lines += [f"- Labels rule chosen on the validation images: {_rule_text(decision)}, {measure} "
+                  f"{float(decision['score']):.4f}.", ""]
+    if lines[-2] == "## Validation":
         lines += ["No validation scores are stored in this checkpoint. Score the model on annotated images that it "
                   "was not trained on, e.g. with `unetkit predict` and `unetkit evaluate`.", ""]
-    lines += ["To validate on your own data: `unetkit predict --model MODEL IMAGES --out PRED` and "
+    lines += ["Scores of this package alone (its probabilities, no test-time augmentation, thresholded at 0.5): "
+              "**NOT MEASURED YET.** The scores above need unetkit.", "",
+              "To validate on your own data: `unetkit predict --model MODEL IMAGES --out PRED` and "
               "`unetkit evaluate --pred PRED --gt MASKS`.", "",
               "## Citation", "", f"{CITATION['text']}. doi:{CITATION['doi']}", ""]
-    return "\n".join(lines)
+    lines += [f"Training data: {c['text']}. doi:{c['doi']}" for c in _data_citations(packaged)]
+    return "\n".join(lines) + "\n"

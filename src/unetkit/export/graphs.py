@@ -1,10 +1,17 @@
 """A network as a self-contained graph file: ONNX (dynamic batch, height and width) or TorchScript.
 
-Both graphs map a float32 batch (N, C, H, W) of normalised images at a legal size to class
-probabilities (N, n_classes, h, w): the softmax is part of the graph, so a consumer needs nothing
-from unetkit. Each file is checked after writing: its outputs must equal the network's within
-`TOLERANCE` at a legal size other than the one it was traced at, so a graph that froze a size or
-a data-dependent branch during tracing is refused instead of written.
+The files `export_onnx` and `export_torchscript` write take a float32 batch (N, C, H, W) of
+normalised images of ANY size and return class probabilities of the same size (N, n_classes, H, W):
+inside the graph the input is mirror-padded to the one tile that `unetkit.predict` would use for
+the whole image (`covering_size`, mirrored as `unetkit.tiling.extract_region` mirrors) and the
+result is cropped, so it equals `predict(model, image, tta=False, norm_statistics="training",
+tile_size=covering_size(...))`. The softmax is part of the graph, so a consumer needs nothing from
+unetkit. Each file is checked before it is written: its outputs must equal the network's within
+`TOLERANCE` at a size other than the one it was traced at, so a graph that froze a size or a
+data-dependent branch during tracing is refused instead of written.
+
+`onnx_program(model)` and `quick_onnx_bytes` (the onnxruntime backend's graph) keep the raw network:
+legal sizes only, output smaller by twice the border for padding "valid".
 
 Example:
     >>> from unetkit import UNet
@@ -28,8 +35,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..geometry import Geometry
 from ..io import atomic_write
 from ..network import UNet
+from .architecture import padded_size, run_any_size
 
 #: Largest absolute difference allowed between an exported graph's probabilities and the network's.
 TOLERANCE = 1e-4
@@ -49,6 +58,47 @@ class Probabilities(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
+def any_size_layout(geometry: Geometry) -> tuple[int, int, int, int]:
+    """(before, base, step, keep) of the any-size graph: mirror `before` pixels above and left of
+    the image, pad to a size `base + k * step`, keep the output from `keep` on (see
+    `architecture.run_any_size`). These are the input offset, smallest tile and crop of a one-tile
+    `tiling.plan_tiles`.
+
+    Example:
+        >>> any_size_layout(Geometry(depth=3)), any_size_layout(Geometry(depth=3, padding="same"))
+        ((20, 44, 4, 0), (20, 4, 4, 20))
+    """
+    from ..tiling import same_margin
+
+    if geometry.padding == "valid":
+        return geometry.border, geometry.min_size, geometry.step, 0
+    margin = same_margin(geometry)
+    return margin, geometry.min_size, geometry.step, margin
+
+
+def covering_size(geometry: Geometry, size: int) -> int:
+    """The legal tile size whose one tile covers `size` pixels: what the any-size graphs pad to.
+
+    Example:
+        >>> covering_size(Geometry(depth=3), 100), covering_size(Geometry(depth=3, padding="same"), 100)
+        (140, 140)
+    """
+    before, base, step, _ = any_size_layout(geometry)
+    return int(padded_size(int(size), before, base, step))
+
+
+class AnySize(Probabilities):
+    """`Probabilities` for an input of any size, with an output of the same size: the input is
+    mirror-padded to `covering_size` and the result cropped (see `any_size_layout`)."""
+
+    def __init__(self, model: nn.Module, geometry: Geometry) -> None:
+        super().__init__(model)
+        self.layout = any_size_layout(geometry)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_any_size(super().forward, x, *self.layout)
+
+
 def example_sizes(model: UNet) -> tuple[tuple[int, int], tuple[int, int]]:
     """Two different small legal (h, w) sizes: one to trace at, one to check the graph at."""
     g = model.geometry
@@ -56,10 +106,11 @@ def example_sizes(model: UNet) -> tuple[tuple[int, int], tuple[int, int]]:
     return (first, first + g.step), (first + 2 * g.step, first)
 
 
-def _inference_copy(model: UNet) -> Probabilities:
+def _inference_copy(model: UNet, any_size: bool = False) -> Probabilities:
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
-    return Probabilities(copy.deepcopy(model).cpu().float().eval())
+    net = copy.deepcopy(model).cpu().float().eval()
+    return AnySize(net, model.geometry) if any_size else Probabilities(net)
 
 
 def _example(model: UNet, size: tuple[int, int], batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -167,10 +218,12 @@ def _first_mismatching_layer(wrapped: Probabilities, a: torch.Tensor, b: torch.T
 
 
 def check_graph(model: UNet, run: Callable[[np.ndarray], np.ndarray], what: str, wrapped: Probabilities | None = None) -> float:
-    """Largest difference between `run` (a graph) and the network at a legal size not traced at;
-    raises InputError above `TOLERANCE`."""
+    """Largest difference between `run` (a graph) and `wrapped` (default: the network) at a size
+    not traced at (legal; for an `AnySize` graph, illegal); raises InputError above `TOLERANCE`."""
     wrapped = wrapped or _inference_copy(model)
     trace_size, check_size = example_sizes(model)
+    if isinstance(wrapped, AnySize):
+        check_size = (check_size[0] + 1, check_size[1] + 3)
     x = _example(model, check_size, batch=2, seed=1)
     with torch.no_grad():
         expected = wrapped(x).numpy()
@@ -192,17 +245,21 @@ def check_graph(model: UNet, run: Callable[[np.ndarray], np.ndarray], what: str,
     )
 
 
-def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write `model` (with softmax) as a traced TorchScript file that accepts any legal size.
+def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = False, any_size: bool = True) -> Path:
+    """Write `model` (with softmax) as a traced TorchScript file.
 
-    Load it with `torch.jit.load(path)`; it maps (N, C, H, W) float32 to probabilities.
+    Load it with `torch.jit.load(path)`; it maps (N, C, H, W) float32 to probabilities of the same
+    size, for any H and W (`AnySize`); with `any_size=False`, the raw network (legal sizes only).
     Raises InputError if tracing fails (naming the layer) or the graph does not reproduce the
     network within `TOLERANCE`; FileExistsError if `path` exists and not `force`.
 
     Example:
         >>> export_torchscript(UNet(depth=3, base_channels=4), "unet.pt")  # doctest: +SKIP
     """
-    wrapped = _inference_copy(model)
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists; use --force to overwrite it")
+    wrapped = _inference_copy(model, any_size)
     trace_size, _ = example_sizes(model)
     with _quiet(), torch.no_grad():
         traced = _trace(wrapped, lambda: torch.jit.trace(wrapped, _example(model, trace_size), check_trace=False), "TorchScript")
@@ -215,14 +272,15 @@ def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = Fa
     return atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)), force=force)
 
 
-def onnx_program(model: UNet):
+def onnx_program(model: UNet, any_size: bool = False):
     """The ONNX `ModelProto` of `model` with softmax, dynamic in batch, height and width, and the
-    wrapped copy of the network it was traced from.
+    wrapped copy of the network it was traced from. With `any_size`, the graph takes any size and
+    returns the same size (`AnySize`); without, legal sizes only.
 
     Needs onnx and onnxscript (``pip install unetkit[export]``).
     """
     _require("onnxscript", "ONNX export")
-    wrapped = _inference_copy(model)
+    wrapped = _inference_copy(model, any_size)
     trace_size, _ = example_sizes(model)
     x = _example(model, trace_size, batch=2)  # a batch of 1 would be fixed at 1
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
@@ -268,11 +326,13 @@ def quick_onnx_bytes(model: UNet) -> bytes:
     return buffer.getvalue()
 
 
-def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
+def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, check: bool = True,
+                any_size: bool = True) -> Path:
     """Write `model` (with softmax) as one self-contained ONNX file (opset `OPSET`).
 
-    The input "input" is (batch, C, height, width) with all three sizes dynamic (any legal size);
-    the output "output" holds the class probabilities. With `check`, onnxruntime (when installed)
+    The input "input" is (batch, C, height, width) with all three sizes dynamic: any size
+    (`AnySize`), or with `any_size=False` legal sizes only; the output "output" holds the class
+    probabilities, as large as the input (with `any_size`). With `check`, onnxruntime (when installed)
     verifies the file against the network within `TOLERANCE` first.
     Raises InputError if tracing fails (naming the layer) or the check fails; FileExistsError if
     `path` exists and not `force`.
@@ -283,7 +343,7 @@ def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, ch
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists; use --force to overwrite it")
-    proto, wrapped = onnx_program(model)
+    proto, wrapped = onnx_program(model, any_size)
     data = proto.SerializeToString()
     if check and _available("onnxruntime"):
         session = onnx_session(data, threads=1)
