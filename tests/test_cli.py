@@ -198,16 +198,17 @@ def test_ctrl_c_in_train_keeps_the_iteration_and_says_how_to_resume(dataset, tmp
 
 
 def test_ctrl_c_in_predict_says_which_images_are_done(run, dataset, tmp_path, monkeypatch, capsys):
-    segment_module = importlib.import_module("unetkit.segment")
-    real_predict, calls = segment_module.predict, {"n": 0}
+    from unetkit.inference import Segmenter
 
-    def interrupted_at_the_second_image(*args, **kwargs):
+    real_probabilities, calls = Segmenter.probabilities, {"n": 0}
+
+    def interrupted_at_the_second_image(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_predict(*args, **kwargs)
+        return real_probabilities(self, *args, **kwargs)
 
-    monkeypatch.setattr(segment_module, "predict", interrupted_at_the_second_image)
+    monkeypatch.setattr(Segmenter, "probabilities", interrupted_at_the_second_image)
     out = tmp_path / "pred"
     argv = ["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(out), "--no-progress"]
     assert main(argv) == 130
@@ -273,7 +274,7 @@ def test_unwritable_outputs_are_refused_before_any_work(run, dataset, tmp_path, 
     def never(*args, **kwargs):
         raise AssertionError("computed before checking the output")
 
-    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", never)
+    monkeypatch.setattr(importlib.import_module("unetkit.inference").Segmenter, "probabilities", never)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access  # root may write anywhere: report the folder read-only as for a user
@@ -419,3 +420,132 @@ def test_every_command_declares_its_options_with_annotated():
     for command in app.registered_commands:
         for parameter in inspect.signature(command.callback).parameters.values():
             assert type(parameter.default).__name__ not in ("OptionInfo", "ArgumentInfo"), (command.name, parameter.name)
+
+
+# -- train: every option and run file checked, one line each, before anything is written ---------------
+
+
+def run_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0 (got -1.0)"),
+        (["--momentum", "2"], "--momentum must be in [0, 1) (got 2.0); the paper uses 0.99"),
+        (["--momentum", "1"], "--momentum must be in [0, 1) (got 1.0); the paper uses 0.99"),
+        (["--lr", "inf"], "--lr must be finite and > 0 (got inf)"),
+        (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
+        (["--seconds", "inf"], "--seconds must be finite and > 0 (got inf)"),
+        (["--epochs", "inf"], "--epochs must be finite and > 0 (got inf)"),
+        (["--seed", "-1"], "--seed must be >= 0 (got -1)"),
+        (["--dice", "-1"], "--dice must be >= 0 (got -1.0)"),
+        (["--val-every", "0"], "--val-every must be >= 1 (got 0)"),
+        (["--width", "0"], "--width must be >= 1 (got 0); the paper uses 64"),
+        (["--workers", "-1"], "--workers must be >= 0 (got -1)"),
+        (["--val", "5"], "--val 5: a count of validation images must leave at least one for training, and the dataset "
+                         "has 3 image(s); give a count below 3 or a fraction"),
+        (["--val", "1", "--val-data", "."], "give --val (images of --data) or --val-data (a separate folder), not both"),
+        (["--class-weights", "1,x"], "--class-weights must be 'balanced' or numbers like '1,1' (got '1,x')"),
+    ],
+)
+def test_train_refuses_bad_options_in_one_line_before_creating_anything(dataset, tmp_path, capsys, options, message):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--out", str(out), *TINY, *options]) == 2
+    assert one_line_error(capsys) == f"unetkit: error: {message}"
+    assert not out.exists()
+
+
+def test_train_val_names_every_name_not_in_the_dataset(dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--val", "cell1,cell7,nope", *TINY]) == 2
+    assert one_line_error(capsys) == ("unetkit: error: validation image(s) 'cell7', 'nope' not in the dataset (--val); "
+                                      "known names: cell0, cell1, cell2")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("config.json", "{", "damaged, not JSON"),
+        ("config.json", "[1, 2]", "holds a list, not a JSON object"),
+        ("data.json", '"data"', "holds a str, not a JSON object"),
+        ("config.json", None, "lacks depth"),  # the key removed from the run's own file
+        ("config.json", {"lr": "fast"}, "lr must be a number > 0 (got 'fast')"),
+        ("config.json", {"batch_norm": "yes"}, "batch_norm must be true or false (got 'yes')"),
+        ("config.json", {"targets": 3}, "targets must be a TargetConfig or a mapping of its settings (got 3)"),
+        ("data.json", None, "lacks data"),
+        ("data.json", {"train": "cell0"}, "train must be a list of image names (got 'cell0')"),
+        ("data.json", {"val_split": "middle"}, "val_split must be 'last' or 'random' (got 'middle')"),
+    ],
+)
+def test_resume_names_a_malformed_run_file_and_the_fix(run, tmp_path, capsys, name, text, problem):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / name
+    if text is None or isinstance(text, dict):
+        values = json.loads(path.read_text())
+        if text is None:
+            del values["depth" if name == "config.json" else "data"]
+        else:
+            values.update(text)
+        text = json.dumps(values)
+    path.write_text(text)
+    before = run_files(copy)
+    assert main(["train", "--resume", str(copy), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"unetkit: error: {path}: {problem}"), err
+    assert err.endswith("the run cannot be resumed from it: restore the file, or start a new run with --out")
+    assert run_files(copy) == before
+
+
+def test_resume_refuses_fewer_iterations_than_done_and_leaves_the_run_untouched(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    done = load_checkpoint(copy / "last.pt").iteration
+    before = run_files(copy)
+    for iterations in (1, done):
+        assert main(["train", "--resume", str(copy), "--iterations", str(iterations), "--no-progress"]) == 2
+        assert one_line_error(capsys) == (f"unetkit: error: {copy} has done {done} iterations; "
+                                          f"--iterations must be more than {done}")
+        assert run_files(copy) == before  # config.json byte-identical: a later resume still works
+    assert main(["train", "--resume", str(copy), "--seconds", "inf", "--no-progress"]) == 2
+    assert one_line_error(capsys) == "unetkit: error: --seconds must be finite and > 0 (got inf)"
+    assert run_files(copy) == before
+    assert main(["train", "--resume", str(copy), "--iterations", str(done + 1), "--no-progress"]) == 0
+    assert load_checkpoint(copy / "last.pt").iteration == done + 1
+
+
+def test_train_names_a_dangling_link_in_the_dataset(dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "images" / "cell3.tif").symlink_to(tmp_path / "elsewhere" / "cell3.tif")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY]) == 2
+    assert one_line_error(capsys) == (f"unetkit: error: {data / 'images' / 'cell3.tif'}: a link to "
+                                      f"{tmp_path / 'elsewhere' / 'cell3.tif'}, which does not exist; restore the file "
+                                      "it points to or remove the link")
+    assert not out.exists()
+
+
+def test_a_run_folder_is_never_read_as_data(dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    images = sorted(p.name for p in (data / "images").iterdir())
+    for folder in ("images", "masks"):
+        assert main(["train", "--data", str(data), "--out", str(data / folder), "--force", *TINY]) == 2
+        assert one_line_error(capsys) == (f"unetkit: error: {data / folder}: --out is a folder the dataset {data} is "
+                                          "read from, so the run's files would be read as data; choose a run folder outside it")
+    assert sorted(p.name for p in (data / "images").iterdir()) == images
+    # a run folder elsewhere inside the dataset folder is not read: the next run sees the same images
+    for out in ("run", "run2"):
+        assert main(["train", "--data", str(data), "--out", str(data / out), "--iterations", "1", "--val", "1", *TINY]) == 0
+        assert "2 training and 1 validation images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options, message", [(["--seconds", "inf"], "--seconds must be finite and > 0 (got inf)"),
+                                              (["--seed", "-1"], "--seed must be >= 0 (got -1)")])
+def test_demo_refuses_what_training_would_refuse_before_creating_its_folder(tmp_path, capsys, options, message):
+    assert main(["demo", "--out", str(tmp_path / "demo"), *options]) == 2
+    assert one_line_error(capsys) == f"unetkit: error: {message}"
+    assert not (tmp_path / "demo").exists()

@@ -104,7 +104,7 @@ class InferenceOptions:
 
         check_device(self.device)
         if self.backend not in BACKENDS:
-            raise InputError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+            raise InputError(f"--backend must be auto, torch or onnxruntime (got {self.backend!r})")
         if self.norm_statistics not in (None, *NORM_STATISTICS):
             raise InputError(f"--norm-statistics must be training or image (got {self.norm_statistics!r})")
         if self.labels not in LABEL_KINDS:
@@ -338,6 +338,7 @@ class Segmenter:
 
     def normalize(self, raw: np.ndarray, name: str = "image") -> np.ndarray:
         """The checkpoint's normalisation of a raw image; InputError naming `name` for NaN or infinity."""
+        self.loaded.normalization.check(raw, source=name)
         image = self.loaded.normalization(raw)
         if not np.isfinite(image).all():
             raise InputError(f"{name}: image contains NaN or infinite values; replace them before predicting")

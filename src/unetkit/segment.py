@@ -55,11 +55,12 @@ def segment_files(
     segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
     out = Path(out)
     files: list[Path] = []
+    broken: list[Path] = []  # links to images that are gone, noted with --skip-unreadable
     for item in map(Path, inputs):
         if item.is_dir():
             if item.resolve() == out.resolve():
                 raise InputError(f"{out}: --out is the input folder; a rerun would segment its own outputs; choose another --out")
-            found = list_images(item)
+            found = list_images(item, broken_links=broken if skip_unreadable else None)
             if not found:
                 raise InputError(f"{item}: no PNG or TIFF images in this folder")
             files.extend(found)
@@ -101,6 +102,8 @@ def segment_files(
         if channels != in_channels:
             raise InputError(f"{f}: has {channels} channel(s), the model was trained on {in_channels}")
         readable.append(f)
+    if broken:
+        note(f"skipping {len(broken)} broken link(s) to images that are gone: {listing(broken)}")
     if unreadable and not skip_unreadable:
         more = f" ({len(unreadable) - 1} more unreadable input(s))" if len(unreadable) > 1 else ""
         raise InputError(f"{unreadable[0][1]}{more}; nothing was segmented; add --skip-unreadable to segment the others")

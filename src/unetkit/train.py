@@ -458,6 +458,10 @@ class Trainer:
             train_pairs, val_pairs = pairs, find_pairs(val_data)
         else:
             train_pairs, val_pairs = split_pairs(pairs, 0.2 if val is None else val, seed=config.seed, split=val_split)
+        if normalization.mode == "fixed":  # remember what the fixed map was made for, so other images are refused
+            from .io import read_image
+
+            normalization = normalization.made_for([read_image(pair.image) for pair in train_pairs])
         train, validation = _load_split(train_pairs, val_pairs, normalization, config, allow_intensity_masks)
         _check_validation_masks(val_pairs, validation)
         if epochs is not None:
