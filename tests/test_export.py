@@ -184,7 +184,7 @@ def test_bioimageio_package_validates_and_passes_every_weight_format(checkpoint,
         test_output = np.load(z.open("test_output.npy"))
     assert "## Validation" in readme and "0.8125" in readme
     assert "## What this package does not carry" in readme and "components at threshold 0.5" in readme
-    assert "NOT MEASURED YET" in readme and "batch-norm statistics" in readme
+    assert "were not measured" in readme and "NOT MEASURED" not in readme and "batch-norm statistics" in readme
     assert test_input.shape == (1, 1, 256, 256) and test_output.shape == (1, 2, 256, 256)
     loaded = load_checkpoint(checkpoint)
     expected = one_tile_prediction(loaded.model, loaded.normalization(test_input[0]))
@@ -348,3 +348,174 @@ def test_packaged_em_model_runs_in_bioimageio_on_a_512_isbi_slice(tmp_path):
     pipeline = core.create_prediction_pipeline(core.load_description(out), weight_format="onnx", devices=["cpu"])
     got = core.predict(model=pipeline, inputs={"input": raw[None, None]}, blocksize_parameter=19)  # blocks of 208 + 19 * 16 = 512
     np.testing.assert_allclose(got.members["probabilities"].data.to_numpy()[0], expected, atol=1e-4)
+
+
+# -- batch-norm statistics fixed on representative images (--statistics-from) -------------------------
+
+
+@pytest.fixture(scope="module")
+def bn_checkpoint(tmp_path_factory):
+    """A tiny network with batch norm whose stored statistics are far from any image's, and whose
+    rule was chosen with each image's own statistics."""
+    from unetkit.adapt import batch_norm_layers
+
+    torch.manual_seed(5)
+    net = UNet(depth=3, base_channels=4, batch_norm=True)
+    with torch.no_grad():
+        for layer in batch_norm_layers(net):
+            layer.running_mean.fill_(0.2)
+            layer.running_var.fill_(3.0)
+    path = tmp_path_factory.mktemp("bnrun") / "best.pt"
+    save_checkpoint(path, net.eval(), normalization=Normalization(), class_names=["background", "cell"],
+                    decision={"method": "components", "threshold": 0.5, "task": "objects", "tta": False,
+                              "image_statistics": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def representative(tmp_path_factory):
+    """One image file and a folder of two more, of different sizes and contrasts."""
+    from unetkit.io import write_png
+
+    root = tmp_path_factory.mktemp("representative")
+    rng = np.random.default_rng(11)
+    (root / "folder").mkdir()
+    paths = [root / "a.png", root / "folder" / "b.png", root / "folder" / "c.png"]
+    for path, shape, (low, high) in zip(paths, [(80, 90), (120, 100), (64, 64)], [(0, 255), (40, 160), (90, 255)]):
+        write_png(path, rng.integers(low, high, shape).astype(np.uint8))
+    (root / "folder" / "notes.txt").write_text("not an image")
+    return paths
+
+
+def averaged_statistics(model: UNet, normalization, files):
+    """The brief's recipe, written out: each image's statistics with predict's tile, averaged."""
+    from unetkit.adapt import BatchNormStatistics, gather_statistics
+    from unetkit.io import read_image
+    from unetkit.predict import choose_tile_shape
+
+    gathered = []
+    for f in files:
+        image = normalization(read_image(f))
+        gathered.append(gather_statistics(model, image, choose_tile_shape(model, image.shape[-2:])))
+    layers = range(len(gathered[0]))
+    return BatchNormStatistics(tuple(np.mean([s.means[i] for s in gathered], 0) for i in layers),
+                               tuple(np.mean([s.variances[i] for s in gathered], 0) for i in layers), 44, 1, 1)
+
+
+def test_statistics_from_fixes_the_averaged_statistics_in_every_format(bn_checkpoint, representative, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    core = pytest.importorskip("bioimageio.core")
+    from unetkit.adapt import with_statistics
+    from unetkit.predict import predict
+
+    loaded = load_checkpoint(bn_checkpoint)
+    stats = averaged_statistics(loaded.model, loaded.normalization, representative)
+    image = np.random.default_rng(12).random((100, 140), dtype=np.float32)  # normalised, a size the package states
+    expected = predict(with_statistics(loaded.model, stats), image, tta=False)
+    training = predict(loaded.model, image, tta=False, norm_statistics="training")
+    assert np.abs(expected - training).max() > 1e-2  # the statistics matter for this network
+    # PATH [PATH ...]: a file and a folder (its images; other files ignored)
+    given = ["--statistics-from", str(representative[0]), str(representative[1].parent)]
+    outs = {fmt: tmp_path / name for fmt, name in [("onnx", "n.onnx"), ("torchscript", "n.pt"), ("bioimageio", "pkg")]}
+    for fmt, out in outs.items():
+        extra = ["--no-test"] if fmt == "bioimageio" else []
+        assert main(["export", "--model", str(bn_checkpoint), "--format", fmt, "--out", str(out), *given, *extra]) == 0
+        printed = capsys.readouterr().out
+        assert "statistics averaged over 3 representative images (a.png, b.png, c.png)" in printed
+        assert "uses the training statistics" not in printed
+    session = ort.InferenceSession(str(outs["onnx"]), providers=["CPUExecutionProvider"])
+    got = {"onnx": session.run(None, {"input": image[None, None]})[0][0],
+           "torchscript": torch.jit.load(str(outs["torchscript"]))(torch.from_numpy(image)[None, None])[0].detach().numpy(),
+           "bioimageio": _run_package(core, outs["bioimageio"], image, "onnx")}
+    for what, probabilities in got.items():
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=what)
+    readme = (outs["bioimageio"] / "README.md").read_text()
+    assert "Batch-norm statistics: statistics averaged over 3 representative images (a.png, b.png, c.png)" in readme
+    assert "were not measured" in readme and "NOT MEASURED" not in readme
+    import yaml
+
+    rdf = yaml.safe_load((outs["bioimageio"] / "rdf.yaml").read_text())
+    recorded = rdf["config"]["unetkit"]["batch_norm_statistics"]
+    assert recorded["kind"] == "images" and recorded["images"] == ["a.png", "b.png", "c.png"]
+    # The package's test output was made with the fixed statistics too.
+    test_input, test_output = np.load(outs["bioimageio"] / "test_input.npy"), np.load(outs["bioimageio"] / "test_output.npy")
+    np.testing.assert_allclose(
+        test_output[0], one_tile_prediction(with_statistics(loaded.model, stats), loaded.normalization(test_input[0])),
+        atol=1e-5)
+
+
+def test_without_statistics_from_a_per_image_model_gets_one_note(bn_checkpoint, tmp_path, capsys):
+    pytest.importorskip("bioimageio.core")
+    out = tmp_path / "pkg"
+    assert main(["export", "--model", str(bn_checkpoint), "--format", "bioimageio", "--out", str(out), "--no-test"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("note:") == 1 and "uses the training statistics" in printed and "--statistics-from" in printed
+    readme = (out / "README.md").read_text()
+    assert "Batch-norm statistics: the training statistics." in readme and "--statistics-from" in readme
+    import yaml
+
+    rdf = yaml.safe_load((out / "rdf.yaml").read_text())
+    assert rdf["config"]["unetkit"]["batch_norm_statistics"]["kind"] == "training"
+
+
+def test_statistics_from_is_refused_before_anything_is_written(bn_checkpoint, representative, tmp_path, capsys):
+    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, UNet(depth=2, base_channels=4), normalization=Normalization(), class_names=["bg", "cell"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    cases = [
+        (plain, [str(representative[0])], "--statistics-from: this network has no batch norm"),
+        (bn_checkpoint, [str(empty)], f"--statistics-from {empty}: no PNG or TIFF images in this folder"),
+        (bn_checkpoint, [str(tmp_path / "gone.png")], "no such file or folder"),
+        (bn_checkpoint, [str(empty / "notes.txt")], "not an image file"),
+    ]
+    for model, paths, message in cases:
+        for fmt, out in [("onnx", tmp_path / "x.onnx"), ("torchscript", tmp_path / "x.pt"), ("bioimageio", tmp_path / "x.zip")]:
+            assert main(["export", "--model", str(model), "--format", fmt, "--out", str(out),
+                         "--statistics-from", *paths]) == 2, (fmt, message)
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, err
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "plain.pt"]
+    # A stray argument without --statistics-from is refused too.
+    assert main(["export", "--model", str(plain), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "extra"]) == 2
+    assert "unexpected argument(s) extra" in capsys.readouterr().err
+
+
+def test_package_scores_are_stated_only_for_the_statistics_they_were_measured_with(tmp_path, monkeypatch):
+    import json
+
+    from unetkit import pretrained
+    from unetkit.export import bioimageio
+    from unetkit.export.bioimageio import PackageStatistics, _package_scores_text
+
+    monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path)
+    images = PackageStatistics(("16.png", "17.png"), ("aa", "bb"))
+    # Metadata written before package scores existed (and a malformed entry) still loads.
+    (tmp_path / "models.json").write_text(json.dumps({"models": {"em-membranes": {"scores": {"pixel_error": 0.07}},
+                                                                 "dic-hela": {"package_scores": "junk"}}}))
+    assert pretrained.get_model("em-membranes").package_scores == () == pretrained.get_model("dic-hela").package_scores
+    text = _package_scores_text("em-membranes", images)
+    assert "were not measured" in text and "benchmarks/bioimageio_package.py" in text
+    pretrained.record_package_scores("em-membranes", [
+        {"statistics": {"kind": "images", "images": ["16.png", "17.png"], "image_sha256": ["bb", "aa"]},
+         "scores": {"pixel_error": 0.0795}, "scored_on": "20, 21", "unetkit_scores": {"pixel_error": 0.0773}},
+        {"statistics": {"kind": "training"}, "scores": {"pixel_error": 0.0959}},
+    ])
+    assert pretrained.get_model("em-membranes").scores == {"pixel_error": 0.07}  # the rest of the entry is kept
+    text = _package_scores_text("em-membranes", images)
+    assert "measured on 20, 21" in text and "pixel error 0.0795" in text and "0.0773" in text
+    assert "pixel error 0.0959" in _package_scores_text("em-membranes", PackageStatistics())
+    other = PackageStatistics(("16.png", "17.png"), ("aa", "cc"))  # same names, other pixels
+    assert "were not measured" in _package_scores_text("em-membranes", other)
+    assert "were not measured" in _package_scores_text(None, PackageStatistics())
+    # Scores measured on other weights (a retrained model) are not stated.
+    monkeypatch.setattr(bioimageio, "_weights_sha256", lambda name: "0123")
+    pretrained.record_package_scores("em-membranes", [
+        {"statistics": {"kind": "training"}, "scores": {"pixel_error": 0.1}, "weights_sha256": "4567"}])
+    assert [r["scores"]["pixel_error"] for r in pretrained.get_model("em-membranes").package_scores] == [0.1]
+    assert "were not measured" in _package_scores_text("em-membranes", PackageStatistics())

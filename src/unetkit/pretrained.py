@@ -100,6 +100,10 @@ class PretrainedModel:
         citation: what to cite when using it.
         scores: held-out scores written by the training script ({} until trained).
         training: training facts (iterations, minutes, width, ...) written by the training script.
+        package_scores: scores of the model's bioimage.io package alone (no unetkit), one record per
+            batch-norm statistics measured: {"statistics": {"kind": "training"} or {"kind": "images",
+            "images": [...], "image_sha256": [...]}, "scores": {...}, "scored_on", "runner",
+            "weights_sha256", ...} (see `record_package_scores`; [] until measured).
     """
 
     name: str
@@ -117,6 +121,7 @@ class PretrainedModel:
     task: str  # "membranes" (scored by Rand error) or "objects" (scored by SEG and AP)
     scores: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    package_scores: tuple[dict[str, Any], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -258,17 +263,35 @@ def get_model(name: str) -> PretrainedModel:
     """
     if name not in REGISTRY:
         raise _unknown(name)
-    entry = read_metadata().get(name, {})
-    return replace(REGISTRY[name], scores=dict(entry.get("scores", {})), training=dict(entry.get("training", {})))
+    return _with_metadata(REGISTRY[name], read_metadata().get(name, {}))
 
 
 def list_models() -> list[PretrainedModel]:
     """Every packaged model, installed or not, with its recorded scores."""
     metadata = read_metadata()
-    return [
-        replace(m, scores=dict(metadata.get(m.name, {}).get("scores", {})), training=dict(metadata.get(m.name, {}).get("training", {})))
-        for m in REGISTRY.values()
-    ]
+    return [_with_metadata(m, metadata.get(m.name, {})) for m in REGISTRY.values()]
+
+
+def _with_metadata(model: PretrainedModel, entry: Any) -> PretrainedModel:
+    entry = entry if isinstance(entry, dict) else {}
+    return replace(model, scores=dict(entry.get("scores", {})), training=dict(entry.get("training", {})),
+                   package_scores=_package_records(entry.get("package_scores")))
+
+
+def _package_records(value: Any) -> tuple[dict[str, Any], ...]:
+    """The well-formed ``package_scores`` records (a dict "statistics" and a dict "scores"); anything
+    else, including metadata written before they existed, is left out rather than refused."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict(r) for r in value
+                 if isinstance(r, dict) and isinstance(r.get("statistics"), dict) and isinstance(r.get("scores"), dict))
+
+
+def package_scores_for(name: str, *, weights_sha256: str | None = None) -> list[dict[str, Any]]:
+    """The ``package_scores`` records of model `name`; with `weights_sha256`, only those measured
+    on those weights (a record that names other weights is stale; one that names none is kept)."""
+    return [r for r in get_model(name).package_scores
+            if weights_sha256 is None or r.get("weights_sha256") in (None, weights_sha256)]
 
 
 def model_path(name: str, *, installed: bool = False) -> Path:
@@ -393,6 +416,21 @@ def record_model(name: str, *, scores: dict[str, Any], training: dict[str, Any],
         entry.update(size_bytes=weights.stat().st_size, sha256=file_sha256(weights))
     with _locked_folder(MODELS_DIR):
         models = read_metadata()
+        models[name] = entry
+        return _write_metadata(models)
+
+
+def record_package_scores(name: str, records: Sequence[dict[str, Any]]) -> Path:
+    """Store the scores of model `name`'s bioimage.io package (``package_scores``: a list of records,
+    see `PretrainedModel`) in its models.json entry, replacing the earlier ones and keeping the rest
+    of the entry. Returns the metadata file's path."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    records = list(_package_records(list(records)))
+    with _locked_folder(MODELS_DIR):
+        models = read_metadata()
+        entry = dict(models.get(name, {}))
+        entry["package_scores"] = records
         models[name] = entry
         return _write_metadata(models)
 

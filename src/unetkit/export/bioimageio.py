@@ -5,7 +5,9 @@ file, `torchscript`, `onnx`), all of which take any input size and return probab
 same size (mirrored inside the network exactly as `unetkit.predict` mirrors one tile), a test input
 and the output `unetkit.predict` gives for it, a cover image, and a README stating what the package
 cannot carry (test-time augmentation, per-image batch-norm statistics, the labels rule) and the
-scores. The description states input sizes min + n*step and an output halo that is a multiple of
+package's own scores where they were measured (`pretrained` ``package_scores``). Batch-norm
+statistics averaged over representative images (`statistics_from`, ``--statistics-from``) can be
+fixed in the exported network, for every format; the README and ``config.unetkit`` say which. The description states input sizes min + n*step and an output halo that is a multiple of
 the pooling step, so bioimage.io's runner gives unetkit's result whole and in blocks; the input is
 padded by reflection (unetkit's mirror). Preprocessing repeats the checkpoint's normalisation:
 percentiles -> `scale_range`, fixed -> `scale_linear`, clipping -> `clip`. The package is built
@@ -31,6 +33,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,8 +43,8 @@ import torch
 from ..checkpoint import LoadedModel, load_checkpoint
 from ..data.normalize import Normalization, to_chw
 from ..errors import InputError
-from ..io import read_image, write_png, write_tiff
-from ..pretrained import get_model, pretrained_name
+from ..io import IMAGE_SUFFIXES, list_images, read_image, write_png, write_tiff
+from ..pretrained import file_sha256, get_model, model_path, package_scores_for, pretrained_name
 from ..tiling import extract_region
 from . import FORMATS
 from .graphs import OPSET, AnySize, any_size_layout, export_onnx, export_torchscript
@@ -77,13 +80,24 @@ ARCHITECTURE_FILE = Path(__file__).with_name("architecture.py")
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, force: bool = False, **options: Any
+    checkpoint: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    statistics_from: Sequence[str | os.PathLike] | None = None,
+    echo: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> Path:
     """Export a checkpoint (RUN/best.pt or a packaged model's name) as `fmt`: "onnx",
     "torchscript" (one file each, any input size, output as large as the input) or "bioimageio"
     (a .zip, or a folder for any other name; `options` go to `export_bioimageio`).
 
-    `out` is checked (see `check_destination`) before the checkpoint is even loaded.
+    `statistics_from` (image files or folders of them) fixes batch-norm statistics averaged over
+    those images in the exported network (`representative_statistics`), for every format.
+    `out` and `statistics_from` are checked before the checkpoint is even loaded; `echo`
+    receives notes (one when the checkpoint's rule wants each image's statistics and the export
+    uses the training statistics).
 
     Example:
         >>> export_checkpoint("em-membranes", "onnx", "em.onnx")  # doctest: +SKIP
@@ -92,13 +106,128 @@ def export_checkpoint(
         raise InputError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     out = Path(out)
     if fmt == "bioimageio":
-        return export_bioimageio(checkpoint, out, force=force, **options)
+        return export_bioimageio(checkpoint, out, force=force, statistics_from=statistics_from, echo=echo, **options)
     if options:
         raise InputError(f"options {sorted(options)} apply to --format bioimageio only")
     check_destination(out, force=force, folder=False)
-    model = load_checkpoint(checkpoint).model
+    files = statistics_files(statistics_from)
+    loaded, _ = fixed_statistics(load_checkpoint(checkpoint), files, echo=echo, what=f"the {fmt} file")
     write = export_onnx if fmt == "onnx" else export_torchscript
-    return write(model, out, force=force)
+    return write(loaded.model, out, force=force)
+
+
+# -- batch-norm statistics fixed on representative images -------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackageStatistics:
+    """Which batch-norm statistics an exported network uses: the training ones (`images` empty),
+    or the average of the statistics of `images` (their file names, and their files' SHA-256)."""
+
+    images: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "images" if self.images else "training"
+
+    def describe(self) -> str:
+        """E.g. "statistics averaged over 4 representative images (16.png, 17.png, 18.png, 19.png)"."""
+        if not self.images:
+            return "the training statistics"
+        n = len(self.images)
+        return f"statistics averaged over {n} representative image{'s' if n != 1 else ''} ({', '.join(self.images)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "images": list(self.images), "image_sha256": list(self.sha256)}
+
+    def matches(self, recorded: dict[str, Any]) -> bool:
+        """Whether a record (`to_dict` form, e.g. models.json's ``package_scores``) names these statistics:
+        the same source and, for images, the same files (by content)."""
+        if not isinstance(recorded, dict) or recorded.get("kind") != self.kind:
+            return False
+        return self.kind == "training" or sorted(recorded.get("image_sha256") or []) == sorted(self.sha256)
+
+
+def statistics_files(paths: Sequence[str | os.PathLike] | None) -> list[Path]:
+    """The image files `--statistics-from` names (files, or the images directly inside folders);
+    [] when not given. InputError for a missing path, a file that is not an image, or a folder
+    without images."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise InputError("--statistics-from: no path given; give image files or folders of images")
+    files: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise InputError(f"--statistics-from {item}: no PNG or TIFF images in this folder; give a folder of "
+                                 "images like the ones to segment")
+            files.extend(found)
+        elif item.is_file():
+            if item.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InputError(f"--statistics-from {item}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            files.append(item)
+        else:
+            raise InputError(f"--statistics-from {item}: no such file or folder")
+    return files
+
+
+def representative_statistics(loaded: LoadedModel, files: Sequence[Path]):
+    """Batch-norm statistics averaged over images: each file is read, normalised as the checkpoint
+    says, its statistics gathered over the tiles `unetkit.predict` would use
+    (`adapt.gather_statistics` with `predict.choose_tile_shape`), and the means and the variances
+    averaged layer by layer, each image weighing the same.
+
+    Raises InputError for a network without batch norm, or an image with the wrong channel count.
+    """
+    from ..adapt import BatchNormStatistics, gather_statistics, has_batch_norm
+    from ..predict import choose_tile_shape
+
+    model = loaded.model.eval()
+    if not has_batch_norm(model):
+        raise InputError("--statistics-from: this network has no batch norm, so there are no statistics to fix; "
+                         "leave the option out")
+    gathered = []
+    for path in files:
+        raw = read_image(path)
+        channels = to_chw(raw, name=str(path)).shape[0]
+        if channels != model.in_channels:
+            raise InputError(f"--statistics-from {path}: has {channels} channel(s), the model takes "
+                             f"{model.in_channels}; give images like the ones to segment")
+        loaded.normalization.check(raw, source=str(path))
+        image = loaded.normalization(raw)
+        gathered.append(gather_statistics(model, image, choose_tile_shape(model, image.shape[-2:])))
+    return BatchNormStatistics(
+        tuple(np.mean([s.means[i] for s in gathered], axis=0) for i in range(len(gathered[0]))),
+        tuple(np.mean([s.variances[i] for s in gathered], axis=0) for i in range(len(gathered[0]))),
+        gathered[0].tile_shape, sum(s.tiles for s in gathered), sum(s.plan_size for s in gathered),
+    )
+
+
+def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
+                     what: str = "the package") -> tuple[LoadedModel, PackageStatistics]:
+    """`loaded` with the statistics of `files` fixed in its network (`representative_statistics`),
+    or as it is (the training statistics) without files; and which statistics those are.
+
+    Without files, a checkpoint whose labels rule was chosen with each image's statistics gets a
+    note through `echo` saying so."""
+    from ..adapt import with_statistics
+
+    if not files:
+        if (loaded.decision or {}).get("image_statistics") and echo is not None:
+            echo(f"note: unetkit normalises each image with its own batch-norm statistics for this model, but "
+                 f"{what} uses the training statistics; --statistics-from with a few images like the ones to "
+                 "segment brings it closer to unetkit")
+        return loaded, PackageStatistics()
+    stats = representative_statistics(loaded, files)
+    used = PackageStatistics(tuple(p.name for p in files), tuple(file_sha256(p) for p in files))
+    if echo is not None:
+        echo(f"fixing batch-norm {used.describe()}")
+    return replace(loaded, model=with_statistics(loaded.model, stats)), used
 
 
 def export_bioimageio(
@@ -113,6 +242,7 @@ def export_bioimageio(
     license: str | None = None,
     test: bool = True,
     force: bool = False,
+    statistics_from: Sequence[str | os.PathLike] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a bioimage.io model package of `checkpoint` to `out` (a .zip file, else a folder).
@@ -130,6 +260,9 @@ def export_bioimageio(
             training data's terms as DATA_TERMS.md.
         test: run `bioimageio.core.test_model` for every weight format before writing.
         force: replace `out` if it is a package this function wrote (see `check_destination`).
+        statistics_from: image files or folders of images; their batch-norm statistics, averaged,
+            are fixed in every weight format (`representative_statistics`), and the README and
+            ``config.unetkit.batch_norm_statistics`` say so. Default: the training statistics.
         echo: receives one line per step.
 
     Raises:
@@ -141,12 +274,13 @@ def export_bioimageio(
     out = Path(out)
     zipped = out.suffix.lower() == ".zip"
     check_destination(out, force=force, folder=not zipped)
+    files = statistics_files(statistics_from)
     spec = _require_bioimageio()
-    loaded = load_checkpoint(checkpoint)
     packaged = pretrained_name(checkpoint)
+    loaded, statistics = fixed_statistics(load_checkpoint(checkpoint), files, echo=note)
     model = loaded.model.eval()
     content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license,
-                           maintainers=maintainers, git_repo=git_repo)
+                           maintainers=maintainers, git_repo=git_repo, statistics=statistics)
     # The description alone first, so that a wrong name or license is refused before any export.
     early = spec.build_description(content, context=spec.ValidationContext(perform_io_checks=False))
     _refuse_if_failed(early, "validation")
@@ -171,7 +305,7 @@ def export_bioimageio(
         _write_cover(root / "cover.png", loaded, test_input, test_output)
         if packaged:
             (root / DATA_TERMS).write_text(f"# Terms of the training data\n\n{get_model(packaged).license}\n")
-        (root / "README.md").write_text(_readme(loaded, checkpoint, packaged, source, test_input.shape))
+        (root / "README.md").write_text(_readme(loaded, checkpoint, packaged, source, test_input.shape, statistics))
         descr = spec.build_description(content, context=spec.ValidationContext(root=root, file_name="rdf.yaml"))
         _refuse_if_failed(descr, "validation")
         if test:
@@ -445,7 +579,8 @@ def _data_citations(packaged: str | None) -> list[dict[str, str]]:
 
 
 def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name, authors, license,
-                 maintainers: Sequence[str] = (), git_repo: str | None = None) -> dict[str, Any]:
+                 maintainers: Sequence[str] = (), git_repo: str | None = None,
+                 statistics: PackageStatistics | None = None) -> dict[str, Any]:
     model = loaded.model
     g = model.geometry
     config = dict(model.config, dropout=0.0, any_size=list(any_size_layout(g)))  # inference only
@@ -510,7 +645,9 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
             "onnx": {"source": "weights.onnx", "opset_version": OPSET, "parent": "pytorch_state_dict"},
         },
         "config": {"unetkit": {"model": model.config, "normalization": loaded.normalization.to_dict(),
-                               "decision": loaded.decision, "border": g.border, "packaged_model": packaged}},
+                               "decision": loaded.decision, "border": g.border, "packaged_model": packaged,
+                               "batch_norm_statistics": (statistics or PackageStatistics()).to_dict()
+                               if model.config.get("batch_norm") else None}},
     }
     if maintainers:
         content["maintainers"] = [{"github_user": user} for user in maintainers]
@@ -559,6 +696,37 @@ def _tested(descr):
     return descr
 
 
+def _package_scores_text(packaged: str | None, statistics: PackageStatistics) -> str:
+    """The package's own scores where they were measured for this model and these statistics
+    (models.json's ``package_scores``), else a plain statement that they were not, and how to."""
+    how = ("Measure them by running the package (e.g. with bioimageio.core) on annotated images it was not "
+           "trained on and scoring its foreground probability, thresholded at 0.5 (`unetkit evaluate`)")
+    if packaged:
+        how += "; benchmarks/bioimageio_package.py does this for the packaged models on their held-out images"
+    records = package_scores_for(packaged, weights_sha256=_weights_sha256(packaged)) if packaged else []
+    record = next((r for r in records if statistics.matches(r.get("statistics"))), None)
+    if record is None:
+        return (f"Scores of this package alone (its probabilities with {statistics.describe()}, no test-time "
+                f"augmentation, thresholded at 0.5) were not measured. {how}.")
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                      for k, v in record["scores"].items())
+    where = f" on {record['scored_on']}" if record.get("scored_on") else ""
+    runner = f" ({record['runner']})" if record.get("runner") else ""
+    unetkit = record.get("unetkit_scores") or {}
+    compare = (" With each image's own statistics, unetkit scores "
+               + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in unetkit.items() if isinstance(v, float))
+               + " on the same images without test-time augmentation." if unetkit else "")
+    return (f"Scores of this package alone (its probabilities with {statistics.describe()}, no test-time "
+            f"augmentation, thresholded at 0.5), measured{where}{runner}: {shown}.{compare}")
+
+
+def _weights_sha256(packaged: str | None) -> str | None:
+    try:
+        return file_sha256(model_path(packaged, installed=True)) if packaged else None
+    except (InputError, OSError):
+        return None
+
+
 def _rule_text(decision: dict | None) -> str:
     """The stored labels rule in words, e.g. "seeded at threshold 0.5 (h=2.0, seed_threshold=0.9)"."""
     if not decision or not decision.get("method"):
@@ -568,8 +736,10 @@ def _rule_text(decision: dict | None) -> str:
     return f"{decision['method']} at threshold {decision.get('threshold')}{extra}"
 
 
-def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, test_shape) -> str:
+def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, test_shape,
+            statistics: PackageStatistics | None = None) -> str:
     model, g = loaded.model, loaded.model.geometry
+    statistics = statistics or PackageStatistics()
     norm = loaded.normalization
     if norm.mode == "percentile":
         preprocessing = (f"each image's percentiles {norm.low:g} and {norm.high:g} "
@@ -600,14 +770,21 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
         f"- Network: depth {g.depth}, {model.config['base_channels']} channels at the first level, padding "
         f"{g.padding!r}, batch norm {'on' if model.config['batch_norm'] else 'off'}.",
         f"- Test input: a {test_shape[-2]}x{test_shape[-1]} window of {source}; its test output is what "
-        "`unetkit.predict(..., tta=False, norm_statistics=\"training\")` gives.", "",
+        "`unetkit.predict(..., tta=False)` gives with the batch-norm statistics below.", "",
+        *([f"- Batch-norm statistics: {statistics.describe()}."
+           + (" Each image's preprocessing and the statistics gathered over it as `unetkit.predict` gathers them "
+              "(`unetkit.adapt.gather_statistics`), means and variances averaged layer by layer, fixed in every "
+              "weight format." if statistics.images else ""), ""] if model.config.get("batch_norm") else []),
         "## What this package does not carry", "",
         "unetkit does more than this package can describe. Without unetkit you get the probabilities of one pass of "
         "the network, and not:", "",
         f"- Test-time augmentation: unetkit {'averages' if tta else 'can average'} the 8 flips and rotations of "
         f"each image{' (this model was scored with it)' if tta else ''}.",
-        "- Each image's own batch-norm statistics (`norm_statistics=\"image\"`); the package uses the statistics "
-        "stored at training time." if model.config.get("batch_norm") else
+        f"- Each image's own batch-norm statistics (`norm_statistics=\"image\"`); the package uses "
+        f"{statistics.describe()}"
+        + (", which suit images like those best." if statistics.images else
+           " (`unetkit export --statistics-from IMAGES` fixes statistics averaged over a few images like the ones "
+           "to segment instead).") if model.config.get("batch_norm") else
         "- (No batch norm in this network, so nothing depends on per-image statistics.)",
         f"- The labels rule that turns probabilities into labels: {_rule_text(decision)}. Apply it with "
         "`unetkit predict`, or threshold the foreground probability yourself.",
@@ -636,8 +813,8 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
     if lines[-2] == "## Validation":
         lines += ["No validation scores are stored in this checkpoint. Score the model on annotated images that it "
                   "was not trained on, e.g. with `unetkit predict` and `unetkit evaluate`.", ""]
-    lines += ["Scores of this package alone (its probabilities, no test-time augmentation, thresholded at 0.5): "
-              "**NOT MEASURED YET.** The scores above need unetkit.", "",
+    scores_above = " The scores above need unetkit." if packaged and get_model(packaged).scores else ""
+    lines += [_package_scores_text(packaged, statistics) + scores_above, "",
               "To validate on your own data: `unetkit predict --model MODEL IMAGES --out PRED` and "
               "`unetkit evaluate --pred PRED --gt MASKS`.", "",
               "## Citation", "", f"{CITATION['text']}. doi:{CITATION['doi']}", ""]
