@@ -363,10 +363,15 @@ def test_resume_refuses_changed_options_and_accepts_a_moved_dataset(dataset, tmp
     data.rename(moved)
     assert main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 2
     assert "if it moved, give its new place with --data" in one_line_error(capsys)
-    (out / ".curves.png.k3j_9x2a.png").write_bytes(b"")  # left by kill -9 during a write
+    from unetkit.io import _host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that has ended: its temporary files are stale
+    stale = out / f".curves.png.unetkit-tmp.{_host()}.{dead.pid}.k3j_9x2a.png"
+    stale.write_bytes(b"")  # left by kill -9 during a write
     assert main(["train", "--resume", str(out), "--data", str(moved), "--iterations", "3", "--no-progress"]) == 0
     assert json.loads((out / "data.json").read_text())["data"] == str(moved.resolve())
-    assert not (out / ".curves.png.k3j_9x2a.png").exists()
+    assert not stale.exists()
     assert load_checkpoint(out / "last.pt").iteration == 3
 
 
@@ -524,7 +529,7 @@ def test_train_names_a_dangling_link_in_the_dataset(dataset, tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(out), *TINY]) == 2
     assert one_line_error(capsys) == (f"unetkit: error: {data / 'images' / 'cell3.tif'}: a link to "
                                       f"{tmp_path / 'elsewhere' / 'cell3.tif'}, which does not exist; restore the file "
-                                      "it points to or remove the link")
+                                      "or remove the link")
     assert not out.exists()
 
 

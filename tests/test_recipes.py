@@ -59,3 +59,41 @@ def test_default_recipe_trains_membranes_unweighted_and_cells_with_the_weight_ma
     assert membranes.augment == cells.augment and membranes.optimizer == cells.optimizer == "adam"
     assert depends_on_task("default") and not depends_on_task("paper")
     assert recipe_config("paper", task="membranes") == recipe_config("paper")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("task", [None, "membranes", "objects"])
+def test_every_recipe_keeps_the_training_limits(name, task):
+    from unetkit.config import TRAIN_LIMITS, check_settings
+
+    config = recipe_config(name, task).to_dict()
+    check_settings(config)
+    assert set(TRAIN_LIMITS) <= set(config)  # every limit names a real setting
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"momentum": 1.0}, "momentum must be in [0, 1) (got 1.0); the paper uses 0.99"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0 (got -0.0001)"),
+        ({"lr": float("inf")}, "lr must be finite and > 0 (got inf)"),
+        ({"max_seconds": float("inf")}, "max_seconds must be finite and > 0 (got inf)"),
+        ({"seed": -1}, "seed must be >= 0 (got -1)"),
+        ({"dice_weight": -1.0}, "dice_weight must be >= 0 (got -1.0)"),
+        ({"iterations": 2.5}, "iterations must be a whole number >= 1 (got 2.5)"),
+        ({"depth": 1}, "depth must be >= 2 (got 1); the paper uses 5"),
+    ],
+)
+def test_train_config_refuses_values_outside_the_limits(values, message):
+    from unetkit.config import SettingError
+
+    with pytest.raises(SettingError) as error:
+        TrainConfig(**values)
+    assert str(error.value) == message and error.value.setting == next(iter(values))
+
+
+def test_settings_read_from_a_file_must_be_a_mapping():
+    from unetkit.config import PaperDefaults, from_dict_strict
+
+    with pytest.raises(InputError, match=r"^paper settings must be a mapping of names to values \(got list\)$"):
+        from_dict_strict(PaperDefaults, [1], "paper")

@@ -23,8 +23,12 @@ def demo(
     from ..io import check_output_dir
     from . import CommandInterrupted
 
-    if not seconds > 0:
-        raise InputError(f"--seconds must be > 0 (got {seconds:g})")
+    from ..config import SettingError, check_settings
+
+    try:  # the training settings' limits (`unetkit.config.TRAIN_LIMITS`), named by their options
+        check_settings({"max_seconds": seconds, "seed": seed})
+    except SettingError as exc:
+        raise InputError(exc.message({"max_seconds": "--seconds", "seed": "--seed"}[exc.setting])) from None
     check_output_dir(out, force=force)
     from ..demo import DemoSettings, run_demo
 

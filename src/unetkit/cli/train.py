@@ -33,6 +33,11 @@ _CONFIG_OPTIONS = {
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay", "dice": "dice_weight",
     "budget_clock": "budget_clock",
 }
+#: The options that set `TrainConfig` fields; those with a limit (`unetkit.config.TRAIN_LIMITS`) are checked by it.
+_LIMITED_OPTIONS = {
+    **_CONFIG_OPTIONS, "iterations": "iterations", "seconds": "max_seconds", "val_every": "val_every",
+    "checkpoint_every": "checkpoint_every", "seed": "seed", "workers": "workers",
+}
 #: `TargetConfig` fields set by the target options (--class-weights is parsed first).
 _TARGET_OPTIONS = {"w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "weight_map": "use_weight_map"}
 #: `AugmentConfig` fields set by each augmentation option.
@@ -85,7 +90,7 @@ def _mask_task(data: Path) -> str:
 
 
 #: Options `--resume` accepts; everything else is fixed by the run.
-_RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress", "nproc")
+_RESUME_OPTIONS = ("resume", "data", "val_data", "iterations", "seconds", "progress", "nproc", "device")
 
 
 def _given_params(ctx: typer.Context, leave_out: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
@@ -143,33 +148,49 @@ def _quiet(*args, **kwargs) -> None:
     """`typer.echo` for the processes other than rank 0, which print nothing."""
 
 
-def _check_budget(iterations: Optional[int], epochs: Optional[float], seconds: Optional[float]) -> None:
+def _check_options(options: dict) -> None:
+    """The values of the `TrainConfig` options given, by the config's limits (`unetkit.config.TRAIN_LIMITS`),
+    and --epochs; the message names the option."""
+    from ..config import TRAIN_LIMITS, Limit, SettingError, check_settings
     from ..errors import InputError
 
-    if iterations is not None and iterations < 1:
-        raise InputError(f"--iterations must be >= 1 (got {iterations})")
-    if epochs is not None and not epochs > 0:
-        raise InputError(f"--epochs must be > 0 (got {epochs:g})")
-    if seconds is not None and not seconds > 0:
-        raise InputError(f"--seconds must be > 0 (got {seconds:g})")
-    if iterations is not None and epochs is not None:
+    limits = {name: TRAIN_LIMITS[field] for name, field in _LIMITED_OPTIONS.items() if field in TRAIN_LIMITS}
+    limits["epochs"] = Limit(0, above=True)
+    try:
+        check_settings({name: options[name] for name in limits if options[name] is not None}, limits)
+    except SettingError as exc:
+        raise InputError(exc.message("--" + exc.setting.replace("_", "-"))) from None
+    if options["iterations"] is not None and options["epochs"] is not None:
         raise InputError("give --iterations or --epochs, not both")
+    if options["val"] is not None and options["val_data"] is not None:
+        raise InputError("give --val (images of --data) or --val-data (a separate folder), not both")
 
 
-def _check_network(depth: int, width: int, padding: str, dropout: float, tile_size: int) -> None:
-    """The network options, checked before anything is loaded or created."""
-    from ..errors import InputError
+def _check_network(depth: int, padding: str, tile_size: int) -> None:
+    """The tile size, legal for the network the recipe and the options give."""
     from ..geometry import Geometry
 
-    if depth < 2:
-        raise InputError(f"--depth must be >= 2 (got {depth}); the paper uses 5")
-    if width < 1:
-        raise InputError(f"--width must be >= 1 (got {width}); the paper uses 64")
-    if padding not in ("valid", "same"):
-        raise InputError(f"--padding must be 'valid' (the paper) or 'same' (got {padding!r})")
-    if not 0.0 <= dropout < 1.0:
-        raise InputError(f"--dropout must be in [0, 1) (got {dropout:g})")
-    Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")
+    Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")  # type: ignore[arg-type]
+
+
+def _check_run_folder(out: Path, folders: tuple[Optional[Path], ...]) -> None:
+    """--out must not be a folder the dataset's files are read from: the run's files (curves.png)
+    would be read as data by the next run. Run folders elsewhere, inside the dataset folder too, are
+    never read (only the image and mask folders are)."""
+    from ..data import find_pairs
+    from ..errors import InputError
+
+    target = out.resolve()
+    for folder in folders:
+        if folder is None:
+            continue
+        with warnings.catch_warnings():  # the folder is read again for training, which warns once
+            warnings.simplefilter("ignore")
+            pairs = find_pairs(folder)
+        read = {path.parent.resolve() for pair in pairs for path in (pair.image, pair.mask) if path is not None}
+        if target in read:
+            raise InputError(f"{out}: --out is a folder the dataset {folder} is read from, so the run's files would be "
+                             "read as data; choose a run folder outside it")
 
 
 @app.command()
@@ -177,7 +198,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --nproc and --no-progress may be given with it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
     val_split: Annotated[str, typer.Option("--val-split", help="How a fraction or count of --val is chosen: 'last' (the last images in name order, a block at the end of a stack or time series, which shows how the model fares beyond the training range) or 'random' (drawn with --seed).")] = "last",
@@ -230,34 +251,37 @@ def train(
     from ..errors import InputError
     from ..io import check_output_dir
 
-    _check_budget(iterations, epochs, seconds)  # the quick checks first, before torch is imported
-    if nproc is not None and nproc < 1:
-        raise InputError(f"--nproc must be >= 1 (got {nproc})")
-    if resume is None:
-        if data is None or out is None:
-            raise InputError("give --data DIR and --out RUN (or --resume RUN)")
-        values = _recipe_values(recipe, locals())
-        _check_network(values.get("depth", PAPER.depth), values.get("base_channels", PAPER.base_channels),
-                       values.get("padding", "valid"), values.get("dropout", PAPER.dropout),
-                       values.get("tile_size", PAPER.tile_size))
-        device = check_device(device)
-        if normalize not in ("percentile", "fixed", "none"):
-            raise InputError(f"--normalize must be percentile, fixed or none (got {normalize!r})")
-        if val_split not in ("last", "random"):
-            raise InputError(f"--val-split must be last or random (got {val_split!r})")
-        check_output_dir(out, force=force)
-    else:
+    if resume is not None:
         fixed = _given_options(ctx, _RESUME_OPTIONS)
         if fixed:
             raise InputError(
                 f"{resume}: --resume continues the run with the settings it started with; {', '.join(fixed)} cannot be "
                 "changed. Fixed by the run: network, tiles, loss and weight map, augmentation, optimiser, "
                 f"normalisation, validation split, seed (see {resume / 'config.json'}). With --resume give only "
-                "--data (a moved dataset), --val-data, --iterations, --seconds, --nproc or --no-progress"
+                "--data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc or --no-progress"
             )
+    _check_options(locals())  # every option is checked before anything is read or created; the quick ones first
+    if nproc is not None and nproc < 1:
+        raise InputError(f"--nproc must be >= 1 (got {nproc})")
+    if resume is None:
+        if data is None or out is None:
+            raise InputError("give --data DIR and --out RUN (or --resume RUN)")
+        device = check_device(device)
+        if normalize not in ("percentile", "fixed", "none"):
+            raise InputError(f"--normalize must be percentile, fixed or none (got {normalize!r})")
+        if val_split not in ("last", "random"):
+            raise InputError(f"--val-split must be last or random (got {val_split!r})")
+        if class_weights is not None:
+            _class_weights(class_weights)
+        values = _recipe_values(recipe, locals())
+        _check_network(values.get("depth", PAPER.depth), values.get("padding", "valid"), values.get("tile_size", PAPER.tile_size))
+        _check_run_folder(out, (data, val_data))
+        check_output_dir(out, force=force)
 
     place = environment_world()  # set when torchrun (or --nproc) started this process
     batch, run_device = (values.get("batch_size", PAPER.batch_size), device) if resume is None else _run_batch_size(resume)
+    if resume is not None and ctx.get_parameter_source("device").name == "COMMANDLINE":
+        run_device = device  # the run continues on the device given
     if place is not None:
         if nproc is not None and nproc != place.world_size:
             raise InputError(f"--nproc {nproc} under torchrun, which started {place.world_size} processes; leave --nproc out")
@@ -284,12 +308,13 @@ def train(
 
     if resume is not None:
         run_dir = resume
+        new_device = check_device(device) if ctx.get_parameter_source("device").name == "COMMANDLINE" else None
         trainer = Trainer.from_run(resume, data=data, val_data=val_data, iterations=iterations, max_seconds=seconds,
-                                   progress=progress)
+                                   device=new_device, progress=progress)
     else:
         run_dir = out
         config = TrainConfig(
-            **values, iterations=DEFAULT_ITERATIONS if iterations is None else iterations, max_seconds=seconds,
+            **values, iterations=DEFAULT_ITERATIONS if iterations is None and seconds is None else iterations, max_seconds=seconds,
             val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, workers=workers, device=device,
         )
         normalization = {"percentile": Normalization(), "fixed": Normalization(mode="fixed", scale=1 / 255),

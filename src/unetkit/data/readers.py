@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, list_images, listing, read_image
+from ..io import list_images, listing, read_image
 from ..labels import check_labels, relabel_consecutive
 
 MASK_FOLDERS = ("masks", "labels")
@@ -98,12 +98,6 @@ class ImagePair:
 
 
 def _nonempty_images(folder: Path) -> list[Path]:
-    broken = sorted(p for p in folder.iterdir() if p.is_symlink() and not p.exists()
-                    and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if broken:
-        more = f" ({listing(broken[1:])} too)" if len(broken) > 1 else ""
-        raise InputError(f"{broken[0]}: a link to {os.readlink(broken[0])}, which does not exist{more}; "
-                         "restore the file it points to or remove the link")
     files = list_images(folder)
     if not files:
         raise InputError(f"{folder}: no images (PNG or TIFF) in this folder; put the image files there")

@@ -74,6 +74,11 @@ def split_pairs(
     if isinstance(val, (int, np.integer)):
         if val < 0:
             raise InputError(f"val count must be >= 0 (got {val})")
+        if val >= len(items):
+            raise InputError(
+                f"--val {val}: a count of validation images must leave at least one for training, and the dataset has "
+                f"{len(items)} image(s); give a count below {len(items)} or a fraction"
+            )
         chosen = _choose(names, int(val), seed, split)
     elif isinstance(val, (float, np.floating)):
         if not 0.0 <= val < 1.0:
@@ -82,15 +87,14 @@ def split_pairs(
         chosen = _choose(names, count, seed, split)
     else:
         wanted = [str(v) for v in val]
-        chosen = set()
-        for name in wanted:
-            matches = [i for i, item in enumerate(items) if name in _keys(item)]
-            if not matches:
-                raise InputError(
-                    f"validation image {name!r} is not in the dataset; known names: {', '.join(sorted(names)[:10])}"
-                    + (" ..." if len(names) > 10 else "")
-                )
-            chosen.update(matches)
+        keys = [_keys(item) for item in items]
+        unknown = [name for name in wanted if not any(name in k for k in keys)]
+        if unknown:
+            raise InputError(
+                f"validation image(s) {', '.join(map(repr, unknown))} not in the dataset (--val); known names: "
+                f"{', '.join(sorted(names)[:10])}" + (" ..." if len(names) > 10 else "")
+            )
+        chosen = {i for i, k in enumerate(keys) if k & set(wanted)}
     train = [item for i, item in enumerate(items) if i not in chosen]
     validation = [item for i, item in enumerate(items) if i in chosen]
     if not train:
