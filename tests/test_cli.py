@@ -410,7 +410,7 @@ def test_a_bug_keeps_its_traceback(run, dataset, tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise ValueError("not a user mistake")
 
-    monkeypatch.setattr(importlib.import_module("unetkit.segment"), "predict", bug)
+    monkeypatch.setattr(importlib.import_module("unetkit.inference").Segmenter, "probabilities", bug)
     with pytest.raises(ValueError, match="not a user mistake"):
         main(["predict", "--model", str(run / "best.pt"), str(dataset / "images"), "--out", str(tmp_path / "p"),
               "--no-progress"])

@@ -101,7 +101,7 @@ def test_bad_inputs(image, checkpoint):
         predict_dask(checkpoint, da.zeros((3, 50, 50)))
     with pytest.raises(TypeError, match="dask array"):
         predict_dask(checkpoint, image)
-    with pytest.raises(InputError, match=r"tcp://127\.0\.0\.1:9 .*fix the address"):
+    with pytest.raises(InputError, match=r"tcp://127\.0\.0\.1:9\b.*fix the address"):
         connect("tcp://127.0.0.1:9", timeout="1s")
     with pytest.raises(InputError, match="local:N"):
         connect("local:zero")

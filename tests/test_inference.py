@@ -153,3 +153,18 @@ def test_predict_help_names_the_export_extra(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     main(["predict", "--help"])
     assert "unetkit[export]" in capsys.readouterr().out
+
+
+def test_predict_ctc_refuses_two_names_for_one_frame(tmp_path, capsys):
+    from unetkit.cli import main
+    from unetkit.io import write_tiff
+
+    loaded = tiny_loaded()
+    checkpoint = save_checkpoint(tmp_path / "best.pt", loaded.model, normalization=loaded.normalization,
+                                 class_names=loaded.class_names)
+    for name in ("t41.tif", "t041.tif"):
+        write_tiff(tmp_path / "in" / name, np.zeros((20, 24), np.uint8))
+    assert main(["predict", str(tmp_path / "in"), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--ctc"]) == 2
+    error = capsys.readouterr().err
+    assert "t041.tif and " in error and "t41.tif are both frame 41" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()

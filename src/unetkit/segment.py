@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data.normalize import to_chw
-from .data.readers import ctc_frame
+from .data.readers import check_unique_frames, ctc_frame
 from .errors import InputError, Interrupted
 from .inference import Segmenter, labels_from_probabilities, labels_rule  # noqa: F401 - re-exported for callers of segment
 from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, listing, read_header, read_image, remove_stale_temp_files, repeated, write_tiff
@@ -89,7 +89,7 @@ def segment_files(
                     "tNNN.tif like the Cell Tracking Challenge (t000.tif -> mask000.tif) or leave out --ctc"
                 )
             frames[f] = frame
-        _check_unique_frames(frames)
+        check_unique_frames(frames)
     in_channels = segmenter.model.in_channels
     readable, unreadable = [], []
     for f in files:
@@ -161,12 +161,3 @@ def segment_files(
         ) from None
     return written
 
-
-def _check_unique_frames(frames: dict[Path, str]) -> None:
-    """Refuse two inputs that name one frame (t41.tif and t041.tif both -> mask041.tif)."""
-    seen: dict[int, Path] = {}
-    for path, frame in frames.items():
-        other = seen.setdefault(int(frame), path)
-        if other is not path:
-            raise InputError(f"{other} and {path} are the same frame ({int(frame)}); their --ctc masks would collide: "
-                             "keep one of them")
