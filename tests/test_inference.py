@@ -168,3 +168,76 @@ def test_predict_ctc_refuses_two_names_for_one_frame(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "t041.tif and " in error and "t41.tif are both frame 41" in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_smallest_legal_size_is_refused_for_prediction_with_the_smallest_that_tiles():
+    net = UNet(depth=4, base_channels=2)  # legal sizes 92 + 8k; 92 gives 4 output pixels, fewer than the step 8
+    loaded = LoadedModel(net, Normalization(), ["background", "cell"])
+    with pytest.raises(InputError, match="--tile-size 92 is legal for the network but too small to tile an image.*use 100 or larger"):
+        InferenceSettings.resolve(loaded, InferenceOptions(tile_size=92))
+    segmenter = Segmenter(loaded, InferenceOptions(tile_size=100, device="cpu"))
+    assert segmenter.segment(np.zeros((9, 11), np.float32)).labels.shape == (9, 11)
+
+
+def _checkpoint(tmp_path):
+    loaded = tiny_loaded()
+    return save_checkpoint(tmp_path / "best.pt", loaded.model, normalization=loaded.normalization, class_names=loaded.class_names)
+
+
+def test_skip_unreadable_skips_a_file_damaged_past_its_header_and_segments_the_rest(tmp_path, capsys):
+    import tifffile
+
+    from unetkit.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        tifffile.imwrite(folder / f"{name}.tif", np.full((40, 48), 100, np.uint8))
+    data = (folder / "b.tif").read_bytes()
+    (folder / "b.tif").write_bytes(data[: len(data) - 1000])  # the header is whole, the pixels are cut short
+    common = ["predict", str(folder), "--model", str(_checkpoint(tmp_path)), "--no-progress", "--tile-size", "44"]
+    assert main([*common, "--out", str(tmp_path / "stop")]) == 2
+    assert "b.tif" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "out"), "--skip-unreadable"]) == 0
+    assert "skipping" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_labels.tif", "a_probabilities.tif", "c_labels.tif", "c_probabilities.tif"]
+
+
+def test_inputs_inside_the_out_folder_and_a_bad_dask_address_are_refused_before_anything(tmp_path, capsys):
+    from unetkit.cli import main
+    from unetkit.io import write_tiff
+
+    image = write_tiff(tmp_path / "here" / "a.tif", np.zeros((30, 30), np.uint8))
+    checkpoint = str(_checkpoint(tmp_path))
+    assert main(["predict", str(image), "--model", checkpoint, "--out", str(tmp_path / "here")]) == 2
+    assert "lies in the --out folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == ["a.tif"]
+    assert main(["predict", str(image), "--model", checkpoint, "--out", str(tmp_path / "new"), "--dask", "banana"]) == 2
+    assert "banana" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_write_error_says_how_far_the_batch_got(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import unetkit.segment
+    from unetkit.cli import main
+    from unetkit.io import write_tiff
+
+    for name in ("a", "b"):
+        write_tiff(tmp_path / "in" / f"{name}.tif", np.zeros((30, 30), np.uint8))
+    real, calls = unetkit.segment.write_tiff, {"n": 0}
+
+    def full_after_two(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise InputError(f"{path}: the disk is full (errno {errno.ENOSPC}); free some space")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(unetkit.segment, "write_tiff", full_after_two)
+    argv = ["predict", str(tmp_path / "in"), "--model", str(_checkpoint(tmp_path)), "--out", str(tmp_path / "out"),
+            "--no-progress", "--tile-size", "44"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "b_probabilities.tif: the disk is full" in error and "1 of 2 image(s) were segmented and written" in error
+    assert error.count("\n") == 1

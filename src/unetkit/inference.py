@@ -165,7 +165,9 @@ class InferenceSettings:
         tta = chosen.tta if options.tta is None else bool(options.tta)
         statistics = options.norm_statistics or chosen.norm_statistics
         if options.tile_size is not None:
-            loaded.model.geometry.check(int(options.tile_size), "--tile-size")
+            from .tiling import check_tile
+
+            check_tile(loaded.model.geometry, int(options.tile_size), "--tile-size")
         device = resolve_device(options.device)
         check_backend(options.backend, device)
         origin = {

@@ -148,9 +148,13 @@ def segment_files(
                 raise InputError(f"{path}: {int(label_image.max())} objects do not fit the Cell Tracking Challenge's 16-bit "
                                  "masks; leave out --ctc")
             arrays = [result, label_image, label_image.astype(np.uint16)]
-            for target, array in zip(paths, arrays):
-                if force or not target.exists():
-                    written.append(write_tiff(target, array, force=force))
+            try:
+                for target, array in zip(paths, arrays):
+                    if force or not target.exists():
+                        written.append(write_tiff(target, array, force=force))
+            except InputError as exc:  # disk full, read-only, file too large: say how far the batch got
+                raise InputError(f"{exc}; {len(done)} of {len(jobs)} image(s) were segmented and written before it; "
+                                 "run the same command again to segment the rest") from None
             done.append(path)
     except KeyboardInterrupt:
         left = [f for f, _ in jobs[len(done) + len(damaged):]]

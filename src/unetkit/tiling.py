@@ -150,6 +150,39 @@ class AxisLayout:
         return [k * self.stride for k in range(self.count)]
 
 
+def smallest_tile(geometry: Geometry) -> int:
+    """The smallest legal input size that can tile an image: its output (valid padding) or its
+    kept centre (same padding) spans at least one pooling step.
+
+    Example:
+        >>> from unetkit.geometry import Geometry
+        >>> Geometry(depth=5).min_size, smallest_tile(Geometry(depth=5))
+        (188, 204)
+    """
+    size = geometry.min_size
+    while (geometry.output_size(size) if geometry.padding == "valid" else size - 2 * same_margin(geometry)) < geometry.step:
+        size += geometry.step
+    return size
+
+
+def check_tile(geometry: Geometry, tile: int, what: str = "tile size") -> int:
+    """`tile` if it is legal and can tile an image (see `smallest_tile`), else InputError naming the fix.
+
+    Example:
+        >>> from unetkit.geometry import Geometry
+        >>> check_tile(Geometry(depth=5), 188, "--tile-size")
+        Traceback (most recent call last):
+        ...
+        unetkit.errors.InputError: --tile-size 188 is legal for the network but too small to tile an image (its output tiles would be narrower than the pooling step, 16 pixels); use 204 or larger
+    """
+    geometry.check(tile, what)
+    smallest = smallest_tile(geometry)
+    if tile < smallest:
+        raise InputError(f"{what} {tile} is legal for the network but too small to tile an image (its output tiles would be "
+                         f"narrower than the pooling step, {geometry.step} pixels); use {smallest} or larger")
+    return int(tile)
+
+
 def axis_layout(size: int, tile: int, geometry: Geometry) -> AxisLayout:
     """Tiling arithmetic along one axis; `tile` must be legal for `geometry`."""
     geometry.check(tile, "tile size")

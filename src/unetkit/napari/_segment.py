@@ -108,11 +108,13 @@ def layer_image(data: Any, *, rgb: bool, name: str, in_channels: int) -> np.ndar
 
 
 def check_tile_size(loaded, tile_size: int | None) -> int | None:
-    """`tile_size` (None or 0 = automatic) if it is legal for the model, else InputError naming the nearest legal sizes."""
+    """`tile_size` (None or 0 = automatic) if it is legal for the model and can tile an image, else
+    InputError naming the nearest legal sizes or the smallest that tiles."""
     if not tile_size:
         return None
-    loaded.model.geometry.check(int(tile_size), "tile size")
-    return int(tile_size)
+    from ..tiling import check_tile
+
+    return check_tile(loaded.model.geometry, int(tile_size), "tile size")
 
 
 def segment_image(

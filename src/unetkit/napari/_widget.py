@@ -40,6 +40,7 @@ from ._segment import (
     Cancelled,
     Segmentation,
     backends,
+    check_tile_size,
     describe_model,
     evaluate_labels,
     format_scores,
@@ -243,9 +244,7 @@ class SegmentWidget(QWidget):
         loaded = load_model(source)
         image = layer_image(layer.data, rgb=bool(getattr(layer, "rgb", False)), name=name,
                             in_channels=loaded.model.in_channels)
-        tile_size = self.tile_size.value() or None
-        if tile_size:
-            loaded.model.geometry.check(tile_size, "tile size")
+        tile_size = check_tile_size(loaded, self.tile_size.value() or None)
         tta = TTA_CHOICES[self.tta.currentText()]
         backend = self.backend.currentText() or None
 
