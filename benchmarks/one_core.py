@@ -130,24 +130,51 @@ def rss_arm(work: Path, size: int, threads: int) -> dict:
             "labels_written": labels.exists()}
 
 
-def backends_arm(work: Path, threads: int) -> dict:
-    from unetkit import pretrained
-    from unetkit.data.datasets import data_root
+def backends_arm(work: Path, threads: int, repeats: int = 2) -> dict:
+    """Each packaged model with its stored rule on a 1024x1024 image (a held-out image tiled 2x2):
+    torch and onnxruntime interleaved `repeats` times (seconds per image, in this process), then
+    `auto` three times from an empty cache, and the backend it settled on."""
+    import tempfile
 
+    import torch
+
+    from unetkit import backends, pretrained
+    from unetkit.data.datasets import data_root
+    from unetkit.inference import InferenceOptions, Segmenter
+    from unetkit.io import read_image
+
+    torch.set_num_threads(threads)
     images = {"em-membranes": "isbi2012/train/images/20.png", "dic-hela": "ctc-dic-c2dh-hela/images/t050.tif",
-              "fluo-nuclei": "ctc-fluo-n2dh-gowt1/images/t050.tif"}
+              "fluo-nuclei": "ctc-fluo-n2dh-gowt1/images/t01.tif"}
     result = {}
     for name, relative in images.items():
         source = data_root() / relative
         if not source.exists() or not pretrained.get_model(name).installed:
             continue
-        arms = {}
-        for backend in ("torch", "onnxruntime", "auto"):
-            out = work / f"out-backend-{name}-{backend}"
-            arms[backend] = run_cli([str(source), "--model", name, "--out", str(out), "--force", "--backend", backend,
-                                     "--no-progress"], threads)
-        result[name] = arms
-        print(name, arms, flush=True)
+        raw = np.tile(read_image(source)[:512, :512], (2, 2))
+        cache = Path(tempfile.mkdtemp(prefix="unetkit-cache-", dir=work))
+        os.environ["UNETKIT_CACHE_DIR"] = str(cache)
+        seconds: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
+        for _ in range(repeats):
+            for backend in seconds:
+                segmenter = Segmenter.load(name, InferenceOptions(backend=backend, device="cpu"))
+                started = time.perf_counter()
+                segmenter.segment(raw)
+                seconds[backend].append(round(time.perf_counter() - started, 2))
+        for path in cache.glob("*.json"):  # the timed runs leave no choice behind for auto
+            path.unlink()
+        auto = []
+        for _ in range(3):
+            segmenter = Segmenter.load(name, InferenceOptions(backend="auto", device="cpu"))
+            started = time.perf_counter()
+            segmenter.segment(raw)
+            auto.append(round(time.perf_counter() - started, 2))
+        chosen = [v.get("backend") for v in backends.read_choices().values() if v.get("backend")]
+        result[name] = {"seconds": seconds, "auto_seconds": auto, "auto_chose": chosen,
+                        "settings": segmenter.settings.describe()}
+        print(name, result[name], flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    os.environ.pop("UNETKIT_CACHE_DIR", None)
     return result
 
 
