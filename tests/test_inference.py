@@ -13,10 +13,10 @@ from unetkit.inference import (
     InferenceSettings,
     MapSettings,
     Segmenter,
-    label_dtype,
     labels_from_probabilities,
     memory_budget,
 )
+from unetkit.labels import id_dtype
 from unetkit.network import UNet
 from unetkit.predict import choose_tile_shape, predict
 
@@ -97,7 +97,7 @@ def test_the_tile_depends_on_the_image_size_only():
 
 
 def test_label_ids_never_wrap():
-    assert label_dtype(65535) == np.uint16 and label_dtype(65536) == np.uint32
+    assert id_dtype(65535) == np.uint16 and id_dtype(65536) == np.uint32
     probabilities = np.zeros((2, 3, 2 * 65600), np.float32)
     probabilities[1, 1, ::2] = 1.0  # 65600 single-pixel objects
     labels = labels_from_probabilities(probabilities, DecisionRule())

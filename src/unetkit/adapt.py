@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .network import UNet
-from .tiling import TilePlan, as_pair, extract_region, plan_tiles
+from .tiling import TilePlan, as_pair, extract_region, plan_tiles, with_channel_axis
 
 NORM_STATISTICS = ("training", "image")
 #: At most this many tiles are gathered over. A larger plan (an image of more than about 64 tiles,
@@ -131,20 +131,9 @@ def _chw(image):
     """`image` as something indexable as (C, H, W) that reads only the windows asked for."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    if image.ndim == 3:
-        return image
-    if image.ndim != 2:
+    if image.ndim not in (2, 3):
         raise InputError(f"image must be 2D (H, W) or (C, H, W), got shape {tuple(image.shape)}")
-    if isinstance(image, np.ndarray):
-        return image[None]
-
-    class _Channel:  # a lazy 2D array (zarr, Dask) seen as (1, H, W)
-        shape, ndim = (1, *image.shape), 3
-
-        def __getitem__(self, key):
-            return np.asarray(image[key[1:] if key[0] is Ellipsis else key])[None]
-
-    return _Channel()
+    return with_channel_axis(image)
 
 
 def gather_statistics(

@@ -423,39 +423,17 @@ def fed_statistics_onnx_bytes(model: UNet) -> bytes:
     """ONNX bytes of `model` with softmax whose batch-norm means and variances are inputs
     (`statistics_input_names`) after the image, for onnxruntime's own use. Dynamic in batch,
     height and width."""
-    import io
+    from .export.graphs import traced_onnx_bytes
 
-    from .export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, example_sizes
-
-    wrapped = _FedStatistics(model)
-    trace_size, _ = example_sizes(model)
-    x = torch.rand(2, model.in_channels, *trace_size, generator=torch.Generator().manual_seed(0))
-    stats = [t for layer in batch_norm_layers(model) for t in (layer.running_mean, layer.running_var)]
-    stats = [t.detach().cpu().float().clone() for t in stats]
-    names = statistics_input_names(len(stats) // 2)
-    buffer = io.BytesIO()
+    layers = batch_norm_layers(model)
+    stats = [t.detach().cpu().float().clone() for layer in layers for t in (layer.running_mean, layer.running_var)]
     try:
-        with warnings_quiet(), torch.no_grad():
-            torch.onnx.export(
-                wrapped, (x, *stats), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME, *names],
-                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
-            )
+        return traced_onnx_bytes(_FedStatistics(model), model, stats, statistics_input_names(len(stats) // 2))
     except Exception as exc:  # noqa: BLE001 - torch without the TorchScript-based exporter
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"cannot export the graph with batch-norm statistics as inputs ({first}); use backend 'torch'"
         ) from None
-    return buffer.getvalue()
-
-
-@contextlib.contextmanager
-def warnings_quiet() -> Iterator[None]:
-    """The exporter's warnings (about tracing and deprecations) silenced."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # -- remembered choices -----------------------------------------------------------------------

@@ -476,8 +476,9 @@ def label_dtype(shape: tuple[int, ...]) -> str:
         >>> label_dtype((256, 256)), label_dtype((512, 512)), label_dtype((100_000, 100_000))
         ('uint16', 'uint32', 'uint64')
     """
-    most = (int(np.prod(shape)) + 1) // 2
-    return next(t for t in ("uint16", "uint32", "uint64") if most <= np.iinfo(t).max)
+    from .labels import id_dtype
+
+    return str(id_dtype((int(np.prod(shape)) + 1) // 2))
 
 
 def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, name: str, *,

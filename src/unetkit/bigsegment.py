@@ -105,14 +105,7 @@ def segment_large(
     names = [output_name(Path(p)) for p in inputs]
     if len(set(names)) != len(names):
         raise InputError(f"several inputs share a name ({', '.join(names)}); their outputs would collide")
-    if isinstance(model, Segmenter):
-        segmenter = model
-    else:
-        from .pretrained import resolve_checkpoint
-
-        path = resolve_checkpoint(model)
-        segmenter = Segmenter.load(path.resolve() if path.exists() else path)
-        segmenter.source = model
+    segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
     checkpoint = _checkpoint_path(segmenter.source)
     if dask and checkpoint is None:
         raise InputError("--dask needs the model as a checkpoint file or packaged model name, which every worker loads")

@@ -60,3 +60,14 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     if name == "mps" and not mps_available:
         raise InputError("--device mps: Apple MPS is not available; use --device cpu or auto")
     return torch.device(name)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's (CUDA) `OutOfMemoryError` or the CPU allocator's failure.
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+        True
+    """
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()

@@ -36,7 +36,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .decision import DecisionRule
+from .device import is_out_of_memory
 from .errors import InputError
+from .labels import id_dtype
 
 LABEL_KINDS = ("instances", "binary")
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -248,11 +250,6 @@ def foreground(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
 
 
-def label_dtype(count: int) -> np.dtype:
-    """uint16 for up to 65535 objects, else uint32: ids never wrap."""
-    return np.dtype(np.uint16) if count <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
-
-
 def labels_rule(
     stored: dict | None, *, threshold: float | None = None, watershed: bool | None = None, min_size: int | None = None
 ) -> DecisionRule:
@@ -288,13 +285,7 @@ def labels_from_probabilities(
     if binary:
         return (fg > rule.threshold).astype(np.uint8)
     instances = rule.apply(fg, fill_holes=fill_holes)
-    return instances.astype(label_dtype(int(instances.max(initial=0))))
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc)
-    return (type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
-            or "out of memory" in text.lower() or isinstance(exc, MemoryError))
+    return instances.astype(id_dtype(int(instances.max(initial=0))))
 
 
 class Segmenter:
@@ -375,7 +366,7 @@ class Segmenter:
                            backend=s.backend, norm_statistics=statistics if statistics is not None else s.maps.norm_statistics,
                            out=out, tiles=tiles, on_batch=on_batch, callback=callback, progress=progress)
         except (RuntimeError, MemoryError) as exc:
-            if not _is_out_of_memory(exc):
+            if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
                 raise
             raise InputError(
                 f"out of memory predicting tiles of {tile_shape[0]}x{tile_shape[1]} pixels in batches of {s.batch_size}; "

@@ -326,7 +326,7 @@ def _create_temp(path: Path) -> Path:
     raise FileExistsError(f"{path.parent}: cannot create a temporary file for {path.name}")
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
@@ -378,7 +378,7 @@ def remove_stale_temp_files(folder: str | os.PathLike, *, older_than: float = 0.
         try:
             if not path.is_file() or path.is_symlink():
                 continue
-            dead = match.group("host") == host and not _running(int(match.group("pid")))
+            dead = match.group("host") == host and not process_running(int(match.group("pid")))
             if not dead and now - path.stat().st_mtime < older_than:
                 continue
             path.unlink()

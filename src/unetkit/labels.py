@@ -163,3 +163,13 @@ def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     """Object ids renumbered 1..n in order of their old ids, as int32; 0 stays background."""
     return relabel_sequential(np.asarray(labels))[0].astype(np.int32)
+
+
+def id_dtype(count: int) -> np.dtype:
+    """The smallest of uint16, uint32 and uint64 that holds object ids up to `count`, so ids never wrap.
+
+    Example:
+        >>> str(id_dtype(65535)), str(id_dtype(65536)), str(id_dtype(2**40))
+        ('uint16', 'uint32', 'uint64')
+    """
+    return next(np.dtype(t) for t in ("uint16", "uint32", "uint64") if count <= np.iinfo(t).max)

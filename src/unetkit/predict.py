@@ -17,7 +17,7 @@ from .adapt import NORM_STATISTICS, BatchNormStatistics, check_statistics, gathe
 from .backends import check_backend, make_runner
 from .errors import InputError
 from .network import UNet
-from .tiling import TilePlan, as_pair, axis_layout, extract_region, plan_tiles, same_margin
+from .tiling import TilePlan, as_pair, axis_layout, extract_region, plan_tiles, same_margin, with_channel_axis
 
 #: Default memory allowed for one batch of tiles' activations, in bytes.
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -98,7 +98,7 @@ def _as_chw(image, in_channels: int):
     if any(int(s) == 0 for s in image.shape):
         raise InputError(f"image is empty (shape {tuple(image.shape)})")
     if image.ndim == 2:
-        image = image[None] if isinstance(image, np.ndarray) else _AddChannel(image)
+        image = with_channel_axis(image)
     channels = int(image.shape[0])
     if channels != in_channels:
         hint = ""
@@ -125,20 +125,6 @@ def _warn_if_unnormalised(image) -> None:
             "normalised floats it was trained on: predict(model, loaded.normalization(image)) with the loaded checkpoint",
             UserWarning, stacklevel=3,
         )
-
-
-class _AddChannel:
-    """A view of a 2D array-like (zarr, Dask, memmap) as (1, H, W) that reads lazily."""
-
-    def __init__(self, array) -> None:
-        self.array = array
-        self.shape = (1, *array.shape)
-        self.ndim = 3
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple) or key[0] is not Ellipsis:
-            raise IndexError("only [..., rows, cols] indexing is supported")
-        return np.asarray(self.array[key])[None]
 
 
 def predict(

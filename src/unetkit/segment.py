@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .data.normalize import to_chw
 from .data.readers import check_unique_frames, ctc_frame
 from .errors import InputError, Interrupted
-from .inference import Segmenter, labels_from_probabilities, labels_rule  # noqa: F401 - re-exported for callers of segment
+from .inference import Segmenter
 from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, listing, read_header, read_image, remove_stale_temp_files, repeated, write_tiff
 
 

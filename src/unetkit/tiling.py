@@ -38,6 +38,33 @@ def reflect_indices(start: int, length: int, size: int) -> np.ndarray:
     return np.where(index >= size, period - index, index).astype(np.intp)
 
 
+def with_channel_axis(image):
+    """A (C, H, W) image as it is; a 2D one as (1, H, W): a NumPy array as a view, a lazy array
+    (zarr, Dask, memmap) wrapped so that it still reads only the windows asked for.
+
+    Example:
+        >>> with_channel_axis(np.zeros((4, 5))).shape
+        (1, 4, 5)
+    """
+    if image.ndim != 2:
+        return image
+    return image[None] if isinstance(image, np.ndarray) else _AddChannel(image)
+
+
+class _AddChannel:
+    """A view of a 2D array-like (zarr, Dask, memmap) as (1, H, W) that reads lazily."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.shape = (1, *array.shape)
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple) or key[0] is not Ellipsis:
+            raise IndexError("only [..., rows, cols] indexing is supported")
+        return np.asarray(self.array[key])[None]
+
+
 def extract_region(array, y0: int, x0: int, height: int, width: int) -> np.ndarray:
     """The window [y0:y0+height, x0:x0+width] of the last two axes, mirrored where it leaves the array.
 

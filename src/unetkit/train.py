@@ -30,7 +30,7 @@ from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
 from .decision import DecisionRule, best_rule, choose_decision
-from .device import resolve_device
+from .device import is_out_of_memory, resolve_device
 from .errors import InputError
 from .geometry import Geometry
 from .io import atomic_write
@@ -330,13 +330,6 @@ class RunLock:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is torch's (CUDA) OutOfMemoryError or the CPU allocator's failure."""
-    text = str(exc)
-    return (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text
-            or "out of memory" in text.lower())
 
 
 class Trainer:
@@ -767,7 +760,7 @@ class Trainer:
                     self._keep_interrupted(rng, pending)
                     raise KeyboardInterrupt from None
                 raise ddp.peer_lost_error(self._resume_advice()) from None
-            if _out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise self._out_of_memory_error(phase) from None
             raise
         finally:

@@ -43,7 +43,7 @@ import torch
 from ..checkpoint import LoadedModel, load_checkpoint
 from ..data.normalize import Normalization, to_chw
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, list_images, read_image, write_png, write_tiff
+from ..io import IMAGE_SUFFIXES, list_images, process_running, read_image, write_png, write_tiff
 from ..pretrained import file_sha256, get_model, model_path, package_scores_for, pretrained_name
 from ..tiling import extract_region
 from . import FORMATS
@@ -400,16 +400,6 @@ def _temp_prefix() -> str:
     return f".unetkit-export-{_host()}-{os.getpid()}-"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_temp_folders(folder: str | os.PathLike, now: float | None = None) -> list[Path]:
     """Delete the temporary folders that an export killed mid-way left in `folder`; return them.
 
@@ -425,7 +415,7 @@ def remove_stale_temp_folders(folder: str | os.PathLike, now: float | None = Non
             continue
         pid = int(match["pid"])
         if match["host"] == _host():
-            stale = pid != os.getpid() and not _running(pid)
+            stale = pid != os.getpid() and not process_running(pid)
         else:
             stale = now - path.stat().st_mtime > STALE_SECONDS
         if stale:
@@ -520,10 +510,9 @@ def _test_tensors(loaded: LoadedModel, raw: np.ndarray) -> tuple[np.ndarray, np.
 def _write_cover(path: Path, loaded: LoadedModel, test_input: np.ndarray, test_output: np.ndarray) -> None:
     """The image beside its predicted contours (2:1), over the region the output covers."""
     from ..plots import overlay
-    from ..segment import labels_rule
+    from ..inference import foreground as foreground_of, labels_rule
 
-    probabilities = test_output[0]
-    foreground = probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
+    foreground = foreground_of(test_output[0])
     h, w = foreground.shape
     dy, dx = (test_input.shape[-2] - h) // 2, (test_input.shape[-1] - w) // 2
     image = loaded.normalization(test_input[0])[:, dy : dy + h, dx : dx + w]

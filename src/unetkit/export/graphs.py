@@ -28,7 +28,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -312,17 +312,25 @@ def quick_onnx_bytes(model: UNet) -> bytes:
     `onnx_program`. Dynamic in batch, height and width.
     """
     wrapped = _inference_copy(model)
-    trace_size, _ = example_sizes(model)
-    x = _example(model, trace_size, batch=2)
-    buffer = io.BytesIO()
     try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                wrapped, (x,), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
-            )
+        return traced_onnx_bytes(wrapped, model)
     except Exception:  # noqa: BLE001 - the older exporter is optional; the standard one follows
         return onnx_program(model)[0].SerializeToString()
+
+
+def traced_onnx_bytes(module: nn.Module, model: UNet, extra_inputs: Sequence[torch.Tensor] = (),
+                      extra_names: Sequence[str] = ()) -> bytes:
+    """ONNX bytes of `module` (which computes `model`'s probabilities) from torch's TorchScript-based
+    exporter, traced on an example batch of `model`'s input followed by `extra_inputs` (named
+    `extra_names`); dynamic in batch, height and width. Raises what the exporter raises."""
+    trace_size, _ = example_sizes(model)
+    buffer = io.BytesIO()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module, (_example(model, trace_size, batch=2), *extra_inputs), buffer, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME, *extra_names], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+        )
     return buffer.getvalue()
 
 
