@@ -116,7 +116,8 @@ def _resample_plane(plane: np.ndarray, coords: np.ndarray, order: int) -> np.nda
 
 
 def _resample(arr: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Sample `arr` at `coords` (2, H, W): labels nearest, floats cubic and clipped."""
+    """Sample `arr` at `coords` (2, H, W) or (3, D, H, W): labels nearest, floats cubic and clipped;
+    an array with one axis more than the coordinates is channels-first, resampled channel by channel."""
     if arr.dtype == bool:
         return _resample(arr.astype(np.uint8), coords).astype(bool)
     if np.issubdtype(arr.dtype, np.integer):
@@ -125,7 +126,7 @@ def _resample(arr: np.ndarray, coords: np.ndarray) -> np.ndarray:
         order = 3
     else:
         raise InputError(f"cannot augment an array of dtype {arr.dtype}; use integers or floats")
-    if arr.ndim == 2:
+    if arr.ndim == coords.shape[0]:
         return _resample_plane(arr, coords, order)
     return np.stack([_resample_plane(plane, coords, order) for plane in arr])
 
@@ -410,3 +411,99 @@ class Augmenter:
             weights = None if weights is None else weights[crop].copy()
         image = self._gray(image, rng)
         return image, labels.astype(np.int64, copy=False), weights
+
+
+def displacement_field_3d(
+    shape: tuple[int, int, int],
+    rng: Seed = None,
+    grid: int = PAPER.elastic_grid,
+    sigma: float = PAPER.elastic_sigma,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Random smooth displacement field of a volume, (3, Z, Y, X) float64, in voxels of each axis.
+
+    The paper's elastic deformation in 3D (as in the 3D U-Net, Cicek et al. 2016): vectors on a
+    coarse `grid` x `grid` x `grid` grid whose outer points are the volume's corners, drawn from
+    N(0, sigma^2) in units of the finest axis and interpolated by tricubic spline. The z component
+    is divided by the anisotropy (z spacing / finest spacing), so a displacement is the same
+    physical distance along every axis: 10 pixels in-plane is 2.5 slices of a (4, 1, 1) stack.
+
+    Example:
+        >>> import numpy as np
+        >>> field = displacement_field_3d((9, 21, 21), rng=0, spacing=(4.0, 1.0, 1.0))
+        >>> drawn = np.random.default_rng(0).normal(0, 10.0, (3, 3, 3, 3))
+        >>> bool(np.allclose(field[0, ::4, ::10, ::10], drawn[0] / 4)), bool(np.allclose(field[1, ::4, ::10, ::10], drawn[1]))
+        (True, True)
+    """
+    if int(grid) != grid or grid < 2:
+        raise InputError(f"elastic grid must be an integer >= 2, got {grid}")
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise InputError(f"elastic sigma must be a non-negative number of pixels, got {sigma}")
+    steps = np.asarray(spacing, dtype=np.float64)
+    if steps.shape != (3,) or not np.all(np.isfinite(steps) & (steps > 0)):
+        raise InputError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
+    grid = int(grid)
+    vectors = _generator(rng).normal(0.0, sigma, (3, grid, grid, grid)) / (steps / steps.min())[:, None, None, None]
+    dz, dy, dx = (_grid_weights(int(n), grid) for n in shape)
+    return np.einsum("ia,jb,kc,nabc->nijk", dz, dy, dx, vectors)
+
+
+def augment_volume(
+    image: np.ndarray,
+    *others: np.ndarray,
+    rng: Seed = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    elastic: bool = True,
+    grid: int = PAPER.elastic_grid,
+    sigma: float = PAPER.elastic_sigma,
+    flip: bool = True,
+    rotate90: bool = True,
+) -> tuple[np.ndarray, ...]:
+    """One random geometric augmentation of a volume and its companions, resampled once.
+
+    Composes the 3D elastic deformation (`displacement_field_3d`), independent flips of z, y and
+    x (each with probability 1/2) and a rotation by a random multiple of 90 degrees in the xy
+    plane only (rotations that tilt z would mix the coarse axis into the fine ones). The same
+    coordinate map is applied to every array: floats (image, weight map) by cubic splines, clipped
+    to their range; integers and bools (labels, an unlabelled mask) by nearest neighbour, so a
+    sparse-annotation label -1 or mask stays exactly where its voxels go. Outside the volume the
+    content is mirrored; xy rotations turn about the volume's centre.
+
+    Args:
+        image, others: (Z, Y, X) or channels-first (C, Z, Y, X) arrays sharing (Z, Y, X).
+        rng: a `np.random.Generator`, a seed, or None.
+        spacing: voxel size (z, y, x) (only ratios matter), for the z scaling of the displacements.
+        elastic, grid, sigma: the elastic deformation (the paper's 3 points, 10 pixels by default).
+        flip, rotate90: the flips and the xy rotations.
+
+    Returns:
+        (image, *others), shapes and dtypes kept.
+
+    Example:
+        >>> import numpy as np
+        >>> image = np.random.default_rng(0).random((1, 6, 16, 16)).astype(np.float32)
+        >>> labels = (image[0] > 0.5).astype(np.int64); labels[:2] = -1  # first slices unlabelled
+        >>> out_image, out_labels = augment_volume(image, labels, rng=1, spacing=(3.0, 1.0, 1.0))
+        >>> out_image.shape, set(np.unique(out_labels)) <= {-1, 0, 1}
+        ((1, 6, 16, 16), True)
+    """
+    arrays = (np.asarray(image),) + tuple(np.asarray(a) for a in others)
+    shape = arrays[0].shape[-3:]
+    for i, arr in enumerate(arrays):
+        if arr.ndim not in (3, 4) or arr.shape[-3:] != shape:
+            raise InputError(
+                f"array {i} has shape {arr.shape}; give (Z, Y, X) or (C, Z, Y, X) arrays sharing (Z, Y, X) = {shape}"
+            )
+    generator = _generator(rng)
+    coords = np.indices(shape, dtype=np.float64)
+    if elastic:
+        coords += displacement_field_3d(shape, generator, grid, sigma, spacing)  # type: ignore[arg-type]
+    matrix = np.eye(3)
+    if flip:
+        matrix = np.diag(np.where(generator.random(3) < 0.5, -1.0, 1.0)) @ matrix
+    if rotate90:
+        quarter = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+        matrix = np.linalg.matrix_power(quarter, int(generator.integers(4))) @ matrix
+    centre = (np.array(shape, dtype=np.float64) - 1.0) / 2.0
+    coords = np.einsum("ab,bijk->aijk", matrix, coords - centre[:, None, None, None]) + centre[:, None, None, None]
+    return tuple(_resample(arr, coords) for arr in arrays)

@@ -8,31 +8,50 @@ from torch import nn
 
 from .errors import InputError
 
+#: Target value of an unlabelled pixel or voxel (sparse annotation, Cicek et al. 2016): no loss, no gradient.
+IGNORE_INDEX = -1
+
 
 def weighted_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Mean over pixels of w(x) * -log p_l(x)(x), with p the softmax over the class axis.
 
     Dividing by the number of pixels (not summing) keeps the loss scale independent of the tile
-    size, so one learning rate serves small and large tiles.
+    size, so one learning rate serves small and large tiles. With `ignore_index`, pixels whose
+    target is that value contribute nothing (zero loss, zero gradient) and the mean runs over the
+    labelled pixels only, so a sparsely annotated volume weighs as much as a dense one.
 
     Args:
-        logits: (N, K, H, W) network output.
-        target: (N, H, W) int64 class index per pixel.
-        weights: (N, H, W) per-pixel weights (the paper's weight map); None means all ones.
+        logits: (N, K, H, W) network output, or (N, K, D, H, W) for volumes.
+        target: (N, H, W) or (N, D, H, W) int64 class index per pixel.
+        weights: per-pixel weights of the target's shape (the paper's weight map); None means all ones.
+        ignore_index: target value of unlabelled pixels (`IGNORE_INDEX`), or None if all are labelled.
 
     Example:
         >>> logits = torch.zeros(1, 2, 4, 4)
         >>> round(weighted_cross_entropy(logits, torch.zeros(1, 4, 4, dtype=torch.long)).item(), 4)
         0.6931
+        >>> sparse = torch.full((1, 4, 4), IGNORE_INDEX); sparse[0, 0, 0] = 1
+        >>> round(weighted_cross_entropy(logits, sparse, ignore_index=IGNORE_INDEX).item(), 4)
+        0.6931
     """
-    if logits.shape[-2:] != target.shape[-2:]:
+    if logits.shape[2:] != target.shape[1:]:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in size")
-    nll = F.cross_entropy(logits, target, reduction="none")
+    if ignore_index is None:
+        nll = F.cross_entropy(logits, target, reduction="none")
+        if weights is not None:
+            nll = nll * weights
+        return nll.mean()
+    labelled = target != ignore_index
+    nll = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index)
     if weights is not None:
-        nll = nll * weights
-    return nll.mean()
+        # Weights of unlabelled voxels are zeroed first: a weight map may hold anything (NaN) there.
+        nll = nll * torch.where(labelled, weights, torch.zeros_like(weights))
+    return nll.sum() / labelled.sum().clamp(min=1)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -48,8 +67,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
         0.31
     """
     probs = torch.softmax(logits, dim=1)
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, logits.ndim))
     overlap = (probs * one_hot).sum(dims)
     total = probs.sum(dims) + one_hot.sum(dims)
     dice = (2 * overlap + eps) / (total + eps)

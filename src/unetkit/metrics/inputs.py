@@ -39,7 +39,7 @@ def as_slices(images: Images, name: str) -> list[np.ndarray]:
         else:
             raise InputError(
                 f"{name}: expected a 2D image (H, W), a stack (N, H, W) or a list of 2D images, "
-                f"got shape {array.shape}"
+                f"got shape {array.shape}; score volumes with unetkit.metrics.volume (seg_score_3d, ...)"
             )
     if not slices:
         raise InputError(f"{name}: no images given; pass at least one 2D image")
