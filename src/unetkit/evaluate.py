@@ -8,6 +8,10 @@ needs a prediction; predictions without ground truth (frames the challenge did n
 listed and skipped. Ground truth that looks like an intensity image (a raw image, a probability
 map) is refused unless `allow_intensity_masks` (see `unetkit.data.readers.intensity_problem`).
 
+A z-stack or time series (one multi-page file per stack, as `unetkit predict` writes for a
+multi-page input) is scored plane by plane: each plane is one row (NAME:zNNN) and is pooled into
+the overall scores like an image of its own.
+
 Predictions: float TIFFs are probability maps in [0, 1], either (H, W) or (C, H, W) as written by
 `unetkit predict` (foreground = channel `channel`, 1 by default); integer images are label images
 (binary or instance). Ground truth: binary masks {0, 255} or {0, 1} (ISBI: 255 = cell interior)
@@ -190,15 +194,59 @@ def load_ground_truth(path: PathLike, allow_intensity_masks: bool = False) -> np
     """A ground-truth file as a 2D label image (checked: whole numbers, never negative, and, unless
     `allow_intensity_masks`, piecewise constant like a label image: not a raw image or probability map)."""
     path = Path(path)
-    labels = as_labels(_single_channel(read_image(path), path), str(path))
+    return _checked_truth(as_labels(_single_channel(read_image(path), path), str(path)), str(path), allow_intensity_masks)
+
+
+def _checked_truth(labels: np.ndarray, where: str, allow_intensity_masks: bool) -> np.ndarray:
     problem = None if allow_intensity_masks else intensity_problem(labels)
     if problem:
         raise InputError(
-            f"{path}: does not look like ground truth: {problem}. This is what a raw image, a probability map or a "
+            f"{where}: does not look like ground truth: {problem}. This is what a raw image, a probability map or a "
             "resized (interpolated) or JPEG-compressed mask looks like; give label images (0 = background, "
             "objects > 0), or score against it as it is with --allow-intensity-masks"
         )
     return labels
+
+
+def _stack_prediction(path: Path, planes: int, channel: int) -> np.ndarray:
+    """A prediction stack for `planes` ground-truth planes: (N, H, W) labels or probabilities,
+    from labels (N, H, W) or the probabilities `unetkit predict` writes for a stack, (N, C, H, W)."""
+    array = read_image(path, pages=True)
+    if array.ndim == 4 and is_probability(array):
+        if not 0 <= channel < array.shape[1]:
+            raise InputError(f"{path}: has {array.shape[1]} channels (shape {array.shape}); --channel {channel} is out of range")
+        array = array[:, channel]
+    if array.ndim != 3 or len(array) != planes:
+        raise InputError(f"{path}: expected a stack of {planes} planes like its ground truth, got shape {array.shape}")
+    return array
+
+
+def plane_pairs(
+    pred_path: PathLike, gt_path: PathLike, channel: int = 1, allow_intensity_masks: bool = False
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, prediction, ground truth) of each 2D plane of a file pair: one for 2D images, one per
+    plane (named NAME:zNNN) for a z-stack or time series stored as pages of one file.
+
+    Example:
+        >>> [name for name, _, _ in plane_pairs("pred/stack_labels.tif", "gt/stack.tif")]  # doctest: +SKIP
+        ['stack:z000', 'stack:z001']
+    """
+    from .io import read_header
+
+    pred_path, gt_path = Path(pred_path), Path(gt_path)
+    planes = read_header(gt_path, pages=True).planes
+    if planes == 1:
+        return [(gt_path.stem, load_prediction(pred_path, channel), load_ground_truth(gt_path, allow_intensity_masks))]
+    truth = read_image(gt_path, pages=True)
+    predictions = _stack_prediction(pred_path, planes, channel)
+    pairs = []
+    for z in range(planes):
+        where = f"{gt_path} (plane {z})"
+        gt = _checked_truth(as_labels(truth[z], where), where, allow_intensity_masks)
+        pred = predictions[z]
+        pred = check_probability(pred, f"{pred_path} (plane {z})") if is_probability(pred) else as_labels(pred, f"{pred_path} (plane {z})")
+        pairs.append((f"{gt_path.stem}:z{z:03d}", pred, gt))
+    return pairs
 
 
 def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
@@ -336,19 +384,18 @@ def evaluate_folders(
     accumulators = {name: METRICS[name].make(threshold) for name in names}
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
     for pred_path, gt_path in pairs:
-        pred = load_prediction(pred_path, channel)
-        gt = load_ground_truth(gt_path, allow_intensity_masks)
-        if pred.shape != gt.shape:
-            raise InputError(
-                f"{pred_path.name} has shape {pred.shape} but its ground truth {gt_path.name} has {gt.shape}; "
-                "predictions must have the ground truth's size"
-            )
-        try:
-            scores, problems = _update(accumulators, pred, gt, threshold)
-        except InputError as exc:
-            raise InputError(f"{pred_path.name} vs {gt_path.name}: {exc}") from exc
-        result.notes.extend(f"{gt_path.name}: {problem}" for problem in problems)
-        result.rows.append({"name": gt_path.stem, "pred": str(pred_path), "gt": str(gt_path), "scores": scores})
+        for name, pred, gt in plane_pairs(pred_path, gt_path, channel, allow_intensity_masks):
+            if pred.shape != gt.shape:
+                raise InputError(
+                    f"{pred_path.name} has shape {pred.shape} but its ground truth {gt_path.name} has {gt.shape}; "
+                    "predictions must have the ground truth's size"
+                )
+            try:
+                scores, problems = _update(accumulators, pred, gt, threshold)
+            except InputError as exc:
+                raise InputError(f"{pred_path.name} vs {gt_path.name}: {exc}") from exc
+            result.notes.extend(f"{name if ':' in name else gt_path.name}: {problem}" for problem in problems)
+            result.rows.append({"name": name, "pred": str(pred_path), "gt": str(gt_path), "scores": scores})
     for name, metric in accumulators.items():
         try:
             result.overall.update(metric.scores())

@@ -97,6 +97,7 @@ class ImageHeader:
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    planes: int = 1  # pages of a z-stack or time series (read with pages=True); 1 for a 2D image
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -235,7 +236,9 @@ def read_header(path: str | os.PathLike, *, pages: bool = False) -> ImageHeader:
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a user-facing file problem
         raise _unreadable(path, exc) from None
     _check_real(path, np.dtype(dtype))
-    return ImageHeader(_layout(path, shape, axes, pages)[0], np.dtype(dtype))
+    layout = _layout(path, shape, axes, pages)[0]
+    planes = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"] or [1]))
+    return ImageHeader(layout, np.dtype(dtype), planes)
 
 
 def read_image(path: str | os.PathLike, *, pages: bool = False) -> np.ndarray:
