@@ -95,7 +95,7 @@ def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
     """Train (or resume) in --runs/NAME; returns best.pt and the training facts."""
     config = recipe_config(
         RECIPE, task=info.task, base_channels=args.width, iterations=1_000_000, max_seconds=args.minutes * 60, workers=0,
-        budget_clock=args.budget_clock, seed=args.seed,
+        budget_clock=args.budget_clock, seed=args.seed, precision=args.precision,
     )
     norm = Normalization()
     train_samples = load(info, root, info.train_ids, norm, config)
@@ -116,7 +116,7 @@ def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
     facts = {
         "recipe": RECIPE, "recipe_note": RECIPE_NOTES[RECIPE], "width": args.width, "depth": config.depth,
         "tile_size": config.tile_size, "iterations": summary["iterations"], "budget_minutes": args.minutes,
-        "budget_clock": args.budget_clock, "seed": args.seed, "best_val_iou": summary["best_val_iou"],
+        "budget_clock": args.budget_clock, "seed": args.seed, "precision": args.precision, "best_val_iou": summary["best_val_iou"],
         **sessions_total(run_dir), "run_dir": str(run_dir),
     }
     return run_dir / "best.pt", facts
@@ -196,6 +196,7 @@ def main() -> None:
                         help="count --minutes in elapsed time (default) or in this process's CPU time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision (forward pass)")
     parser.add_argument("--data", type=Path, default=None, help="folder of the datasets (default: $UNETKIT_DATA or ../shared/data)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "pretrained", help="run folders go to RUNS/NAME")
     parser.add_argument("--checkpoint", type=Path, default=None, help="skip training: score and pack this best.pt")

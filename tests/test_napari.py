@@ -83,6 +83,7 @@ def test_manifest_is_valid_and_its_commands_import():
     manifest.validate_imports()
     assert [w.display_name for w in manifest.contributions.widgets] == ["U-Net segmentation"]
     assert "*_probabilities.tif" in manifest.contributions.readers[0].filename_patterns
+    assert [s.key for s in manifest.contributions.sample_data] == ["em-membranes", "dic-hela", "fluo-nuclei"]
 
 
 def test_reader_opens_what_unetkit_predict_writes(checkpoint, tmp_path):
@@ -152,7 +153,8 @@ def test_widget_bad_input_gives_a_message(app, checkpoint, capfd):
     widget.path.setText(str(checkpoint.parent / "missing.pt"))
     widget.segment_button.click()
     assert "missing.pt: checkpoint not found" in widget.message.text()
-    widget.evaluate_button.click()
+    assert not widget.evaluate_button.isEnabled() and "ground-truth mask" in widget.evaluate_hint.text()
+    widget.evaluate()
     assert "evaluation needs two labels layers" in widget.message.text()
     assert not widget.busy and "Traceback" not in capfd.readouterr().err
 
@@ -198,12 +200,14 @@ def test_evaluate_never_offers_the_prediction_as_its_own_ground_truth(app, check
     viewer.add_labels(np.zeros((20, 30), np.uint16), name="cells labels")
     widget = widget_for(viewer, checkpoint)
     assert widget.prediction.currentText() == "cells labels" and widget.truth.currentText() == ""
-    widget.evaluate_button.click()
+    assert not widget.evaluate_button.isEnabled()
+    widget.evaluate()
     assert "evaluation needs two labels layers" in widget.message.text() and widget.scores is None
     viewer.add_labels(np.ones((20, 30), np.uint16), name="mask")
     assert widget.prediction.currentText() == "cells labels" and widget.truth.currentText() == "mask"
     widget.truth.setCurrentText("cells labels")
-    widget.evaluate_button.click()
+    assert not widget.evaluate_button.isEnabled() and "both the segmentation" in widget.evaluate_hint.text()
+    widget.evaluate()
     assert "both the segmentation and the ground truth" in widget.message.text() and widget.scores is None
 
 

@@ -26,6 +26,13 @@ are graph inputs, fed with each call, so a new image needs neither an export nor
 would cost a session per image (0.15 s there). The plain graph, with batch norm folded into the
 convolutions, stays the one for the trained statistics. A cached graph that cannot be read (a truncated file) is exported again.
 
+Precision (`unetkit.precision`): "bf16" runs the torch network under autocast (bfloat16 on the
+CPU; float16 or bfloat16 on a GPU) with the softmax in float32; "int8" runs a statically quantised
+copy of the ONNX graph (`int8_graph_path`, cached beside the float graph, calibrated once on tiles
+of representative images); fed batch-norm statistics have their own int8 graph too. A tuple of
+precisions lets `make_runner` take the fastest of them, measured once per model, tile, threads and
+CPU and remembered in backends.json like the backend choice.
+
 A job split into parts (the blocks of a large image on one Dask worker) can keep its runner:
 `make_runner(..., keep=True)` returns the runner of the previous part with the same model, tile,
 statistics and thread, so "auto" measures once over the whole job, not per part.
@@ -51,7 +58,7 @@ import time
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -63,6 +70,11 @@ from .io import atomic_write
 from .network import UNet
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+#: Calibration of an int8 graph: this many images, this many tiles each, tiles of about this side.
+CALIBRATION_IMAGES = 4
+CALIBRATION_TILES_PER_IMAGE = 2
+CALIBRATION_TILE = 252
 #: Seconds on torch (this job's estimate after its first call, plus earlier unmeasured jobs of the
 #: same key) from which a job exports the graph and measures. Measuring costs the quick export
 #: (0.1 s for a width-16 network, 1.2 s for the paper's width 64, on a 2-core AMD EPYC) and a few
@@ -113,10 +125,12 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, model: UNet, device: torch.device, statistics: BatchNormStatistics | None = None) -> None:
+    def __init__(self, model: UNet, device: torch.device, statistics: BatchNormStatistics | None = None,
+                 precision: str = "fp32") -> None:
         self.model = model if statistics is None else with_statistics(model, statistics)
         self.device = device
         self.channels_last = device.type == "cpu"
+        self.autocast = None if precision != "bf16" else autocast_dtype(device)
 
     @contextlib.contextmanager
     def active(self) -> Iterator["TorchRunner"]:
@@ -136,7 +150,19 @@ class TorchRunner:
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.model(x), dim=1)
+        if self.autocast is None:
+            return torch.softmax(self.model(x), dim=1)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1)  # the softmax and what `predict` adds up stay float32
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The reduced-precision dtype "bf16" runs in on `device`: bfloat16 on the CPU and on GPUs
+    that support it, float16 on other GPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 class OnnxRunner:
@@ -145,11 +171,11 @@ class OnnxRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, model: UNet, statistics: BatchNormStatistics | None = None) -> None:
-        if statistics is None:
-            self.session, self.feeds = _session(model, fed=False), {}
-        else:
-            self.session, self.feeds = _session(model, fed=True), statistics_feeds(statistics)
+    def __init__(self, model: UNet, statistics: BatchNormStatistics | None = None, *, int8: bool = False,
+                 calibration: Calibration | None = None) -> None:
+        fed = statistics is not None
+        self.session = _session(model, fed=fed, int8=int8, calibration=calibration)
+        self.feeds = statistics_feeds(statistics) if fed else {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator["OnnxRunner"]:
@@ -271,6 +297,8 @@ def make_runner(
     calls: int,
     statistics: BatchNormStatistics | None = None,
     keep: bool = False,
+    precision: str | tuple[str, ...] = "fp32",
+    calibration: Calibration | None = None,
 ):
     """The runner for `backend` ("auto", "torch", "onnxruntime"); use it as a context manager.
 
@@ -279,20 +307,26 @@ def make_runner(
     `statistics`: batch-norm statistics to use instead of the model's (None: the model's).
     `keep`: reuse the runner of an earlier call with the same model, backend, batch shape,
     statistics, device and thread (one part of a job split in parts; `calls` is then the whole job's).
+    `precision`: "fp32", "bf16" (torch under autocast), "int8" (the quantised graph on onnxruntime;
+    `calibration` gives the images to calibrate it on when it is not cached yet), or a tuple of
+    them: the fastest, measured once for this model, tile, threads and CPU (`fastest`).
     """
+
     check_backend(backend, device)
     if statistics is not None and not batch_norm_layers(model):
         statistics = None
+    if not isinstance(precision, str):
+        precision = fastest(model, tuple(precision), device, batch_shape, statistics=statistics, calibration=calibration)
     if not keep:
-        return _new_runner(model, backend, device, batch_shape, calls, statistics).active()
+        return _new_runner(model, backend, device, batch_shape, calls, statistics, precision, calibration).active()
     key = (
         backend, weights_hash(model), None if statistics is None else statistics.fingerprint, tuple(batch_shape),
-        str(device), threading.get_ident(), torch.get_num_threads(),
+        str(device), threading.get_ident(), torch.get_num_threads(), precision,
     )
     with _KEPT_LOCK:
         runner = _KEPT.pop(key, None)
         if runner is None:
-            runner = _new_runner(model, backend, device, batch_shape, calls, statistics)
+            runner = _new_runner(model, backend, device, batch_shape, calls, statistics, precision, calibration)
         _KEPT[key] = runner
         while len(_KEPT) > KEPT_RUNNERS:
             _KEPT.popitem(last=False)
@@ -300,7 +334,13 @@ def make_runner(
 
 
 def _new_runner(model: UNet, backend: str, device: torch.device, batch_shape: tuple[int, int, int], calls: int,
-                statistics: BatchNormStatistics | None):
+                statistics: BatchNormStatistics | None, precision: str = "fp32", calibration: Calibration | None = None):
+
+    check_runnable(precision, backend, device)
+    if precision == "int8":
+        return OnnxRunner(model, statistics, int8=True, calibration=calibration)
+    if precision == "bf16":
+        return TorchRunner(model, device, statistics, precision)
     if backend == "onnxruntime":
         return OnnxRunner(model, statistics)
     if backend == "torch" or device.type != "cpu" or not onnxruntime_available():
@@ -355,20 +395,49 @@ def cached_graph(model: UNet, fed: bool = False) -> Path:
     return path
 
 
-def _session(model: UNet, fed: bool = False):
+def int8_graph_path(model: UNet, fed: bool = False) -> Path:
+    """Where the int8 graph of `model`'s current weights (with `fed`, of its fed-statistics graph)
+    is (or will be) cached: beside the float graph, named by the same weights hash."""
+    float_graph = fed_graph_path(model) if fed else graph_path(model)
+    return float_graph.with_name(float_graph.stem + "-int8.onnx")
+
+
+#: Images to calibrate an int8 graph on (normalised, (H, W) or (C, H, W)), or a function giving them
+#: (called only when the graph is not cached yet).
+Calibration = Union[Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
+
+
+def cached_int8_graph(model: UNet, fed: bool = False, calibration: Calibration | None = None) -> Path:
+    """The cached int8 graph of `model`, quantised now (calibrated on `calibration`) if not cached yet."""
+    from .export.graphs import quantized_onnx_bytes
+
+    path = int8_graph_path(model, fed)
+    if not path.is_file():
+        images = calibration() if callable(calibration) else calibration
+        if not images:
+            raise InputError("int8 needs calibration images to quantise the network once: predict with a packaged model "
+                             "or a run's best.pt (its data.json names them), or give calibration images; else use precision fp32")
+        source = cached_graph(model, fed)
+        data = quantized_onnx_bytes(source, calibration_feeds(model, images, fed=fed))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), force=True)
+    return path
+
+
+def _session(model: UNet, fed: bool = False, int8: bool = False, calibration: Calibration | None = None):
     from .export.graphs import onnx_session
 
     digest = weights_hash(model)
-    key = (digest, torch.get_num_threads(), fed)
+    key = (digest, torch.get_num_threads(), fed, int8)
+    make = (lambda: cached_int8_graph(model, fed, calibration)) if int8 else (lambda: cached_graph(model, fed))
     if key not in _SESSIONS:
         for other in [k for k in _SESSIONS if k[0] != digest]:
             del _SESSIONS[other]  # one network's sessions at a time: they hold a copy of the weights
-        path = cached_graph(model, fed)
+        path = make()
         try:
             _SESSIONS[key] = onnx_session(path)
-        except Exception:  # noqa: BLE001 - a damaged cache file (truncated, overwritten): export it again
+        except Exception:  # noqa: BLE001 - a damaged cache file (truncated, overwritten): build it again
             path.unlink(missing_ok=True)
-            _SESSIONS[key] = onnx_session(cached_graph(model, fed))
+            _SESSIONS[key] = onnx_session(make())
     return _SESSIONS[key]
 
 
@@ -448,9 +517,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def choice_key(model: UNet, batch_shape: tuple[int, int, int], statistics: BatchNormStatistics | None = None) -> str:
+def choice_key(model: UNet, batch_shape: tuple[int, int, int], statistics: BatchNormStatistics | None = None,
+               precisions: tuple[str, ...] | None = None) -> str:
     """What the speed of the backends depends on: architecture, batch and tile, threads, CPU,
-    versions, and whether batch-norm statistics are fed (another graph)."""
+    versions, and whether batch-norm statistics are fed (another graph); with `precisions`, the key
+    of the choice among those precisions (`fastest`)."""
     import importlib.metadata as metadata
 
     versions = {}
@@ -463,6 +534,8 @@ def choice_key(model: UNet, batch_shape: tuple[int, int, int], statistics: Batch
     }
     if statistics is not None:
         facts["statistics"] = "fed"
+    if precisions is not None:
+        facts["precisions"] = sorted(precisions)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -488,3 +561,149 @@ def update_choice(key: str, values: dict[str, Any], replace: bool = False) -> No
     text = json.dumps(choices, indent=1, sort_keys=True)
     with contextlib.suppress(OSError):  # a read-only cache only costs a new measurement next time
         atomic_write(cache_dir() / CHOICES_FILE, lambda path: path.write_text(text), force=True)
+
+
+# -- precisions: what the machine runs --------------------------------------------------------
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU as /proc/cpuinfo lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+#: CPU flags of instructions that compute in bf16; without them oneDNN emulates bf16 with AVX-512
+#: (slower than fp32: 163 vs 274-314 GFLOP/s matmul on an Intel Xeon without them).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def bf16_native(device: str = "cpu") -> bool:
+    """Whether `device` computes bf16 natively: a CPU with AVX512-BF16 or AMX-BF16 instructions (and
+    oneDNN built to use them), or a GPU. A CPU whose flags cannot be read counts as without."""
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind != "cpu" or not BF16_FLAGS & cpu_flags():
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def int8_available() -> bool:
+    """Whether onnxruntime (with its quantisation tools) and the ONNX exporter can be imported."""
+    import importlib.util
+
+    return onnxruntime_available() and importlib.util.find_spec("onnxruntime.quantization") is not None
+
+
+def check_name(precision: str) -> str:
+    """Return `precision` if it is one of `PRECISIONS`, else raise InputError (needs no torch)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be auto, fp32, bf16 or int8 (got {precision!r})")
+    return precision
+
+
+def check_runnable(precision: str, backend: str, device) -> str:
+    """Return `precision` ("fp32", "bf16" or "int8") if it can run with `backend` on `device`, else
+    raise InputError naming the fix."""
+    check_name(precision)
+    kind = str(device).split(":")[0]
+    if precision == "bf16":
+        if backend == "onnxruntime":
+            raise InputError("precision bf16 runs on torch; use backend torch or auto, or precision fp32")
+        if not bf16_native(str(device)):
+            where = "this CPU has neither AVX512-BF16 nor AMX" if kind == "cpu" else f"device {device} has no bf16 autocast here"
+            raise InputError(f"precision bf16 needs native bf16 and {where}; use precision fp32")
+    if precision == "int8":
+        if not int8_available():
+            raise InputError("precision int8 needs onnxruntime, onnx and onnxscript: pip install 'unetkit[export]', or use precision fp32")
+        if kind != "cpu":
+            raise InputError(f"precision int8 runs on the CPU, but the device is {device}; use device cpu or precision fp32")
+        if backend == "torch":
+            raise InputError("precision int8 runs on onnxruntime; use backend onnxruntime or auto, or precision fp32")
+    if precision == "auto":
+        raise InputError("precision auto is resolved before running; give fp32, bf16 or int8")
+    return precision
+
+
+# -- precisions: the fastest, measured once ---------------------------------------------------
+
+
+def measure_seconds(model, precision: str, device, batch_shape: tuple[int, int, int], *, statistics=None,
+                    calibration=None) -> float:
+    """Best seconds per call of `precision` on a batch of `batch_shape` random tiles (one untimed
+    warm-up call, then `MEASURED_CALLS` timed ones); fp32 takes the faster of torch and
+    onnxruntime, as the "auto" backend would. Speed does not depend on the pixel values."""
+    if precision == "fp32":
+        names = ["torch"] + (["onnxruntime"] if device.type == "cpu" and onnxruntime_available() else [])
+    else:
+        names = ["torch" if precision == "bf16" else "onnxruntime"]
+    batch = torch.from_numpy(np.random.default_rng(0).random((batch_shape[0], model.in_channels, *batch_shape[1:]),
+                                                             dtype=np.float32))
+    best = float("inf")
+    for name in names:
+        runner = _new_runner(model, name, device, batch_shape, 1, statistics, precision, calibration)
+        with runner.active() as run:
+            run(batch)
+            for _ in range(MEASURED_CALLS):
+                started = time.perf_counter()
+                run(batch)
+                best = min(best, time.perf_counter() - started)
+    return best
+
+
+def fastest(model, candidates: tuple[str, ...], device, batch_shape: tuple[int, int, int], *, statistics=None,
+            calibration=None) -> str:
+    """The fastest of `candidates` for `model` on batches of `batch_shape`: remembered in the backend
+    choices (`unetkit.read_choices`) per model, tile, threads and CPU, else measured now
+    (`measure_seconds`) and remembered."""
+    if len(candidates) == 1:
+        return candidates[0]
+    key = choice_key(model, batch_shape, statistics, precisions=candidates)
+    known = read_choices().get(key, {})
+    if known.get("precision") in candidates:
+        return known["precision"]
+    seconds = {p: measure_seconds(model, p, device, batch_shape, statistics=statistics, calibration=calibration)
+               for p in candidates}
+    chosen = min(candidates, key=lambda p: seconds[p])
+    update_choice(key, {"precision": chosen, "seconds_per_call": {p: round(s, 4) for p, s in seconds.items()}},
+                           replace=True)
+    return chosen
+
+
+# -- precisions: int8 calibration -------------------------------------------------------------
+
+
+def calibration_feeds(model, images: Sequence[np.ndarray], *, fed: bool = False) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs of an int8 graph: `CALIBRATION_TILES_PER_IMAGE` tiles of side about
+    `CALIBRATION_TILE` from each of the first `CALIBRATION_IMAGES` normalised `images`, at seeded
+    positions; with `fed`, each image's own batch-norm statistics beside its tiles."""
+    from .adapt import gather_statistics
+    from .export.graphs import INPUT_NAME
+    from .tiling import extract_region, with_channel_axis
+
+    geometry = model.geometry
+    sizes = geometry.legal_sizes(CALIBRATION_TILE)
+    tile = sizes[-1] if sizes else geometry.min_size
+    rng = np.random.default_rng(0)
+    feeds = []
+    for image in list(images)[:CALIBRATION_IMAGES]:
+        image = np.asarray(image, dtype=np.float32)
+        image = with_channel_axis(image) if image.ndim == 2 else image
+        height, width = image.shape[-2:]
+        tiles = [extract_region(image, int(rng.integers(0, max(height - tile, 0) + 1)),
+                                int(rng.integers(0, max(width - tile, 0) + 1)), tile, tile)
+                 for _ in range(CALIBRATION_TILES_PER_IMAGE)]
+        feed = {INPUT_NAME: np.ascontiguousarray(np.stack(tiles), dtype=np.float32)}
+        if fed:
+            feed.update(statistics_feeds(gather_statistics(model, image, (tile, tile))))
+        feeds.append(feed)
+    return feeds

@@ -25,14 +25,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data.normalize import Normalization
+from .config import LARGE_PIXELS
 from .errors import InputError
 from .io import _tiff_series, atomic_write
 
 if TYPE_CHECKING:
     from .adapt import BatchNormStatistics
 
-#: Inputs with more pixels than this are written as zarr unless --out-format says otherwise.
-LARGE_PIXELS = 8192 * 8192
 PROGRESS_FILE = "unetkit-progress.json"
 
 

@@ -117,6 +117,9 @@ def segment_large(
     for image in images:
         if image.shape[0] != net.in_channels:
             raise InputError(f"{image.path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
+    if settings.precision.run != "fp32":
+        raise InputError(f"{settings.precision.describe()}: zarr / large images are predicted in fp32 only; "
+                         "use --precision fp32 (or leave it out)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = out_format or "zarr"

@@ -34,6 +34,7 @@ class LoadedModel:
     iteration: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)  # labels rule chosen on validation (see unetkit.decision)
+    scale: dict[str, Any] = field(default_factory=dict)  # objects of the training masks: {"diameter": px, "pixel_size": um}
 
 
 def save_checkpoint(
@@ -46,11 +47,14 @@ def save_checkpoint(
     iteration: int = 0,
     state: dict[str, Any] | None = None,
     decision: dict[str, Any] | None = None,
+    scale: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (always replaces `path`: checkpoints belong to the run).
 
     `state` holds the resumable training state (optimiser, RNG states, metrics); `decision` the
-    rule that turns probabilities into labels (`unetkit.decision.DecisionRule.to_dict()`).
+    rule that turns probabilities into labels (`unetkit.decision.DecisionRule.to_dict()`); `scale`
+    the object scale of the training masks (`unetkit.train.training_scale`), which
+    `unetkit.scale` rescales new images to.
     """
     payload = {
         "format": FORMAT,
@@ -63,6 +67,7 @@ def save_checkpoint(
         "iteration": int(iteration),
         "state": state or {},
         "decision": decision or {},
+        "scale": scale or {},
     }
 
     def write(tmp: Path) -> None:
@@ -146,6 +151,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             iteration=int(payload.get("iteration", 0)),
             state=payload.get("state", {}),
             decision=decision,
+            scale=_scale(payload.get("scale")),
         )
     except KeyError as exc:
         problem = f"its entry {exc} is missing"
@@ -155,6 +161,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     raise InputError(
         f"{path}: damaged or incompatible unetkit checkpoint: {problem}; give another checkpoint or retrain"
     ) from None
+
+
+def _scale(value: Any) -> dict[str, Any]:
+    """The stored object scale, or {} (older checkpoints, or a diameter that is not a positive number)."""
+    if not isinstance(value, dict):
+        return {}
+    diameter = value.get("diameter")
+    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not diameter > 0:
+        return {}
+    return dict(value)
 
 
 def _check_weights(config: Any, state_dict: Any) -> None:
@@ -225,6 +241,7 @@ def pack_checkpoint(src_checkpoint: str | os.PathLike, name: str, dst: str | os.
         "iteration": int(loaded.iteration),
         "state": {},
         "decision": dict(loaded.decision),
+        "scale": dict(loaded.scale),
         "pretrained": {"name": name, "weights_dtype": "float16"},
     }
     return atomic_write(target, lambda tmp: torch.save(payload, tmp), force=True)

@@ -130,6 +130,7 @@ TRAIN_LIMITS: dict[str, Limit] = {
     "checkpoint_every": Limit(1, integer=True),
     "seed": Limit(0, integer=True),
     "workers": Limit(0, integer=True),
+    "precision": Limit(choices=("fp32", "bf16")),
 }
 
 
@@ -159,3 +160,8 @@ def check_settings(values: Mapping[str, Any], limits: Mapping[str, Limit] = TRAI
         problem = limit.problem(value) if limit is not None else None
         if problem:
             raise SettingError(name, problem, value, limit.hint if limit is not None else "")
+
+
+#: Images with more pixels than this are large: written as zarr unless --out-format says otherwise,
+#: and tiled within `unetkit.inference.LARGE_IMAGE_MEMORY_BUDGET`.
+LARGE_PIXELS = 8192 * 8192

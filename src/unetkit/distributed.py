@@ -142,10 +142,12 @@ def predict_block(
     model: str | UNet, window: np.ndarray, block: Block, image_shape: tuple[int, int, int], tile_shape: tuple[int, int],
     n_classes: int, *, batch_size: int = 1, tta: bool = False, dtype: Any = np.float32, device: str = "cpu",
     norm_statistics: BatchNormStatistics | None = None, backend: str = "auto", job_calls: int | None = None,
+    precision: str | tuple[str, ...] = "fp32", calibration=None,
 ) -> np.ndarray:
     """Probabilities of one block from its input window (runs on a worker).
 
-    `job_calls` (batches of the whole job) keeps this thread's runner for the next block.
+    `job_calls` (batches of the whole job) keeps this thread's runner for the next block;
+    `precision` and `calibration` are `unetkit.predict`'s.
     """
     net = worker_model(model, device)
     window = np.asarray(window)
@@ -156,7 +158,7 @@ def predict_block(
         net, _Window(window, block.box[0], block.box[2], image_shape), tile_size=tile_shape, batch_size=batch_size,
         tta=tta, out=_BlockOut(out, block.out_y, block.out_x, (n_classes, *image_shape[1:])), tiles=block.tiles,
         norm_statistics="training" if norm_statistics is None else norm_statistics, backend=backend,
-        job_calls=len(block.tiles) if job_calls is None else job_calls,
+        job_calls=len(block.tiles) if job_calls is None else job_calls, precision=precision, calibration=calibration,
     )
     return out.astype(dtype, copy=False)
 
@@ -187,10 +189,11 @@ def block_tasks(
     block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
     dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
     norm_statistics: BatchNormStatistics | None = None, backend: str = "auto",
+    precision: str | tuple[str, ...] = "fp32", calibration=None,
 ) -> BlockTasks:
     """One delayed task per block computing its probabilities (for callers that store each block).
 
-    `norm_statistics` and `backend` are as for `predict_dask`.
+    `norm_statistics`, `backend`, `precision` and `calibration` are as for `predict_dask`.
     """
     import dask
     import dask.array as da
@@ -205,8 +208,14 @@ def block_tasks(
             "statistics pass unetkit.adapt.gather_statistics(model, image, tile_size)"
         )
     from .backends import check_backend
+    from .predict import _check_precision
 
     check_backend(backend)
+    precision = _check_precision(precision, backend, device)
+    if calibration is not None and "int8" in ((precision,) if isinstance(precision, str) else precision):
+        # one node of the graph holding the arrays, for the workers that have no cached int8 graph yet
+        calibration = dask.delayed(list(calibration() if callable(calibration) else calibration), traverse=False,
+                                   name=f"unetkit-calibration-{uuid.uuid4().hex}")
     ref, net = _model_info(model)
     if norm_statistics is not None:
         check_statistics(net, norm_statistics)
@@ -241,7 +250,7 @@ def block_tasks(
         [
             run(ref, image[..., b.box[0] : b.box[1], b.box[2] : b.box[3]], b, image_shape, tile_shape, net.n_classes,
                 batch_size=batch_size, tta=tta, dtype=dtype, device=device, norm_statistics=stats, backend=backend,
-                job_calls=job_calls)
+                job_calls=job_calls, precision=precision, calibration=calibration)
             for b in row
         ]
         for row in blocks
@@ -254,6 +263,7 @@ def predict_dask(
     block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE, batch_size: int = 1, tta: bool = False,
     dtype: Any = np.float32, device: str = "cpu", memory_budget: int | None = None,
     norm_statistics: BatchNormStatistics | None = None, backend: str = "auto",
+    precision: str | tuple[str, ...] = "fp32", calibration=None,
 ):
     """Class probabilities of a Dask image as a lazy Dask array (n_classes, H, W), one chunk per block.
 
@@ -273,6 +283,8 @@ def predict_dask(
             ``gather_statistics(net, image, tile_size)``; the result then equals
             ``predict(net, image, tile_size=..., norm_statistics="image")``.
         backend: as for `unetkit.predict`; "auto" measures once per worker, not per block.
+        precision, calibration: as for `unetkit.predict` (int8's calibration images travel to the
+            workers that have no cached int8 graph yet).
 
     Example:
         >>> import dask.array as da
@@ -286,7 +298,7 @@ def predict_dask(
 
     tasks = block_tasks(model, image, tile_size=tile_size, block_size=block_size, batch_size=batch_size, tta=tta,
                         dtype=dtype, device=device, memory_budget=memory_budget, norm_statistics=norm_statistics,
-                        backend=backend)
+                        backend=backend, precision=precision, calibration=calibration)
     meta = np.empty((0, 0, 0), dtype=tasks.dtype)
     return da.block([
         [

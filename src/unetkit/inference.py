@@ -38,12 +38,13 @@ import numpy as np
 from .decision import DecisionRule
 from .device import is_out_of_memory
 from .errors import InputError
-from .labels import id_dtype
+from .postprocess import foreground, labels_from_probabilities  # noqa: F401 - the core's labels step
+from .precision import PrecisionChoice
 
 LABEL_KINDS = ("instances", "binary")
 BACKENDS = ("auto", "torch", "onnxruntime")
 NORM_STATISTICS = ("training", "image")
-#: Activation memory for one batch of tiles of an image above `unetkit.bigimage.LARGE_PIXELS`:
+#: Activation memory for one batch of tiles of an image above `unetkit.config.LARGE_PIXELS`:
 #: small enough that the tile, the network, the zarr reads and writes and the labels pass stay
 #: under 1.5 GB together on a 32768x32768 image (512 MiB there peaked at 1.76 GB).
 LARGE_IMAGE_MEMORY_BUDGET = 256 << 20
@@ -60,7 +61,7 @@ def memory_budget(pixels: int) -> int | None:
         >>> memory_budget(512 * 512) is None, memory_budget(20000 * 20000) == LARGE_IMAGE_MEMORY_BUDGET
         (True, True)
     """
-    from .bigimage import LARGE_PIXELS
+    from .config import LARGE_PIXELS
 
     return LARGE_IMAGE_MEMORY_BUDGET if pixels > LARGE_PIXELS else None
 
@@ -80,6 +81,12 @@ class InferenceOptions:
             the distance watershed) at `threshold` (0.5) with `min_size`.
         labels: "instances" or "binary".
         fill_holes: fill holes enclosed by one object.
+        precision: "fp32", "bf16", "int8" or "auto" (the fastest whose stored validation score
+            holds; fp32 without stored scores): see `unetkit.precision`.
+        diameter: the objects' median diameter in pixels, or "auto" (estimated in a first pass):
+            `Segmenter.segment` rescales the image so its objects take the size the model was
+            trained on (`unetkit.scale`); labels and maps come back at the input's size.
+        pixel_size: micrometres per pixel, for a model that records its training pixel size.
 
     Example:
         >>> InferenceOptions(threshold=1.5).check()
@@ -99,6 +106,9 @@ class InferenceOptions:
     min_size: int | None = None
     labels: str = "instances"
     fill_holes: bool = True
+    precision: str = "fp32"
+    diameter: float | str | None = None
+    pixel_size: float | None = None
 
     def check(self) -> "InferenceOptions":
         """Refuse an option that no checkpoint could make valid (one line each); returns self."""
@@ -119,6 +129,15 @@ class InferenceOptions:
             raise InputError(f"--batch-size must be an integer >= 1 (got {self.batch_size})")
         if self.tile_size is not None and (int(self.tile_size) != self.tile_size or self.tile_size < 1):
             raise InputError(f"--tile-size must be a positive whole number of pixels (got {self.tile_size})")
+        from .precision import check_name
+
+        check_name(self.precision)
+        from .scale import check_diameter, check_pixel_size
+
+        check_diameter(self.diameter)
+        check_pixel_size(self.pixel_size)
+        if self.diameter is not None and self.pixel_size is not None:
+            raise InputError("give --diameter or --pixel-size, not both")
         return self
 
 
@@ -151,10 +170,15 @@ class InferenceSettings:
     labels: str
     fill_holes: bool
     origin: dict[str, str] = field(default_factory=dict)
+    precision: PrecisionChoice = field(default_factory=PrecisionChoice)
 
     @classmethod
-    def resolve(cls, loaded, options: InferenceOptions | None = None) -> "InferenceSettings":
-        """Settings for the model `loaded` (a `LoadedModel`) under `options` (checked here too)."""
+    def resolve(cls, loaded, options: InferenceOptions | None = None, *, scores: dict | None = None,
+                calibration=None) -> "InferenceSettings":
+        """Settings for the model `loaded` (a `LoadedModel`) under `options` (checked here too).
+
+        `scores`: its stored per-precision validation scores, `calibration`: its int8 calibration
+        images (`unetkit.precision.stored_scores`, `calibration_source`), for the precision."""
         from .backends import check_backend
         from .device import resolve_device
 
@@ -172,12 +196,16 @@ class InferenceSettings:
             check_tile(loaded.model.geometry, int(options.tile_size), "--tile-size")
         device = resolve_device(options.device)
         check_backend(options.backend, device)
+        from .precision import for_model
+
+        precision = for_model(loaded.model, options.precision, device, options.backend, statistics, scores, calibration)
         origin = {
             "maps": "options" if options.tta is not None or options.norm_statistics else ("checkpoint" if stored else "defaults"),
             "rule": "checkpoint" if stored and not replaced else ("options" if replaced else "defaults"),
         }
         return cls(MapSettings(tta, statistics), rule, None if options.tile_size is None else int(options.tile_size),
-                   int(options.batch_size), str(device), options.backend, options.labels, bool(options.fill_holes), origin)
+                   int(options.batch_size), str(device), options.backend, options.labels, bool(options.fill_holes), origin,
+                   precision)
 
     def tile_shape(self, model, image_shape) -> tuple[int, int]:
         """The input tile (h, w) for an image of `image_shape` ((..., H, W)): the one rule every path uses."""
@@ -195,7 +223,7 @@ class InferenceSettings:
             >>> settings = InferenceSettings(MapSettings(True, "image"), DecisionRule("seeded", 0.0), None, 1, "cpu", "auto",
             ...                              "instances", True, {"rule": "checkpoint", "maps": "checkpoint"})
             >>> settings.describe()
-            "labels (checkpoint): seeded watershed (mask > 0, cores > 0.9); maps (checkpoint): 8-fold TTA, each image's batch-norm statistics; tile auto, backend auto, cpu"
+            "labels (checkpoint): seeded watershed (mask > 0, cores > 0.9); maps (checkpoint): 8-fold TTA, each image's batch-norm statistics; tile auto, backend auto, cpu; precision fp32"
         """
         rule = self.rule
         if self.labels == "binary":
@@ -210,7 +238,7 @@ class InferenceSettings:
             drawn += f", objects >= {rule.min_size} px"
         tile = f"{self.tile_size}" if self.tile_size else "auto"
         return (f"labels ({self.origin.get('rule', 'defaults')}): {drawn}; maps ({self.origin.get('maps', 'defaults')}): "
-                f"{self.maps.describe()}; tile {tile}, backend {self.backend}, {self.device}")
+                f"{self.maps.describe()}; tile {tile}, backend {self.backend}, {self.device}; {self.precision.describe()}")
 
 
 @dataclass
@@ -244,12 +272,6 @@ class Segmentation:
                 f"{'8-fold TTA' if self.tta else 'no TTA'}) in {self.seconds:.1f} s")
 
 
-def foreground(probabilities: np.ndarray) -> np.ndarray:
-    """The foreground probability of (n_classes, H, W) maps: every class but the first summed (the
-    last class itself for two classes)."""
-    return probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
-
-
 def labels_rule(
     stored: dict | None, *, threshold: float | None = None, watershed: bool | None = None, min_size: int | None = None
 ) -> DecisionRule:
@@ -269,25 +291,6 @@ def labels_rule(
                         threshold=0.5 if threshold is None else float(threshold), min_size=int(min_size or 0))
 
 
-def labels_from_probabilities(
-    probabilities: np.ndarray, rule: DecisionRule, *, binary: bool = False, fill_holes: bool = True
-) -> np.ndarray:
-    """The label image `unetkit predict` writes for (n_classes, H, W) `probabilities`: instances
-    (uint16; uint32 above 65535 objects) drawn by `rule` from the foreground, or with `binary`
-    uint8 0/1 foreground above the rule's threshold.
-
-    Example:
-        >>> p = np.zeros((2, 4, 6), np.float32); p[1, :, :2] = p[1, :, 4:] = 0.9; p[0] = 1 - p[1]
-        >>> labels_from_probabilities(p, DecisionRule())[0].tolist()
-        [1, 1, 0, 0, 2, 2]
-    """
-    fg = foreground(probabilities)
-    if binary:
-        return (fg > rule.threshold).astype(np.uint8)
-    instances = rule.apply(fg, fill_holes=fill_holes)
-    return instances.astype(id_dtype(int(instances.max(initial=0))))
-
-
 class Segmenter:
     """A loaded model with its resolved settings: the one place maps and labels are made.
 
@@ -303,12 +306,17 @@ class Segmenter:
     """
 
     def __init__(self, loaded, options: InferenceOptions | None = None, *, source=None) -> None:
-        from .pretrained import pretrained_name
+        from .precision import calibration_source, stored_scores
+        from .pretrained import get_model, pretrained_name
 
         self.loaded = loaded
-        self.settings = InferenceSettings.resolve(loaded, options)
+        self.options = options or InferenceOptions()
+        self._scaled = None  # the last maps made at the model's object scale (`unetkit.scale.ScaledMaps`)
+        self.calibration = calibration_source(source, loaded.normalization)
+        self.settings = InferenceSettings.resolve(loaded, options, scores=stored_scores(source), calibration=self.calibration)
         self.source = source
         self.packaged = pretrained_name(source) if source is not None else None
+        self.packaged_scale = get_model(self.packaged).scale if self.packaged else None  # object scale of its training data
         self.model = loaded.model.to(self.settings.device)
 
     @classmethod
@@ -351,12 +359,19 @@ class Segmenter:
         return gather_statistics(self.model, image, self.tile_shape(image.shape), progress=progress)
 
     def probabilities(self, image, *, statistics=None, out=None, tiles=None, on_batch=None,
-                      callback: Callable[[int, int], None] | None = None, progress: bool = False):
+                      callback: Callable[[int, int], None] | None = None, progress: bool = False, native: bool = False):
         """(n_classes, H, W) probabilities of a normalised image, made as `settings.maps` says.
 
         `statistics` (from `statistics`) replaces gathering them from `image`; `out`, `tiles`,
-        `on_batch` are `unetkit.predict`'s, for writing tile by tile into a zarr array.
+        `on_batch` are `unetkit.predict`'s, for writing tile by tile into a zarr array. With the
+        `diameter` or `pixel_size` option the maps are made at the model's object scale and
+        returned at the image's size (`unetkit.scale.maps_at_model_scale`; `native`: as given).
         """
+        if not native and (self.options.diameter is not None or self.options.pixel_size is not None):
+            from .scale import maps_at_model_scale
+
+            self._scaled = maps_at_model_scale(self, image, out=out, tiles=tiles, callback=callback, progress=progress)
+            return self._scaled.maps
         from .predict import predict
 
         s = self.settings
@@ -364,6 +379,7 @@ class Segmenter:
         try:
             return predict(self.model, image, tile_size=tile_shape, batch_size=s.batch_size, tta=s.maps.tta,
                            backend=s.backend, norm_statistics=statistics if statistics is not None else s.maps.norm_statistics,
+                           precision=s.precision.run, calibration=self.calibration,
                            out=out, tiles=tiles, on_batch=on_batch, callback=callback, progress=progress)
         except (RuntimeError, MemoryError) as exc:
             if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
@@ -376,9 +392,29 @@ class Segmenter:
     # -- labels --------------------------------------------------------------------------------
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """Labels drawn from in-memory probabilities by `settings.rule`: instance ids (uint16, or
-        uint32 above 65535 objects) or, for `labels="binary"`, uint8 0/1."""
+        uint32 above 65535 objects) or, for `labels="binary"`, uint8 0/1.
+
+        Maps that `probabilities` made at the model's object scale have their labels drawn at that
+        scale and brought back to the image's exact size (ids kept). Objects far from the size the
+        model was trained on are warned about (`unetkit.scale.size_note`)."""
         s = self.settings
-        return labels_from_probabilities(probabilities, s.rule, binary=s.labels == "binary", fill_holes=s.fill_holes)
+        binary = s.labels == "binary"
+        scaled = self._scaled
+        if scaled is not None and scaled.maps is probabilities:
+            from .scale import resize_labels
+
+            for note in scaled.notes:
+                warnings.warn(note, UserWarning, stacklevel=2)
+            drawn = labels_from_probabilities(scaled.model_maps, s.rule, binary=binary, fill_holes=s.fill_holes)
+            return resize_labels(drawn, probabilities.shape[-2:])
+        labels = labels_from_probabilities(probabilities, s.rule, binary=binary, fill_holes=s.fill_holes)
+        if not binary:
+            from .scale import size_note
+
+            note = size_note(self, labels)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=2)
+        return labels
 
     # -- both ----------------------------------------------------------------------------------
     def segment(self, raw: np.ndarray, *, name: str = "image",
@@ -387,4 +423,8 @@ class Segmenter:
         started = time.perf_counter()
         notes = self.check_raw(raw, name)
         probabilities = self.probabilities(self.normalize(raw, name), callback=callback, progress=progress)
-        return Segmentation(probabilities, self.labels(probabilities), self.settings, time.perf_counter() - started, notes)
+        with warnings.catch_warnings(record=True) as caught:  # notes on the object scale, for this image
+            warnings.simplefilter("always")
+            labels = self.labels(probabilities)
+        notes += [f"{name}: {w.message}" for w in caught]
+        return Segmentation(probabilities, labels, self.settings, time.perf_counter() - started, notes)

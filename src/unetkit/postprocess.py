@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .io import prepare_output_dir, write_tiff
-from .labels import EIGHT_CONNECTED, label_components, relabel_consecutive, remove_small_objects
+from .labels import EIGHT_CONNECTED, id_dtype, label_components, relabel_consecutive, remove_small_objects
 from .metrics.inputs import as_labels, as_slices, check_probability, check_threshold
 
 Method = Literal["components", "watershed", "seeded"]
@@ -215,3 +215,29 @@ def write_ctc_masks(
     out = prepare_output_dir(folder, force=force)
     digits = 4 if len(checked) > 1000 else 3
     return [write_tiff(out / f"mask{k:0{digits}d}.tif", labels, force=force) for k, labels in enumerate(checked)]
+
+
+def foreground(probabilities: np.ndarray) -> np.ndarray:
+    """The foreground probability of (n_classes, H, W) maps: every class but the first summed (the
+    last class itself for two classes)."""
+    return probabilities[1:].sum(0) if probabilities.shape[0] > 2 else probabilities[-1]
+
+
+def labels_from_probabilities(
+    probabilities: np.ndarray, rule, *, binary: bool = False, fill_holes: bool = True
+) -> np.ndarray:
+    """The label image `unetkit predict` writes for (n_classes, H, W) `probabilities`: instances
+    (uint16; uint32 above 65535 objects) drawn by `rule` (a `unetkit.decision.DecisionRule`) from
+    the foreground, or with `binary` uint8 0/1 foreground above the rule's threshold.
+
+    Example:
+        >>> p = np.zeros((2, 4, 6), np.float32); p[1, :, :2] = p[1, :, 4:] = 0.9; p[0] = 1 - p[1]
+        >>> from unetkit.decision import DecisionRule
+        >>> labels_from_probabilities(p, DecisionRule())[0].tolist()
+        [1, 1, 0, 0, 2, 2]
+    """
+    fg = foreground(probabilities)
+    if binary:
+        return (fg > rule.threshold).astype(np.uint8)
+    instances = rule.apply(fg, fill_holes=fill_holes)
+    return instances.astype(id_dtype(int(instances.max(initial=0))))

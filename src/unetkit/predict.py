@@ -21,15 +21,15 @@ from .tiling import TilePlan, as_pair, axis_layout, extract_region, plan_tiles, 
 
 #: Default memory allowed for one batch of tiles' activations, in bytes.
 DEFAULT_MEMORY_BUDGET = 1 << 30
-# Floats alive per input pixel and base channel during an inference forward pass (skip
-# connections, the concatenation and the convolution outputs of the last decoder level).
-_LIVE_FLOATS_PER_PIXEL_AND_CHANNEL = 6
+#: Floats alive per input pixel and base channel during an inference forward pass (skip
+#: connections, the concatenation and the convolution outputs of the last decoder level).
+LIVE_FLOATS_PER_PIXEL_AND_CHANNEL = 6
 
 
 def activation_bytes(model: UNet, tile_shape: tuple[int, int], batch_size: int = 1) -> int:
     """Estimated peak activation memory of an inference pass over `batch_size` tiles."""
     base = int(model.config["base_channels"])
-    return 4 * _LIVE_FLOATS_PER_PIXEL_AND_CHANNEL * base * tile_shape[0] * tile_shape[1] * batch_size
+    return 4 * LIVE_FLOATS_PER_PIXEL_AND_CHANNEL * base * tile_shape[0] * tile_shape[1] * batch_size
 
 
 def choose_tile_shape(
@@ -144,6 +144,8 @@ def predict(
     on_batch: Callable[[Sequence[int]], None] | None = None,
     norm_statistics: str | BatchNormStatistics = "training",
     job_calls: int | None = None,
+    precision: str | Sequence[str] = "fp32",
+    calibration=None,
 ) -> np.ndarray | Any:
     """Class probabilities for an image of any size, by seamless overlap-tile prediction.
 
@@ -188,6 +190,13 @@ def predict(
             worker), the batches of the whole job: the runner, and "auto"'s measurement, are then
             kept for the next call in this thread with the same model, tile and statistics, so
             "auto" decides once per process instead of never for blocks of a few tiles.
+        precision: "fp32", "bf16" (torch autocast, float32 softmax and sums; needs native bf16),
+            "int8" (onnxruntime with the statically quantised graph, built once and cached; see
+            `unetkit.precision`), or a sequence of them: the fastest, measured once per model, tile,
+            threads and CPU. "auto" here is fp32: without a checkpoint there are no stored scores to
+            allow another (`unetkit.inference.Segmenter` chooses with them).
+        calibration: normalised images (or a function returning them) to calibrate the int8 graph
+            on when it is not cached yet (`unetkit.backends.calibration_feeds`).
 
     Returns:
         float32 array (n_classes, H, W) of class probabilities, or `out` when given.
@@ -199,6 +208,8 @@ def predict(
     """
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
+    if getattr(model, "dims", 2) != 2:
+        raise InputError("this is a 3D U-Net; predict volumes with unetkit.volume.predict_volume")
     if int(batch_size) != batch_size or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1 (got {batch_size})")
     if not isinstance(norm_statistics, BatchNormStatistics) and norm_statistics not in NORM_STATISTICS:
@@ -208,6 +219,7 @@ def predict(
     if isinstance(norm_statistics, BatchNormStatistics):
         check_statistics(model, norm_statistics)
     check_backend(backend)
+    precision = _check_precision(precision, backend, device if device is not None else next(model.parameters()).device)
     image = _as_chw(image, model.in_channels)
     _warn_if_unnormalised(image)
     height, width = int(image.shape[-2]), int(image.shape[-1])
@@ -235,7 +247,7 @@ def predict(
     calls = -(-len(todo) // int(batch_size)) * len(transforms)
     runner = make_runner(
         model, backend, device, (int(batch_size), *plan.tile_shape), calls=calls if job_calls is None else int(job_calls),
-        statistics=statistics, keep=job_calls is not None,
+        statistics=statistics, keep=job_calls is not None, precision=precision, calibration=calibration,
     )
     with runner as run, tqdm(total=len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
         for start in range(0, len(todo), int(batch_size)):
@@ -263,6 +275,22 @@ def predict(
             if callback is not None:
                 callback(done, len(todo))
     return output
+
+
+def _check_precision(precision, backend: str, device) -> str | tuple[str, ...]:
+    """`precision` as `make_runner` takes it ("auto" is fp32 here); InputError for one that cannot run."""
+    from .backends import check_name, check_runnable
+
+    if isinstance(precision, str):
+        check_name(precision)
+        precision = "fp32" if precision == "auto" else precision
+        return check_runnable(precision, backend, torch.device(device))
+    candidates = tuple(dict.fromkeys(precision))
+    for p in candidates:
+        check_runnable(p, backend, torch.device(device))
+    if not candidates:
+        raise InputError("precision must name at least one of fp32, bf16, int8")
+    return candidates
 
 
 def predict_plan(model: UNet, image_shape: Sequence[int], tile_size: int | tuple[int, int] | None = None) -> TilePlan:

@@ -104,6 +104,13 @@ class PretrainedModel:
             batch-norm statistics measured: {"statistics": {"kind": "training"} or {"kind": "images",
             "images": [...], "image_sha256": [...]}, "scores": {...}, "scored_on", "runner",
             "weights_sha256", ...} (see `record_package_scores`; [] until measured).
+        precision_scores: validation scores per inference precision (fp32, bf16, int8), which
+            ``--precision auto`` chooses by (`unetkit.precision`; {} until measured).
+        scale: the object scale of its training masks, {"diameter": median equivalent-circle
+            diameter in pixels, "pixel_size": micrometres per pixel when known, ...} (see
+            `record_training_statistics` and `unetkit.scale`; {} until measured).
+        intensity: the range over its training images of their intensities normalised as the model
+            normalises them (`intensity_statistics`); `check_input` warns outside it.
     """
 
     name: str
@@ -122,6 +129,9 @@ class PretrainedModel:
     scores: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     package_scores: tuple[dict[str, Any], ...] = ()
+    precision_scores: dict[str, Any] = field(default_factory=dict)
+    scale: dict[str, Any] = field(default_factory=dict)
+    intensity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -275,7 +285,10 @@ def list_models() -> list[PretrainedModel]:
 def _with_metadata(model: PretrainedModel, entry: Any) -> PretrainedModel:
     entry = entry if isinstance(entry, dict) else {}
     return replace(model, scores=dict(entry.get("scores", {})), training=dict(entry.get("training", {})),
-                   package_scores=_package_records(entry.get("package_scores")))
+                   package_scores=_package_records(entry.get("package_scores")),
+                   precision_scores=dict(entry.get("precision_scores") or {}),
+                   scale=dict(entry.get("scale") or {}) if isinstance(entry.get("scale"), dict) else {},
+                   intensity=dict(entry.get("intensity") or {}) if isinstance(entry.get("intensity"), dict) else {})
 
 
 def _package_records(value: Any) -> tuple[dict[str, Any], ...]:
@@ -435,6 +448,35 @@ def record_package_scores(name: str, records: Sequence[dict[str, Any]]) -> Path:
         return _write_metadata(models)
 
 
+def record_precision_scores(name: str, scores: dict[str, Any]) -> Path:
+    """Store the per-precision validation scores of model `name` (``precision_scores``, written by
+    benchmarks/precision.py with `unetkit.precision.score_precisions`) in its models.json entry,
+    keeping the rest of the entry. Returns the metadata file's path."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    with _locked_folder(MODELS_DIR):
+        models = read_metadata()
+        entry = dict(models.get(name, {}))
+        entry["precision_scores"] = dict(scores)
+        models[name] = entry
+        return _write_metadata(models)
+
+
+def record_training_statistics(name: str, *, scale: dict[str, Any], intensity: dict[str, Any]) -> Path:
+    """Store what model `name`'s training data looked like (``scale`` of its masks' objects and
+    ``intensity`` of its images: see `PretrainedModel`, `packaged_statistics`) in its
+    models.json entry, keeping the rest of the entry. Returns the metadata file's path."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    with _locked_folder(MODELS_DIR):
+        models = read_metadata()
+        entry = dict(models.get(name, {}))
+        entry["scale"] = dict(scale)
+        entry["intensity"] = dict(intensity)
+        models[name] = entry
+        return _write_metadata(models)
+
+
 def forget_model(name: str, *, remove_weights: bool = False) -> None:
     """Remove the metadata entry of model `name` (and its weights file with `remove_weights`)."""
     if name not in REGISTRY:
@@ -478,7 +520,7 @@ def check_input(name: str | PretrainedModel, image: np.ndarray, *, source: str |
     `source` (e.g. the file name) starts the messages. Returns the messages (also warned).
 
     Example:
-        >>> check_input("em-membranes", np.zeros((64, 64), np.uint8))
+        >>> check_input("em-membranes", np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
         []
     """
     from .data.normalize import to_chw
@@ -511,6 +553,11 @@ def check_input(name: str | PretrainedModel, image: np.ndarray, *, source: str |
                     f"trained on ({spec.modality}); its results on images of another bit depth and dynamic range are "
                     "untested: check them, or train on a few annotated images of your own"
                 )
+    if channels == spec.channels and model.intensity:
+
+        note = intensity_note(model.name, model.intensity, chw)
+        if note:
+            messages.append(f"{what}: {note}")
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=2)
     return messages
@@ -535,3 +582,85 @@ def ids_text(dataset: str, ids: Sequence[int]) -> str:
     width = {"isbi2012": 2, "ctc-fluo-n2dh-gowt1": 2}.get(dataset, 3)
     prefix = "" if dataset == "isbi2012" else "t"
     return ", ".join(f"{prefix}{i:0{width}d}" for i in ids)
+
+
+# -- what a model's training images looked like --------------------------------------------------
+
+
+#: How far an image's normalised background level may lie outside the training images' range.
+BACKGROUND_MARGIN = 0.15
+#: By what factor an image's fraction of bright pixels may lie outside the training images' range.
+BRIGHT_FACTOR = 3.0
+_SAMPLE_PIXELS = 1 << 20
+
+
+def intensity_statistics(image: np.ndarray) -> dict[str, float]:
+    """Intensities of a raw image normalised as the packaged models do (percentiles 1-99.8):
+    "background", the median (where the bulk of the pixels lies), and "bright_fraction", the
+    fraction above 0.5 (how much of the image is bright objects). Large images are subsampled.
+
+    Example:
+        >>> image = np.zeros((64, 64), np.uint8); image[:8] = 200
+        >>> intensity_statistics(image)
+        {'background': 0.0, 'bright_fraction': 0.125}
+    """
+    from .data.normalize import Normalization, to_chw
+
+    chw = to_chw(np.asarray(image))
+    step = max(1, math.ceil(math.sqrt(chw.shape[1] * chw.shape[2] / _SAMPLE_PIXELS)))
+    data = Normalization()(np.ascontiguousarray(chw[:, ::step, ::step]))
+    return {"background": round(float(np.median(data)), 4), "bright_fraction": round(float((data > 0.5).mean()), 4)}
+
+
+def intensity_note(name: str, record: dict[str, Any], image: np.ndarray) -> str | None:
+    """Why `image` is unlike the training images of model `name` whose `record` (min, max over
+    them of `intensity_statistics`) is given, naming what may help; None when it is alike."""
+    try:
+        (low, high), (few, many) = record["background"], record["bright_fraction"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    found = intensity_statistics(image)
+    background, bright = found["background"], found["bright_fraction"]
+    if low - BACKGROUND_MARGIN <= background <= high + BACKGROUND_MARGIN and few / BRIGHT_FACTOR <= bright <= many * BRIGHT_FACTOR:
+        return None
+    return (f"normalised as model {name!r} does, its background level is {background:.2f} and {bright:.1%} of it is "
+            f"bright, against {low:.2f}-{high:.2f} and {few:.1%}-{many:.1%} in its training images; its results may be "
+            "poor: try --norm-statistics image, or fine-tune it on a few annotated images (unetkit train --from "
+            f"{name})")
+
+
+def packaged_statistics(name: str, root=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What packaged model `name`'s training data looked like, measured on its training images
+    and masks (`PretrainedModel.train_ids` of its dataset under `unetkit.data.data_root()` or
+    `root`): the object `scale` (median diameter, pixel size) and the `intensity` ranges
+    (`intensity_statistics`), which `unetkit.pretrained.record_training_statistics` stores.
+    Binary masks (EM membranes) count each connected region as one object.
+
+    Example:
+        >>> packaged_statistics("fluo-nuclei")[0]["diameter"]  # doctest: +SKIP
+        60.53
+    """
+    from .data import data_root, find_pairs, read_mask
+    from .io import read_image
+    from .labels import as_instances
+    from .scale import median_diameter, pixel_size_um
+
+    model = get_model(name)
+    folder = Path(root) if root is not None else data_root() / model.dataset
+    wanted = set(model.train_ids)
+    pairs = [p for p in find_pairs(folder) if p.mask is not None
+             and int(re.sub(r"\D", "", p.name) or -1) in wanted]
+    if len(pairs) != len(wanted):
+        raise InputError(f"{folder}: found {len(pairs)} of the {len(wanted)} training masks of {name}; give the dataset folder")
+    measured_on = ids_text(model.dataset, model.train_ids)
+    diameter = median_diameter([as_instances(read_mask(p.mask)) for p in pairs])
+    scale: dict[str, Any] = {"diameter": round(float(diameter or 0.0), 2), "measured_on": measured_on,
+                             "measure": "median equivalent-circle diameter of the training masks' objects (px)"}
+    size = pixel_size_um(model.input.pixel_size)
+    if size is not None:
+        scale["pixel_size"] = size
+    stats = [intensity_statistics(read_image(p.image)) for p in pairs]
+    intensity = {key: [min(s[key] for s in stats), max(s[key] for s in stats)] for key in ("background", "bright_fraction")}
+    intensity.update(measured_on=measured_on, measure="median and fraction above 0.5 of the percentile-normalised (1-99.8) "
+                     "training images: [lowest, highest]")
+    return scale, intensity

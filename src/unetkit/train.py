@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ class TrainConfig:
     iterations: int | None = DEFAULT_ITERATIONS  # None: `max_seconds` alone limits the run
     max_seconds: float | None = None
     budget_clock: str = "wall"
+    precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward pass, fp32 weights (`training_autocast`)
     choose_decision: bool = True
     # bookkeeping
     val_every: int = 200
@@ -188,6 +189,39 @@ def lr_factor(schedule: str, progress: float) -> float:
 
 
 LR_SCHEDULES = ("constant", "poly", "cosine", "onecycle")
+
+
+def training_autocast(precision: str, device: torch.device):
+    """The context a training step's forward pass runs in: nothing for "fp32"; for "bf16",
+    bfloat16 autocast (weights, optimiser state and the loss stay fp32).
+
+    Example:
+        >>> with training_autocast("fp32", torch.device("cpu")):
+        ...     torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def training_scale(samples: Sequence[Sample], pixel_size: float | None = None) -> dict[str, Any]:
+    """The object scale of training `samples` for checkpoints: the median equivalent-circle
+    diameter of all their objects in pixels (`unetkit.scale.median_diameter`), with `pixel_size`
+    (micrometres per pixel) when known; {} when the masks hold no objects.
+
+    Example:
+        >>> from unetkit.data import make_sample
+        >>> mask = np.zeros((40, 40), np.uint8); mask[5:15, 5:15] = 1
+        >>> training_scale([make_sample(np.random.rand(40, 40), mask)])
+        {'diameter': 11.28}
+    """
+    from .scale import median_diameter
+
+    diameter = median_diameter([sample.instances for sample in samples])
+    if diameter is None:
+        return {}
+    return {"diameter": round(diameter, 2), **({"pixel_size": float(pixel_size)} if pixel_size else {})}
 
 
 class TrainingDiverged(InputError):
@@ -374,6 +408,10 @@ class Trainer:
         class_names: Sequence[str] = ("background", "foreground"),
         resume: bool = False,
         progress: bool = True,
+        initial: UNet | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        validation_note: str | None = None,
     ) -> None:
         if not train_samples:
             raise InputError("no training samples; give a folder with annotated images")
@@ -384,6 +422,11 @@ class Trainer:
         self.normalization = normalization
         self.class_names = list(class_names)
         self.progress = progress
+        self.callback = callback
+        self.should_stop = should_stop
+        self.validation_note = validation_note
+        self._stop_requested = False
+        self.scale = training_scale(self.train_samples, config.targets.pixel_size)
         self._world = ddp.world()  # one process, or this rank's place under torchrun (unetkit.ddp)
         ddp.check_batch_size(config.batch_size, self._world.world_size)
         self.device = ddp.rank_device(resolve_device(config.device), self._world)
@@ -408,6 +451,11 @@ class Trainer:
         else:
             torch.manual_seed(config.seed)
             self.model.reset_parameters()
+            if initial is not None:  # fine-tuning: the start model's weights (and batch-norm statistics)
+                if dict(initial.config) != dict(self.model.config):
+                    raise InputError(f"the start model is a {dict(initial.config)} network but the run builds "
+                                     f"{dict(self.model.config)}; leave out the network options to fine-tune it")
+                self.model.load_state_dict(initial.state_dict())
             self.model.to(self.device)
             self.optimizer = self._make_optimizer()
         self._net = ddp.wrap(self.model, self.device, self._world)  # what the steps call; self.model is saved
@@ -589,6 +637,7 @@ class Trainer:
             train_config=self.config.to_dict(),
             iteration=self.iteration,
             state=state,
+            scale=self.scale,
         )
         if name == "last.pt":
             self._saved_iteration = self.iteration
@@ -670,6 +719,7 @@ class Trainer:
         save_checkpoint(
             best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
+            scale=loaded.scale,
         )
         return rule
 
@@ -724,6 +774,8 @@ class Trainer:
                 self.iteration += 1
                 elapsed = time.perf_counter() - started
                 self.seconds_spent = budget.spent()
+                if not self._finished() and self.should_stop is not None and self.should_stop():
+                    self._stop_requested = True  # ends like a spent budget: validation, best.pt, the labels rule
                 finished = self._finished()
                 row = pending = {"iteration": self.iteration, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.3f}", "val_iou": "", "val_pixel_error": ""}
                 rng = torch.get_rng_state()
@@ -734,6 +786,10 @@ class Trainer:
                     validation_seconds = time.perf_counter() - validation_started
                 self._append_log(row)
                 pending = None
+                if self.callback is not None:
+                    self.callback({"iteration": self.iteration, "loss": loss, "seconds": self.seconds_spent,
+                                   "budget": c.max_seconds, "iterations": c.iterations,
+                                   "val_iou": float(row["val_iou"]) if row["val_iou"] else None})
                 if row["val_iou"]:  # RUN/report.html, refreshed at each validation
                     from .report import write_training_report
 
@@ -783,6 +839,7 @@ class Trainer:
             "val_pixel_error": None if math.isnan(val_error) else val_error,
             "decision": None if decision is None else decision.to_dict(),
             "decision_scores": None if decision is None else self.decision_scores,
+            **({"validation": self.validation_note} if self.validation_note else {}),
             "run_dir": str(self.run_dir),
         }
 
@@ -822,7 +879,7 @@ class Trainer:
             return "iterations"
         if c.max_seconds is not None and self.seconds_spent >= c.max_seconds:
             return "seconds"
-        return None
+        return "stopped" if self._stop_requested else None
 
     def _resume_advice(self) -> str:
         last = self.run_dir / "last.pt"
@@ -873,7 +930,9 @@ class Trainer:
             weights = batch["weights"].to(self.device, non_blocking=True)
             self._set_learning_rate(budget.spent())
             ddp.seed_step(self.config.seed, self.iteration, self._world)
-            loss = self.loss_fn(self._net(image), target, weights)
+            with training_autocast(self.config.precision, self.device):
+                logits = self._net(image)
+            loss = self.loss_fn(logits.float(), target, weights)
             batch_loss = ddp.mean_over_ranks(loss, self._world)  # the global batch's loss, the same on every rank
             self._check_finite(batch_loss)
             self.optimizer.zero_grad(set_to_none=True)

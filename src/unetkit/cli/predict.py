@@ -21,6 +21,7 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "auto",
     norm_statistics: Annotated[Optional[str], typer.Option("--norm-statistics", help="Batch norm statistics: 'training' (stored in the model) or 'image' (each image's own, gathered over its tiles first; helps images whose contrast differs from the training images'). Default: as the checkpoint's labels rule was chosen. ")] = None,
     backend: Annotated[str, typer.Option("--backend", help="What runs the network: torch, onnxruntime (needs the export extra: pip install 'unetkit\\[export]') or auto (torch on a GPU; on the CPU the faster of the two, measured once per model and tile and remembered).")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 (torch autocast; CPUs with AVX512-BF16 or AMX), int8 (onnxruntime, statically quantised once on the model's training images and cached) or auto (the fastest whose stored validation score is within 0.005 of fp32's; fp32 without stored scores).")] = "fp32",
     threshold: Annotated[Optional[float], typer.Option(help="Foreground probability threshold (default: the checkpoint's labels rule, chosen on validation images; else 0.5). Giving it, --watershed or --min-size replaces the stored rule.")] = None,
     labels: Annotated[str, typer.Option(help="'instances' (one id per object) or 'binary'.")] = "instances",
     watershed: Annotated[Optional[bool], typer.Option("--watershed", help="Split touching objects by a seeded watershed on the distance transform (instead of the stored rule).")] = None,
@@ -35,6 +36,8 @@ def predict(
     dask: Annotated[Optional[str], typer.Option("--dask", help="Predict on a Dask cluster: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT.")] = None,
     rows: Annotated[Optional[int], typer.Option("--rows", help="Only the top N rows of each image (a trial run on a stripe).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="With --dask: about this many pixels per block side (default 4096).")] = None,
+    diameter: Annotated[Optional[str], typer.Option("--diameter", help="The objects' median diameter in pixels, or 'auto' (measured in a first pass at the model's scale): each image is rescaled so its objects take the size the model was trained on (recorded in its checkpoint, or in models.json for the packaged models); labels are written at the input's size.")] = None,
+    pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel of the images: rescales them to the pixel size the model was trained at (models that record it).")] = None,
 ) -> None:
     """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input."""
     from ..errors import InputError
@@ -44,7 +47,8 @@ def predict(
     # Every option is checked before torch is imported, a model loaded or a folder created.
     options = InferenceOptions(tta=tta, tile_size=tile_size, batch_size=batch_size, device=device, backend=backend,
                                norm_statistics=norm_statistics, threshold=threshold, watershed=watershed, min_size=min_size,
-                               labels=labels, fill_holes=fill_holes).check()
+                               labels=labels, fill_holes=fill_holes, precision=precision, diameter=diameter,
+                               pixel_size=pixel_size).check()
     from ..bigsegment import check_large_options, segment_large, wants_large
 
     check_large_options(out_format=out_format, dtype=dtype, rows=rows, block_size=block_size, dask=dask)
@@ -54,6 +58,9 @@ def predict(
         check_dask_address(dask)
     check_writable_folder(out, "--out")
     large = wants_large(inputs, out_format=out_format, dask=dask, rows=rows)
+    if large and (diameter is not None or pixel_size is not None):
+        raise InputError("--diameter and --pixel-size rescale images in memory, not zarr or larger-than-memory images; "
+                         "rescale the image to the model's scale first (unetkit.scale.rescale_image) and predict without them")
     if large and ctc:
         raise InputError("--ctc writes 16-bit TIFF masks of ordinary images; large images are written as OME-Zarr labels: "
                          "leave out --ctc (or --out-format/--dask/--rows)")

@@ -193,11 +193,92 @@ def _check_run_folder(out: Path, folders: tuple[Optional[Path], ...]) -> None:
                              "read as data; choose a run folder outside it")
 
 
+#: Options that do not apply with --from (the start model fixes them, or fine-tuning runs in one process).
+_NOT_WITH_FROM = ("resume", "recipe", "normalize", "nproc", "epochs")
+#: Options with a non-None default that fine-tuning sets itself unless they are given.
+_FINETUNE_DEFAULTED = {"val_every": "val_every", "checkpoint_every": "checkpoint_every", "workers": "workers"}
+
+
+def _fine_tune(ctx: typer.Context, start: str, options: dict) -> None:
+    """`unetkit train --from MODEL`: `unetkit.finetune.prepare_fine_tune` on the images of --data."""
+    from ..data import find_pairs, read_mask, split_pairs
+    from ..device import check_device
+    from ..errors import InputError
+    from ..finetune import prepare_fine_tune
+    from ..io import check_output_dir, read_image
+    from ..train import _write_data_json, parse_validation
+
+    given = {param.name for param, _ in _given_params(ctx, ())}
+    refused = [f"--{name.replace('_', '-')}" for name in _NOT_WITH_FROM if name in given]
+    if refused:
+        raise InputError(f"--from fine-tunes the start model with its own network and normalisation in one process; "
+                         f"leave out {', '.join(refused)}")
+    data, out, val, val_data = options["data"], options["out"], options["val"], options["val_data"]
+    if data is None or out is None:
+        raise InputError("give --data DIR and --out RUN with --from")
+    check_device(options["device"])
+    if options["class_weights"] is not None:
+        _class_weights(options["class_weights"])
+    overrides: dict[str, Any] = {field: options[name] for name, field in _CONFIG_OPTIONS.items() if options[name] is not None}
+    overrides.update({field: options[name] for name, field in _FINETUNE_DEFAULTED.items() if name in given})
+    overrides.update(seed=options["seed"], device=options["device"])
+    if options["iterations"] is not None:
+        overrides["iterations"] = options["iterations"]
+    targets = {field: options[name] for name, field in _TARGET_OPTIONS.items() if options[name] is not None}
+    if options["class_weights"] is not None:
+        targets["class_weights"] = _class_weights(options["class_weights"])
+    augment = {field: options[name] for name, fields in _AUGMENT_OPTIONS.items() if options[name] is not None for field in fields}
+    overrides.update({key: value for key, value in (("targets", targets), ("augment", augment)) if value})
+    _check_run_folder(out, (data, val_data))
+    check_output_dir(out, force=options["force"])
+
+    allow = options["allow_intensity_masks"]
+
+    def arrays(pairs):
+        for pair in pairs:
+            if pair.mask is None:
+                raise InputError(f"{pair.image}: image has no mask; training needs a mask for every image")
+        return ([read_image(p.image) for p in pairs], [read_mask(p.mask, allow_intensity_masks=allow) for p in pairs],
+                [p.name for p in pairs])
+
+    pairs = find_pairs(data)
+    val_pairs = find_pairs(val_data) if val_data is not None else None
+    if val is not None:
+        pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=options["seed"], split=options["val_split"])
+    images, masks, names = arrays(pairs)
+    val_arrays = arrays(val_pairs) if val_pairs is not None else (None, None, None)
+    by_name = {p.name: p for p in pairs + list(val_pairs or [])}
+
+    def record(run_dir: Path, train_names: list[str], validation_names: list[str]) -> None:
+        # data.json as `Trainer.start` writes it, so `unetkit train --resume RUN` continues the run
+        _write_data_json(run_dir, data, val_data, val, options["val_split"], [by_name[n] for n in train_names],
+                         [by_name[n] for n in validation_names], allow)
+
+    trainer = prepare_fine_tune(start, images, masks, out, names=names, val_images=val_arrays[0], val_masks=val_arrays[1],
+                                val_names=val_arrays[2], seconds=options["seconds"], overrides=overrides,
+                                allow_intensity_masks=allow, progress=options["progress"], force=options["force"],
+                                record=record)
+    from . import CommandInterrupted
+
+    config = trainer.config
+    budget = f"{config.max_seconds:g} {config.budget_clock}-seconds" if config.max_seconds else f"{config.iterations} iterations"
+    typer.echo(f"fine-tuning {start}: {len(trainer.train_samples)} training images, validation: "
+               f"{trainer.validation_note or f'{len(trainer.val_samples)} held-out images'}; {budget} of "
+               f"{config.tile_size}x{config.tile_size} tiles, {config.optimizer} lr {config.lr:g}; run folder {out}")
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        raise CommandInterrupted(f"training stopped at iteration {trainer.iteration}, saved in {out / 'last.pt'}; "
+                                 f"continue with: unetkit train --resume {out}") from None
+    typer.echo(json.dumps(summary, indent=2))
+
+
 @app.command()
 def train(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Fine-tune: start from this model's weights, a packaged model (em-membranes, dic-hela, fluo-nuclei) or a checkpoint (RUN/best.pt). Its network, normalisation, loss and augmentation are kept; Adam at lr 1e-3 with cosine decay for --seconds 120 on the CPU clock unless given (unetkit.recipes.FINETUNE). With fewer than 3 images validation is a cross-check on the training images.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
@@ -261,6 +342,9 @@ def train(
                 "--data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc or --no-progress"
             )
     _check_options(locals())  # every option is checked before anything is read or created; the quick ones first
+    if start is not None:
+        _fine_tune(ctx, start, locals())
+        return
     if nproc is not None and nproc < 1:
         raise InputError(f"--nproc must be >= 1 (got {nproc})")
     if resume is None:

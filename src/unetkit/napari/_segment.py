@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -117,6 +118,74 @@ def check_tile_size(loaded, tile_size: int | None) -> int | None:
     return check_tile(loaded.model.geometry, int(tile_size), "tile size")
 
 
+def supports_diameter() -> bool:
+    """Whether the segmentation core takes an object diameter (`InferenceOptions.diameter`)."""
+    from ..inference import InferenceOptions
+
+    return "diameter" in {f.name for f in dataclasses.fields(InferenceOptions)}
+
+
+def inference_options(
+    *,
+    tta: bool | None = None,
+    tile_size: int | None = None,
+    device: str = "auto",
+    backend: str | None = None,
+    threshold: float | None = None,
+    min_size: int | None = None,
+    diameter: float | str | None = None,
+):
+    """The `unetkit.inference.InferenceOptions` of the widget's controls, checked (InputError).
+
+    `diameter` (pixels or "auto") is passed only where the core has that option; elsewhere a
+    diameter other than None is refused with a message rather than silently ignored.
+
+    Example:
+        >>> inference_options(threshold=0.4, min_size=20).min_size
+        20
+    """
+    from ..inference import InferenceOptions
+
+    values: dict[str, Any] = {"tta": tta, "tile_size": tile_size, "device": device, "backend": backend or "auto",
+                              "threshold": threshold, "min_size": min_size}
+    if diameter is not None:
+        if not supports_diameter():
+            raise InputError("this unetkit cannot rescale images to an object diameter yet; set 'object diameter' to "
+                             "'as trained' (or update unetkit)")
+        if diameter != "auto" and not (isinstance(diameter, (int, float)) and diameter > 0):
+            raise InputError(f"object diameter must be 'auto' or a size in pixels above 0 (got {diameter!r})")
+        values["diameter"] = diameter
+    return InferenceOptions(**values).check()
+
+
+def percentile_range(loaded) -> tuple[float, float] | None:
+    """The (low, high) percentiles the checkpoint normalises images with; None when it does not
+    normalise by percentiles (a fixed scale, or none), so there is nothing to adjust."""
+    norm = loaded.normalization
+    return (float(norm.low), float(norm.high)) if norm.mode == "percentile" else None
+
+
+def with_percentiles(loaded, low: float, high: float):
+    """A copy of the loaded model that normalises with the `low` and `high` percentiles (the
+    network is shared, not copied). InputError when the checkpoint does not use percentiles or the
+    values are out of order.
+
+    Example:
+        >>> from unetkit.checkpoint import LoadedModel
+        >>> from unetkit.data.normalize import Normalization
+        >>> with_percentiles(LoadedModel(None, Normalization(), []), 2, 99.5).normalization.low
+        2.0
+    """
+    if percentile_range(loaded) is None:
+        raise InputError(f"this model normalises images with a {loaded.normalization.mode} scale, not percentiles; "
+                         "leave the normalisation percentiles as they are")
+    if not 0.0 <= low < high <= 100.0:
+        raise InputError(f"normalisation percentiles must satisfy 0 <= low < high <= 100 (got {low:g} and {high:g}); "
+                         "raise 'high' or lower 'low'")
+    norm = dataclasses.replace(loaded.normalization, low=float(low), high=float(high))
+    return dataclasses.replace(loaded, normalization=norm)
+
+
 def segment_image(
     loaded,
     image: np.ndarray,
@@ -127,6 +196,10 @@ def segment_image(
     tta: bool | None = None,
     backend: str | None = None,
     device: str = "auto",
+    threshold: float | None = None,
+    min_size: int | None = None,
+    diameter: float | str | None = None,
+    percentiles: tuple[float, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> Segmentation:
@@ -137,10 +210,15 @@ def segment_image(
     `source` (the checkpoint path or packaged name) lets a packaged model warn about images unlike
     its training data; the warnings become `notes`. `progress(done, total)` is called after each
     batch of tiles; when `cancelled()` turns true the prediction stops with `Cancelled`.
+    `threshold`, `min_size`, `diameter` and `percentiles` are the widget's controls (None: as the
+    checkpoint says; see `inference_options` and `with_percentiles`).
     """
-    from ..inference import InferenceOptions, Segmenter
+    from ..inference import Segmenter
 
-    options = InferenceOptions(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend or "auto")
+    options = inference_options(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend,
+                                threshold=threshold, min_size=min_size, diameter=diameter)
+    if percentiles is not None:
+        loaded = with_percentiles(loaded, *percentiles)
     segmenter = Segmenter(loaded, options, source=source)
 
     def callback(done: int, total: int) -> None:
@@ -152,17 +230,19 @@ def segment_image(
     return segmenter.segment(image, name=f"layer {name!r}", callback=callback)
 
 
-def truth_choice(labels_layers: Sequence[str], prediction: str, current: str = "") -> str:
-    """The labels layer to offer as ground truth: the current choice, else the first one, but never
-    the layer chosen as the prediction ("" when there is no other), so a layer is not scored
-    against itself.
+def truth_choice(labels_layers: Sequence[str], prediction: str, current: str = "", avoid: Sequence[str] = ()) -> str:
+    """The labels layer to offer as ground truth: the current choice, else the first layer not in
+    `avoid` (the widget's own segmentations), but never the layer chosen as the prediction ("" when
+    there is no such layer), so a layer is not scored against itself.
 
     Example:
         >>> truth_choice(["cells labels", "mask"], "cells labels"), truth_choice(["cells labels"], "cells labels")
         ('mask', '')
+        >>> truth_choice(["cells labels", "cells labels 2"], "cells labels 2", avoid=["cells labels"])
+        ''
     """
     for name in (current, *labels_layers):
-        if name and name != prediction and name in labels_layers:
+        if name and name != prediction and name in labels_layers and (name == current or name not in avoid):
             return name
     return ""
 

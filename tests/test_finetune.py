@@ -1,0 +1,156 @@
+"""Fine-tuning from a model: in memory (`fine_tune`) and on the command line (`unetkit train --from`)."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from unetkit.checkpoint import load_checkpoint, save_checkpoint
+from unetkit.cli import main
+from unetkit.data.normalize import Normalization
+from unetkit.errors import InputError
+from unetkit.finetune import CROSS_CHECK, fine_tune, prepare_fine_tune
+from unetkit.network import UNet
+from unetkit.scale import median_diameter
+from unetkit.synthetic import synthetic_dataset
+
+TILE = 44  # legal for depth 2 (valid padding)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """ONNX graphs and backend choices in a folder of this module's own, not the user's cache."""
+    monkeypatch.setenv("UNETKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "unetkit-cache"))
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A tiny trained-looking object model (width 4, depth 2) as a checkpoint file."""
+    torch.manual_seed(3)
+    net = UNet(depth=2, base_channels=4, batch_norm=True)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.01)  # weights no fresh initialisation would draw
+    path = tmp_path_factory.mktemp("start") / "start.pt"
+    save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
+                    train_config={"depth": 2, "base_channels": 4, "batch_norm": True, "tile_size": TILE, "iterations": 10},
+                    decision={"method": "components", "threshold": 0.5, "task": "objects"}, scale={"diameter": 9.0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return synthetic_dataset(3, shape=(52, 60), seed=7)
+
+
+def stop_after(n):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) >= n
+
+    return should_stop
+
+
+def test_training_starts_from_the_start_models_weights(start, pairs, tmp_path):
+    images, masks = [p[0] for p in pairs[:2]], [p[1] for p in pairs[:2]]
+    trainer = prepare_fine_tune(start, images, masks, tmp_path / "run", seconds=60, should_stop=stop_after(2))
+    expected = load_checkpoint(start).model.state_dict()
+    for key, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor.cpu(), expected[key]), key
+    assert trainer.config.lr == 1e-3 and trainer.config.budget_clock == "cpu" and trainer.config.workers == 0
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "stopped" and summary["iterations"] == 2
+    assert summary["validation"] == CROSS_CHECK
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best.decision and best.model.config == load_checkpoint(start).model.config
+    assert best.scale["diameter"] == pytest.approx(median_diameter(masks), abs=0.01)  # measured on the training masks
+
+
+def test_fine_tune_in_memory_writes_a_loadable_run(start, pairs, tmp_path):
+    from unetkit.inference import InferenceOptions, Segmenter
+
+    seen = []
+    best = fine_tune(str(start), [pairs[0][0]], [pairs[0][1]], tmp_path / "one", seconds=60,
+                     callback=seen.append, should_stop=stop_after(3))
+    assert best == tmp_path / "one" / "best.pt" and best.is_file()
+    assert [s["iteration"] for s in seen] == [1, 2, 3]
+    assert set(seen[0]) >= {"iteration", "loss", "seconds", "budget"} and seen[0]["budget"] == 60
+    facts = json.loads((tmp_path / "one" / "finetune.json").read_text())
+    assert facts["validation_mode"] == "cross-check" and facts["note"] == CROSS_CHECK and facts["start"] == str(start)
+    result = Segmenter.load(best, InferenceOptions(device="cpu", backend="torch")).segment(pairs[1][0])
+    assert result.labels.shape == pairs[1][0].shape
+
+
+def test_three_images_hold_one_out(start, pairs, tmp_path):
+    trainer = prepare_fine_tune(start, [p[0] for p in pairs], [p[1] for p in pairs], tmp_path / "r")
+    assert [s.name for s in trainer.val_samples] == ["image2"] and trainer.validation_note is None
+    assert json.loads((tmp_path / "r" / "finetune.json").read_text())["validation_mode"] == "held-out"
+
+
+def test_in_memory_refusals_create_nothing(start, pairs, tmp_path):
+    image, mask = pairs[0]
+    membranes = np.arange(1, 37).reshape(6, 6).repeat(9, 0).repeat(10, 1)
+    membranes[::9, :] = 0
+    membranes[:, ::10] = 0
+    cases = [
+        (dict(start=start, images=[np.stack([image] * 3, -1)], masks=[mask]), "3-channel image"),
+        (dict(start=start, images=[image], masks=[membranes[:52, :60]]), "membrane masks"),
+        (dict(start=tmp_path, images=[image], masks=[mask]), "checkpoint"),
+        (dict(start=start, images=[image], masks=[]), "masks"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            fine_tune(run_dir=tmp_path / "never", **kwargs)
+        assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, pairs):
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i, (image, mask) in enumerate(pairs[:2]):
+        tifffile.imwrite(root / "images" / f"c{i}.tif", (image * 255).astype(np.uint8))
+        tifffile.imwrite(root / "masks" / f"c{i}.tif", mask.astype(np.uint16))
+    return root
+
+
+def test_cli_from_trains_and_resumes(start, folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--from", str(start), "--data", str(folder), "--out", str(out), "--iterations", "2",
+                 "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "cross-check on the training images" in said
+    for name in ("best.pt", "last.pt", "finetune.json", "data.json", "config.json", "log.csv"):
+        assert (out / name).is_file(), name
+    assert load_checkpoint(out / "best.pt").decision
+    assert main(["train", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 0
+    assert load_checkpoint(out / "last.pt").iteration == 3
+
+
+def test_cli_from_refusals_exit_2_and_create_nothing(start, folder, tmp_path, capsys):
+    rgb = tmp_path / "rgb"
+    (rgb / "images").mkdir(parents=True)
+    (rgb / "masks").mkdir()
+    for name in ("c0", "c1"):
+        tifffile.imwrite(rgb / "images" / f"{name}.tif", np.zeros((40, 40, 3), np.uint8))
+        tifffile.imwrite(rgb / "masks" / f"{name}.tif", np.pad(np.ones((10, 10), np.uint16), 15))
+    image = folder / "images" / "c0.tif"
+    cases = [
+        (["--from", str(start), "--data", str(folder), "--width", "8"], "--width 8"),
+        (["--from", str(start), "--data", str(folder), "--no-batch-norm"], "--batch-norm"),
+        (["--from", str(start), "--data", str(rgb)], "3-channel image"),
+        (["--from", str(image), "--data", str(folder)], "not a unetkit checkpoint"),
+        (["--from", str(start), "--data", str(folder), "--recipe", "paper"], "--recipe"),
+        (["--from", "em-membranes", "--data", str(folder)], "object masks"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "never"
+        assert main(["train", *argv, "--out", str(out), "--iterations", "1", "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+        assert not out.exists(), argv
