@@ -317,7 +317,7 @@ def test_unreadable_input_stops_predict_before_anything_is_written(run, dataset,
 @pytest.mark.parametrize(
     "name, array, options, words",
     [
-        ("stack.tif", np.zeros((5, 48, 56), np.uint8), {"photometric": "minisblack"}, "holds 5 pages"),
+        ("stack.tif", np.zeros((5, 48, 56, 3), np.uint8), {"photometric": "rgb"}, "unetkit segments stacks of one-channel planes"),
         ("nan.tif", np.full((48, 56), np.nan, np.float32), {}, "NaN"),
     ],
 )

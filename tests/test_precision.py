@@ -181,7 +181,7 @@ def checkpoint(tmp_path, net):
     return save_checkpoint(tmp_path / "run" / "best.pt", net, normalization=Normalization(), class_names=["background", "cell"])
 
 
-def test_segmenter_runs_auto_with_stored_scores(checkpoint, image, monkeypatch):
+def test_segmenter_runs_auto_with_stored_scores(checkpoint, image, monkeypatch, cache):
     monkeypatch.setattr(backends, "bf16_native", lambda device="cpu": True)
     monkeypatch.setattr(backends, "measure_seconds", lambda model, name, *a, **k: {"fp32": 1.0, "bf16": 2.0}[name])
     precision.record_run_scores(checkpoint, stored("objects", fp32=0.8, bf16=0.8))
@@ -189,6 +189,27 @@ def test_segmenter_runs_auto_with_stored_scores(checkpoint, image, monkeypatch):
     assert segmenter.settings.precision.run == ("fp32", "bf16")
     assert "precision the fastest of fp32, bf16 (auto:" in segmenter.settings.describe()
     np.testing.assert_array_equal(segmenter.probabilities(image), predict(segmenter.model, image, tile_size=60, backend="torch"))
+    assert segmenter.take_notes() == ["precision auto: fp32 on 60x60 tiles, the fastest of fp32, bf16 on this machine "
+                                      "(fp32 1.000 s, bf16 2.000 s per call)"]
+    segmenter.probabilities(image)
+    assert segmenter.take_notes() == []  # said once
+
+
+def test_the_files_path_says_what_auto_chose(checkpoint, monkeypatch, cache, tmp_path):
+    import tifffile
+
+    from unetkit.segment import segment_files
+
+    monkeypatch.setattr(backends, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(backends, "measure_seconds", lambda model, name, *a, **k: {"fp32": 2.0, "bf16": 1.0}[name])
+    precision.record_run_scores(checkpoint, stored("objects", fp32=0.8, bf16=0.8))
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", (np.random.default_rng(1).random((50, 50)) * 255).astype(np.uint8))
+    notes = []
+    segmenter = Segmenter.load(checkpoint, InferenceOptions(precision="auto", backend="torch", tile_size=60, device="cpu"))
+    segment_files([tmp_path / "a.tif", tmp_path / "b.tif"], segmenter, tmp_path / "out", echo=notes.append)
+    assert [n for n in notes if n.startswith("precision auto")] == [
+        "precision auto: bf16 on 60x60 tiles, the fastest of fp32, bf16 on this machine (fp32 2.000 s, bf16 1.000 s per call)"]
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -257,15 +278,23 @@ def test_dask_blocks_give_what_predict_gives_in_each_precision(net, image, rng, 
     np.testing.assert_allclose(blocks, whole, atol=1e-6)
 
 
-def test_large_images_refuse_reduced_precision_before_writing(checkpoint, tmp_path, monkeypatch):
+def test_large_images_run_in_the_asked_precision_like_the_in_memory_path(checkpoint, tmp_path, monkeypatch):
     import tifffile
+    import zarr
 
     from unetkit.bigsegment import segment_large
 
-    monkeypatch.setattr(backends, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(backends, "bf16_native", lambda device="cpu": True)  # autocast runs (emulated) on any CPU
+    raw = (np.random.default_rng(0).random((60, 70)) * 255).astype(np.uint8)
     source = tmp_path / "big.tif"
-    tifffile.imwrite(source, (np.random.default_rng(0).random((60, 60)) * 255).astype(np.uint8))
-    segmenter = Segmenter.load(checkpoint, InferenceOptions(precision="bf16", device="cpu"))
-    with pytest.raises(InputError, match="fp32 only; use --precision fp32"):
-        segment_large([source], segmenter, tmp_path / "out", out_format="zarr")
-    assert not (tmp_path / "out").exists()
+    tifffile.imwrite(source, raw)
+    segmenter = Segmenter.load(checkpoint, InferenceOptions(precision="bf16", device="cpu", tile_size=44))
+    segment_large([source], segmenter, tmp_path / "out", out_format="zarr")
+    written = zarr.open_array(str(tmp_path / "out" / "big_probabilities.zarr"), mode="r")
+    assert written.attrs["unetkit"]["precision"] == "bf16"
+    in_memory = segmenter.probabilities(segmenter.normalize(raw))
+    np.testing.assert_allclose(written[:], in_memory, atol=1e-4)
+    fp32 = Segmenter.load(checkpoint, InferenceOptions(device="cpu", tile_size=44))
+    assert np.abs(fp32.probabilities(fp32.normalize(raw)) - in_memory).max() > 1e-4  # bf16 did run
+
+

@@ -121,3 +121,63 @@ def test_evaluate_refuses_a_stack_of_another_depth(tmp_path):
     tifffile.imwrite(tmp_path / "gt" / "stack.tif", truth, photometric="minisblack")
     with pytest.raises(InputError, match=r"stack_labels.tif: expected a stack of 3 planes like its ground truth, got shape \(2, 20, 20\)"):
         evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics="seg", use="labels")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    import torch
+
+    from unetkit.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    rule = DecisionRule(method="components", threshold=0.5).to_dict()
+    return save_checkpoint(tmp_path / "run" / "best.pt", UNet(depth=2, base_channels=4), normalization=Normalization(),
+                           class_names=["background", "cell"], decision=rule)
+
+
+def test_predict_writes_a_stack_for_a_stack_and_each_plane_as_its_own_file_would_get(checkpoint, tmp_path):
+    import tifffile
+
+    from unetkit.cli import main
+    from unetkit.io import read_image
+
+    stack = (np.random.default_rng(3).random((3, 40, 50)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "zstack.tif", stack, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "plane1.tif", stack[1])
+    common = ["--model", str(checkpoint), "--tile-size", "44", "--device", "cpu", "--backend", "torch", "--no-progress"]
+    assert main(["predict", str(tmp_path / "zstack.tif"), "--out", str(tmp_path / "out"), "--stitch", "0.25", *common]) == 0
+    assert main(["predict", str(tmp_path / "plane1.tif"), "--out", str(tmp_path / "single"), *common]) == 0
+    probabilities = read_image(tmp_path / "out" / "zstack_probabilities.tif", pages=True)
+    labels = read_image(tmp_path / "out" / "zstack_labels.tif", pages=True)
+    assert probabilities.shape == (3, 2, 40, 50) and labels.shape == (3, 40, 50)
+    alone = read_image(tmp_path / "single" / "plane1_probabilities.tif", pages=True)
+    np.testing.assert_array_equal(probabilities[1], alone)
+    from unetkit.evaluate import evaluate_folders
+
+    (tmp_path / "gt").mkdir()
+    truth = np.zeros((3, 40, 50), np.uint16)
+    truth[:, 5:20, 5:20] = 1
+    tifffile.imwrite(tmp_path / "gt" / "zstack.tif", truth, photometric="minisblack")
+    for use in ("probabilities", "labels"):
+        scored = evaluate_folders(tmp_path / "out", tmp_path / "gt", metrics="iou", use=use)
+        assert [row["name"] for row in scored.rows] == ["zstack:z000", "zstack:z001", "zstack:z002"]
+
+
+def test_predict_refuses_stitch_outside_zero_to_one_before_creating_anything(checkpoint, tmp_path, capsys):
+    from unetkit.cli import main
+
+    assert main(["predict", str(tmp_path), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--stitch", "2"]) == 2
+    assert "--stitch must be an overlap (intersection over union) in (0, 1] (got 2.0)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_a_stack_with_ctc(checkpoint, tmp_path, capsys):
+    import tifffile
+
+    from unetkit.cli import main
+
+    tifffile.imwrite(tmp_path / "t001.tif", np.zeros((4, 40, 50), np.uint8), photometric="minisblack")
+    assert main(["predict", str(tmp_path / "t001.tif"), "--model", str(checkpoint), "--out", str(tmp_path / "out"),
+                 "--ctc", "--device", "cpu"]) == 2
+    assert "t001.tif: --ctc numbers one mask per frame file; a stack holds 4 planes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

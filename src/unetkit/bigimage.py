@@ -394,6 +394,8 @@ def predict_to_zarr(
     progress: bool = False,
     echo: Callable[[str], None] = lambda message: None,
     norm_statistics: BatchNormStatistics | None = None,
+    precision: str = "fp32",
+    calibration=None,
 ) -> Path:
     """Write the probabilities of a normalised `image` to the zarr array `out`, resuming a killed run.
 
@@ -401,7 +403,8 @@ def predict_to_zarr(
     tile only. Works in ``out.partial`` and renames it to `out` when every tile is done.
     `norm_statistics`: batch-norm statistics for every tile and block (None: the model's own);
     for the image's own, ``unetkit.adapt.gather_statistics(model, image, tile_shape)`` reads it
-    window by window. A run resumes only with the same statistics.
+    window by window. A run resumes only with the same statistics. `precision` ("fp32", "bf16" or
+    "int8") and `calibration` are `unetkit.predict`'s; a run resumes only in the same precision.
     """
     import zarr
 
@@ -418,6 +421,8 @@ def predict_to_zarr(
     }
     if norm_statistics is not None:
         key["norm_statistics"] = norm_statistics.fingerprint
+    if precision != "fp32":
+        key["precision"] = precision
     done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
     if done is not None and done.done:
         echo(f"{out}: continuing a previous run ({len(done.done)} of {len(plan)} tiles were done)")
@@ -434,14 +439,15 @@ def predict_to_zarr(
     if client is None:
         todo = [i for i in range(len(plan)) if i not in done.done]
         predict(model, image, tile_size=tile_shape, batch_size=batch_size, tta=tta, out=_Cast(array), tiles=todo,
-                on_batch=done.add, progress=progress, backend=backend,
+                on_batch=done.add, progress=progress, backend=backend, precision=precision, calibration=calibration,
                 norm_statistics="training" if norm_statistics is None else norm_statistics)
     else:
         import dask
         from distributed import as_completed
 
         tasks = block_tasks(checkpoint, image.to_dask(), tile_size=tile_shape, block_size=block_size or DEFAULT_BLOCK_SIZE,
-                            batch_size=batch_size, tta=tta, dtype=dtype, norm_statistics=norm_statistics, backend=backend)
+                            batch_size=batch_size, tta=tta, dtype=dtype, norm_statistics=norm_statistics, backend=backend,
+                            precision=precision, calibration=calibration)
         store = dask.delayed(_store_block, pure=True)
         pending = {}
         for task_row, block_row in zip(tasks.tasks, tasks.blocks):

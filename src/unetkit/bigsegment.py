@@ -33,7 +33,8 @@ def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | N
         if out_format is None and path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
             from .io import read_header
 
-            shape = read_header(path).shape
+            header = read_header(path, pages=True)
+            shape = header.shape if header.planes == 1 else header.shape[1:]  # a stack is segmented plane by plane
             if int(np.prod(shape[-2:])) > LARGE_PIXELS or int(np.prod(shape)) > LARGE_PIXELS * 3:
                 return True
     return False
@@ -117,9 +118,6 @@ def segment_large(
     for image in images:
         if image.shape[0] != net.in_channels:
             raise InputError(f"{image.path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
-    if settings.precision.run != "fp32":
-        raise InputError(f"{settings.precision.describe()}: zarr / large images are predicted in fp32 only; "
-                         "use --precision fp32 (or leave it out)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = out_format or "zarr"
@@ -149,13 +147,17 @@ def segment_large(
                 note(f"{probabilities}: exists, kept")
             else:
                 statistics = segmenter.statistics(normalized, progress=progress)
+                precision, statistics = segmenter.precision_for(normalized, tiles, statistics)
+                for line in segmenter.take_notes():
+                    note(line)
                 attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
                                           "tta": settings.maps.tta, "norm_statistics": settings.maps.norm_statistics,
+                                          "precision": precision,
                                           "tile_shape": list(tiles), "source": str(image.path), "rows": rows}}
                 predict_to_zarr(checkpoint if checkpoint is not None else "", net, normalized, probabilities, tile_shape=tiles,
                                 batch_size=settings.batch_size, tta=settings.maps.tta, backend=settings.backend, dtype=dtype,
                                 client=client, block_size=block_size, attributes=attributes, progress=progress, echo=note,
-                                norm_statistics=statistics)
+                                norm_statistics=statistics, precision=precision, calibration=segmenter.calibration)
             probs = zarr.open_array(str(probabilities), mode="r")
             label_path = targets[1] if fmt == "zarr" else out / f"{name}_labels.ome.zarr"
             if not label_path.exists() or force:

@@ -131,6 +131,7 @@ TRAIN_LIMITS: dict[str, Limit] = {
     "seed": Limit(0, integer=True),
     "workers": Limit(0, integer=True),
     "precision": Limit(choices=("fp32", "bf16")),
+    "precision_scores": Limit(flag=True),
 }
 
 

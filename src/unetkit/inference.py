@@ -318,6 +318,8 @@ class Segmenter:
         self.packaged = pretrained_name(source) if source is not None else None
         self.packaged_scale = get_model(self.packaged).scale if self.packaged else None  # object scale of its training data
         self.model = loaded.model.to(self.settings.device)
+        self._notes: list[str] = []
+        self._precisions_said: set = set()
 
     @classmethod
     def load(cls, checkpoint, options: InferenceOptions | None = None) -> "Segmenter":
@@ -376,10 +378,11 @@ class Segmenter:
 
         s = self.settings
         tile_shape = self.tile_shape(image.shape)
+        precision, statistics = self.precision_for(image, tile_shape, statistics)
         try:
             return predict(self.model, image, tile_size=tile_shape, batch_size=s.batch_size, tta=s.maps.tta,
                            backend=s.backend, norm_statistics=statistics if statistics is not None else s.maps.norm_statistics,
-                           precision=s.precision.run, calibration=self.calibration,
+                           precision=precision, calibration=self.calibration,
                            out=out, tiles=tiles, on_batch=on_batch, callback=callback, progress=progress)
         except (RuntimeError, MemoryError) as exc:
             if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
@@ -388,6 +391,36 @@ class Segmenter:
                 f"out of memory predicting tiles of {tile_shape[0]}x{tile_shape[1]} pixels in batches of {s.batch_size}; "
                 "lower --tile-size (or leave it out: the tile is then chosen by the memory available) or --batch-size"
             ) from None
+
+    def precision_for(self, image, tile_shape: tuple[int, int], statistics):
+        """The precision `image` runs in, and its batch-norm statistics: the settings' precision,
+        or for "auto" the fastest of its candidates on these tiles, measured once per machine
+        (`unetkit.backends.fastest`) and said once in `take_notes` (the statistics are gathered
+        first, for the measurement, and passed on so they are not gathered twice)."""
+        run = self.settings.precision.run
+        if isinstance(run, str):
+            return run, statistics
+        import torch
+
+        from .backends import choice_key, fastest, read_choices
+
+        if statistics is None:
+            statistics = self.statistics(image)
+        batch_shape = (self.settings.batch_size, *tile_shape)
+        chosen = fastest(self.model, run, torch.device(self.settings.device), batch_shape, statistics=statistics,
+                         calibration=self.calibration)
+        if (chosen, batch_shape) not in self._precisions_said:
+            self._precisions_said.add((chosen, batch_shape))
+            seconds = read_choices().get(choice_key(self.model, batch_shape, statistics, precisions=run), {}).get("seconds_per_call", {})
+            timed = ", ".join(f"{p} {seconds[p]:.3f} s" for p in run if p in seconds)
+            self._notes.append(f"precision auto: {chosen} on {tile_shape[0]}x{tile_shape[1]} tiles, the fastest of "
+                               f"{', '.join(run)} on this machine" + (f" ({timed} per call)" if timed else ""))
+        return chosen, statistics
+
+    def take_notes(self) -> list[str]:
+        """What the user should be told since the last call (e.g. the precision "auto" measured)."""
+        notes, self._notes = self._notes, []
+        return notes
 
     # -- labels --------------------------------------------------------------------------------
     def labels(self, probabilities: np.ndarray) -> np.ndarray:

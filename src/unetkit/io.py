@@ -198,7 +198,7 @@ def _layout(path: Path, shape: tuple[int, ...], axes: str, pages: bool) -> tuple
             "image; pages are never used as colour channels. unetkit segments 2D images: save each plane as its own file"
         )
     shape = tuple(n for a, n in zip(axes, shape) if a in "YXS" or n > 1)
-    if len(shape) not in (2, 3):
+    if len(shape) not in ((2, 3, 4) if pages and stacked else (2, 3)):
         raise InputError(f"{path}: expected a 2D image (H, W) or (H, W, C), got shape {shape}; save one 2D image per file")
     return shape, planar
 
@@ -458,11 +458,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, forc
     return path
 
 
-def write_tiff(path: str | os.PathLike, array: np.ndarray, *, force: bool = False) -> Path:
-    """Write `array` as a (zlib-compressed) TIFF, atomically."""
+def write_tiff(path: str | os.PathLike, array: np.ndarray, *, force: bool = False, planes: bool = False) -> Path:
+    """Write `array` as a (zlib-compressed) TIFF, atomically; with `planes`, as a stack of
+    one-channel pages (so a 3- or 4-plane stack is never read back as one colour image)."""
     import tifffile
 
-    return atomic_write(path, lambda p: tifffile.imwrite(p, np.asarray(array), compression="zlib"), force=force)
+    extra = {"photometric": "minisblack"} if planes else {}
+    return atomic_write(path, lambda p: tifffile.imwrite(p, np.asarray(array), compression="zlib", **extra), force=force)
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray, *, force: bool = False) -> Path:

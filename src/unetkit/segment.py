@@ -17,6 +17,7 @@ from .data.normalize import to_chw
 from .data.readers import check_unique_frames, ctc_frame
 from .errors import InputError, Interrupted
 from .inference import Segmenter
+from .stacks import segment_stack
 from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, listing, read_header, read_image, remove_stale_temp_files, repeated, write_tiff
 
 
@@ -29,6 +30,7 @@ def segment_files(
     force: bool = False,
     progress: bool = False,
     skip_unreadable: bool = False,
+    stitch: float | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> list:
     """Segment image files; writes NAME_probabilities.tif and NAME_labels.tif.
@@ -39,6 +41,11 @@ def segment_files(
     uint8 0/1, drawn as the segmenter's settings say. A packaged model (`unetkit models`) warns
     about images unlike its training data. With `ctc`, also ``ctc/maskNNN.tif`` numbered by each
     input's frame (t041.tif -> mask041.tif); inputs without a frame number are refused.
+
+    A multi-page TIFF (a z-stack or time series of one-channel planes) is segmented plane by plane
+    (`unetkit.stacks.segment_stack`) and written as one stack: probabilities (planes, n_classes,
+    H, W) and labels (planes, H, W) whose ids are unique across the stack, or with `stitch` (an
+    overlap in (0, 1]) linked across planes.
 
     Before anything is computed, the output folder (writable, not an input folder) and every
     input's header are checked; an unreadable input is an error, or is skipped with a note if
@@ -92,11 +99,23 @@ def segment_files(
         check_unique_frames(frames)
     in_channels = segmenter.model.in_channels
     readable, unreadable = [], []
+    stacks: set[Path] = set()
     for f in files:
         try:
-            header = read_header(f)
+            header = read_header(f, pages=True)
         except InputError as exc:
             unreadable.append((f, exc))
+            continue
+        if header.planes > 1:
+            if in_channels != 1 or len(header.shape) != 3:
+                raise InputError(f"{f}: a stack of {header.planes} planes of shape {header.shape[1:]}; unetkit segments "
+                                 "stacks of one-channel planes, plane by plane, with one-channel models (this model takes "
+                                 f"{in_channels}): save each plane as its own file")
+            if ctc:
+                raise InputError(f"{f}: --ctc numbers one mask per frame file; a stack holds {header.planes} planes: save each "
+                                 "plane as tNNN.tif, or leave out --ctc")
+            stacks.add(f)
+            readable.append(f)
             continue
         channels = to_chw(np.broadcast_to(np.zeros((), header.dtype), header.shape), name=str(f)).shape[0]
         if channels != in_channels:
@@ -132,7 +151,7 @@ def segment_files(
     try:
         for path, paths in tqdm(jobs, disable=not progress, desc="images", unit="image"):
             try:
-                raw = read_image(path)
+                raw = read_image(path, pages=path in stacks)
             except InputError as exc:
                 if not skip_unreadable:
                     raise InputError(f"{exc}; {len(done)} image(s) were segmented before it; add --skip-unreadable "
@@ -140,10 +159,18 @@ def segment_files(
                 damaged.append(path)
                 note(f"skipping {path}: {exc}")
                 continue
-            for warning in segmenter.check_raw(raw, str(path)):
-                note(warning)
-            result = segmenter.probabilities(segmenter.normalize(raw, str(path)))
-            label_image = segmenter.labels(result)
+            if path in stacks:
+                stacked = segment_stack(segmenter, raw, name=str(path), stitch=stitch)
+                for line in stacked.notes + segmenter.take_notes():
+                    note(line)
+                result, label_image = stacked.probabilities, stacked.labels
+            else:
+                for warning in segmenter.check_raw(raw, str(path)):
+                    note(warning)
+                result = segmenter.probabilities(segmenter.normalize(raw, str(path)))
+                for line in segmenter.take_notes():
+                    note(line)
+                label_image = segmenter.labels(result)
             if ctc and label_image.max(initial=0) > np.iinfo(np.uint16).max:
                 raise InputError(f"{path}: {int(label_image.max())} objects do not fit the Cell Tracking Challenge's 16-bit "
                                  "masks; leave out --ctc")
@@ -151,7 +178,7 @@ def segment_files(
             try:
                 for target, array in zip(paths, arrays):
                     if force or not target.exists():
-                        written.append(write_tiff(target, array, force=force))
+                        written.append(write_tiff(target, array, force=force, planes=path in stacks))
             except InputError as exc:  # disk full, read-only, file too large: say how far the batch got
                 raise InputError(f"{exc}; {len(done)} of {len(jobs)} image(s) were segmented and written before it; "
                                  "run the same command again to segment the rest") from None

@@ -104,6 +104,7 @@ class TrainConfig:
     max_seconds: float | None = None
     budget_clock: str = "wall"
     precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward pass, fp32 weights (`training_autocast`)
+    precision_scores: bool = True  # score the labels rule in each precision this machine runs, for `--precision auto`
     choose_decision: bool = True
     # bookkeeping
     val_every: int = 200
@@ -430,6 +431,12 @@ class Trainer:
         self._world = ddp.world()  # one process, or this rank's place under torchrun (unetkit.ddp)
         ddp.check_batch_size(config.batch_size, self._world.world_size)
         self.device = ddp.rank_device(resolve_device(config.device), self._world)
+        if config.precision == "bf16":
+            from .backends import bf16_native
+
+            if not bf16_native(str(self.device)):
+                raise InputError(f"--precision bf16 needs native bf16 (a CPU with AVX512-BF16 or AMX, or a GPU), and "
+                                 f"{self.device} has none; use --precision fp32")
         config.geometry.check(config.tile_size, "tile size (--tile-size)")
         in_channels = self.train_samples[0].image.shape[0]
         self.model = config.network(in_channels, len(self.class_names))
@@ -437,6 +444,7 @@ class Trainer:
         self.best_iou = -math.inf
         self.seconds_spent = 0.0  # budget used by earlier sessions of this run (see max_seconds)
         self.decision_scores: dict[str, float | None] = {}  # validation score of the labels rule per batch-norm statistics
+        self.precision_scores: dict[str, float] = {}  # the chosen rule's validation score per precision (`score_precisions`)
         self.stopped_by: str | None = None  # what ended `fit`: "iterations", "seconds" or "interrupted"
         self._run_lock = RunLock(self.run_dir)
         self._saved_iteration: int | None = None  # what last.pt holds, as far as this trainer knows
@@ -721,7 +729,27 @@ class Trainer:
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
             scale=loaded.scale,
         )
+        if self.config.precision_scores:
+            self.score_precisions(loaded.model, loaded.normalization, rule)
         return rule
+
+    def score_precisions(self, model, normalization, rule: DecisionRule) -> dict[str, Any] | None:
+        """Score the labels rule on validation maps made in each precision this machine runs
+        (`unetkit.precision.score_precisions`; int8 calibrated on the training images) and keep
+        the scores beside best.pt (RUN/best.precision.json), so `--precision auto` may choose a
+        faster precision for this run's model. None (nothing stored) when only fp32 runs here."""
+        from .backends import bf16_native, int8_available
+        from .precision import record_run_scores, score_precisions
+
+        precisions = ["fp32"] + (["bf16"] if bf16_native(str(self.device)) else []) + \
+            (["int8"] if self.device.type == "cpu" and int8_available() else [])
+        if len(precisions) == 1:
+            return None
+        scores = score_precisions(model.to(self.device).eval(), normalization, self.val_samples, None, rule,
+                                  precisions=precisions, calibration=[s.image for s in self.train_samples])
+        record_run_scores(self.run_dir / "best.pt", scores)
+        self.precision_scores = scores["rule_scores"]
+        return scores
 
     def fit(self) -> dict[str, Any]:
         """Train until `config.iterations` (or `max_seconds`); returns a summary dict.
@@ -839,6 +867,7 @@ class Trainer:
             "val_pixel_error": None if math.isnan(val_error) else val_error,
             "decision": None if decision is None else decision.to_dict(),
             "decision_scores": None if decision is None else self.decision_scores,
+            **({"precision_scores": self.precision_scores} if decision is not None and self.precision_scores else {}),
             **({"validation": self.validation_note} if self.validation_note else {}),
             "run_dir": str(self.run_dir),
         }

@@ -37,6 +37,7 @@ def predict(
     rows: Annotated[Optional[int], typer.Option("--rows", help="Only the top N rows of each image (a trial run on a stripe).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="With --dask: about this many pixels per block side (default 4096).")] = None,
     diameter: Annotated[Optional[str], typer.Option("--diameter", help="The objects' median diameter in pixels, or 'auto' (measured in a first pass at the model's scale): each image is rescaled so its objects take the size the model was trained on (recorded in its checkpoint, or in models.json for the packaged models); labels are written at the input's size.")] = None,
+    stitch: Annotated[Optional[float], typer.Option("--stitch", help="Stacks (multi-page TIFF z-stacks or time series, segmented plane by plane): link each object to the one in the plane before it that it overlaps most, when their intersection over union reaches this value (0.25 is common); without it ids are unique per plane.")] = None,
     pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel of the images: rescales them to the pixel size the model was trained at (models that record it).")] = None,
 ) -> None:
     """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input."""
@@ -56,6 +57,8 @@ def predict(
         from ..distributed import check_dask_address
 
         check_dask_address(dask)
+    if stitch is not None and not 0.0 < stitch <= 1.0:
+        raise InputError(f"--stitch must be an overlap (intersection over union) in (0, 1] (got {stitch})")
     check_writable_folder(out, "--out")
     large = wants_large(inputs, out_format=out_format, dask=dask, rows=rows)
     if large and (diameter is not None or pixel_size is not None):
@@ -64,6 +67,9 @@ def predict(
     if large and ctc:
         raise InputError("--ctc writes 16-bit TIFF masks of ordinary images; large images are written as OME-Zarr labels: "
                          "leave out --ctc (or --out-format/--dask/--rows)")
+    if large and stitch is not None:
+        raise InputError("--stitch links the planes of multi-page TIFF stacks segmented in memory; leave it out for "
+                         "zarr/large images")
     if large and skip_unreadable:
         raise InputError("--skip-unreadable applies to batches of ordinary image files; leave it out for zarr/large images")
     if not large and dtype != "float32":
@@ -82,7 +88,7 @@ def predict(
         from ..segment import segment_files
 
         written = segment_files(inputs, segmenter, out, ctc=ctc, force=force, progress=progress,
-                                skip_unreadable=skip_unreadable, echo=typer.echo)
+                                skip_unreadable=skip_unreadable, stitch=stitch, echo=typer.echo)
     except KeyboardInterrupt as exc:
         if large:
             raise CommandInterrupted("finished tiles are kept; run the same command again to continue") from None
