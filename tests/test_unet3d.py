@@ -346,3 +346,16 @@ def test_synthetic_volumes_have_touching_6_connected_cells():
     assert touching >= 2
     with pytest.raises(InputError, match="at least 4"):
         synthetic_cells_3d((2, 37, 41))
+
+
+def test_a_3d_checkpoint_saves_and_loads(tmp_path):
+    from unetkit.checkpoint import load_checkpoint, save_checkpoint
+    from unetkit.data import Normalization
+
+    torch.manual_seed(0)
+    net = UNet(dims=3, depth=2, base_channels=4, pool_kernels=[(1, 2, 2)])
+    path = save_checkpoint(tmp_path / "best.pt", net, normalization=Normalization(), class_names=["background", "cell"])
+    loaded = load_checkpoint(path).model
+    assert loaded.dims == 3 and loaded.config == net.config
+    for a, b in zip(net.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)

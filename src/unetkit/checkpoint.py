@@ -183,7 +183,8 @@ def _check_weights(config: Any, state_dict: Any) -> None:
         raise TypeError("model_config and state_dict must be dictionaries")
     levels = len({key.split(".")[1] for key in state_dict if key.startswith("down.")})
     first, head = state_dict.get("down.0.0.weight"), state_dict.get("head.weight")
-    if first is None or head is None or first.ndim != 4 or head.ndim != 4:
+    rank = 5 if config.get("dims", 2) == 3 else 4  # (out, in, [depth,] height, width)
+    if first is None or head is None or first.ndim != rank or head.ndim != rank:
         raise ValueError("the weights are not those of a unetkit UNet (no down.0.0.weight or head.weight)")
     found = {"depth": levels, "base_channels": int(first.shape[0]), "in_channels": int(first.shape[1]),
              "n_classes": int(head.shape[0])}
