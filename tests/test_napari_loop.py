@@ -27,9 +27,10 @@ from unetkit.data import Normalization  # noqa: E402
 from unetkit.errors import InputError  # noqa: E402
 from unetkit.napari._sample_data import sample_layers  # noqa: E402
 from unetkit.napari._segment import supports_diameter  # noqa: E402
-from unetkit.napari._widget import CHECKPOINT_FILE, SegmentWidget  # noqa: E402
+from unetkit.napari._widget import CHECKPOINT_FILE  # noqa: E402
 from unetkit.network import UNet  # noqa: E402
 from unetkit.synthetic import synthetic_cells  # noqa: E402
+from test_napari import widget_for  # noqa: E402 - the same widget set-up as the other napari tests
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +53,6 @@ def checkpoint(tmp_path_factory):
 def cells():
     image, labels = synthetic_cells((96, 96), seed=1)
     return np.round(image * 255).clip(0, 255).astype(np.uint8), labels.astype(np.uint16)
-
-
-def widget_for(viewer, checkpoint):
-    widget = SegmentWidget(viewer)
-    widget.model.setCurrentText(CHECKPOINT_FILE)
-    widget.path.setText(str(checkpoint))
-    return widget
 
 
 def wait(app, widget, limit=20000):

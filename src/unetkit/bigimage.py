@@ -25,7 +25,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data.normalize import Normalization
-from .config import LARGE_PIXELS
 from .errors import InputError
 from .io import _tiff_series, atomic_write
 

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bigimage import LARGE_PIXELS, create_ome_labels, fit_normalization, is_zarr_path, open_lazy, predict_to_zarr, zarr_to_tiff
+from .bigimage import create_ome_labels, fit_normalization, is_zarr_path, open_lazy, predict_to_zarr, zarr_to_tiff
+from .config import LARGE_PIXELS
 from .errors import InputError
 
 #: Block side of the labelling passes. The seeded watershed floods each block grown by its halo

@@ -308,6 +308,16 @@ def _render(
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+def _check_cells(cell_radius: tuple[float, float], touching: float) -> tuple[float, float]:
+    """(min, max) cell radius after checking it and the touching probability (InputError otherwise)."""
+    lo, hi = cell_radius
+    if not 1 <= lo <= hi:
+        raise InputError(f"cell_radius must be (min, max) with 1 <= min <= max, got {cell_radius}")
+    if not 0.0 <= touching <= 1.0:
+        raise InputError(f"touching must be a probability in [0, 1], got {touching}")
+    return lo, hi
+
+
 def synthetic_cells(
     shape: tuple[int, int] = (256, 256),
     n_cells: int | None = None,
@@ -351,11 +361,7 @@ def synthetic_cells(
     """
     if len(shape) != 2 or min(shape) < 8:
         raise InputError(f"shape must be (height, width) of at least 8x8 pixels, got {shape}")
-    lo, hi = cell_radius
-    if not 1 <= lo <= hi:
-        raise InputError(f"cell_radius must be (min, max) with 1 <= min <= max, got {cell_radius}")
-    if not 0.0 <= touching <= 1.0:
-        raise InputError(f"touching must be a probability in [0, 1], got {touching}")
+    lo, hi = _check_cells(cell_radius, touching)
     if not 1 <= gap[0] <= gap[1]:
         raise InputError(f"gap must be (min, max) pixels with 1 <= min <= max, got {gap}")
     shape = (int(shape[0]), int(shape[1]))
@@ -458,11 +464,7 @@ def synthetic_cells_3d(
     """
     if len(shape) != 3 or min(shape) < 4:
         raise InputError(f"shape must be (Z, Y, X) with at least 4 voxels per axis, got {shape}")
-    lo, hi = cell_radius
-    if not 1 <= lo <= hi:
-        raise InputError(f"cell_radius must be (min, max) with 1 <= min <= max, got {cell_radius}")
-    if not 0.0 <= touching <= 1.0:
-        raise InputError(f"touching must be a probability in [0, 1], got {touching}")
+    lo, hi = _check_cells(cell_radius, touching)
     steps = np.asarray(spacing, dtype=np.float64)
     if steps.shape != (3,) or not np.all(steps > 0):
         raise InputError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")

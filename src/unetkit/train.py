@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -212,6 +211,7 @@ def training_scale(samples: Sequence[Sample], pixel_size: float | None = None) -
     (micrometres per pixel) when known; {} when the masks hold no objects.
 
     Example:
+        >>> import numpy as np
         >>> from unetkit.data import make_sample
         >>> mask = np.zeros((40, 40), np.uint8); mask[5:15, 5:15] = 1
         >>> training_scale([make_sample(np.random.rand(40, 40), mask)])
