@@ -26,7 +26,6 @@ from unetkit.checkpoint import save_checkpoint  # noqa: E402
 from unetkit.data import Normalization  # noqa: E402
 from unetkit.errors import InputError  # noqa: E402
 from unetkit.napari._sample_data import sample_layers  # noqa: E402
-from unetkit.napari._segment import supports_diameter  # noqa: E402
 from unetkit.napari._widget import CHECKPOINT_FILE  # noqa: E402
 from unetkit.network import UNet  # noqa: E402
 from unetkit.synthetic import synthetic_cells  # noqa: E402
@@ -105,14 +104,12 @@ def test_labels_controls_reach_the_segmentation_core(app, cells, checkpoint, mon
 
     widget.diameter_mode.setCurrentText("pixels")
     widget.diameter.setValue(25.0)
-    if supports_diameter():
-        assert widget.inference_options().diameter == 25.0
-        widget.diameter_mode.setCurrentText("auto")
-        assert widget.inference_options().diameter == "auto"
-    else:  # the core has no diameter yet: refused with a message, never dropped silently
-        widget.segment_button.click()
-        assert "object diameter" in widget.message.text() and "'as trained'" in widget.message.text()
-        assert not widget.busy
+    assert widget.inference_options().diameter == 25.0
+    widget.diameter_mode.setCurrentText("auto")
+    assert widget.inference_options().diameter == "auto"
+    assert widget.inference_options().precision == "fp32"
+    widget.precision.setCurrentText("auto")
+    assert widget.inference_options().precision == "auto"
 
 
 def test_percentiles_of_a_fixed_scale_model_are_refused_with_the_fix(app, cells, tmp_path):

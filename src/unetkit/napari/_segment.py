@@ -118,13 +118,6 @@ def check_tile_size(loaded, tile_size: int | None) -> int | None:
     return check_tile(loaded.model.geometry, int(tile_size), "tile size")
 
 
-def supports_diameter() -> bool:
-    """Whether the segmentation core takes an object diameter (`InferenceOptions.diameter`)."""
-    from ..inference import InferenceOptions
-
-    return "diameter" in {f.name for f in dataclasses.fields(InferenceOptions)}
-
-
 def inference_options(
     *,
     tta: bool | None = None,
@@ -134,11 +127,9 @@ def inference_options(
     threshold: float | None = None,
     min_size: int | None = None,
     diameter: float | str | None = None,
+    precision: str = "fp32",
 ):
     """The `unetkit.inference.InferenceOptions` of the widget's controls, checked (InputError).
-
-    `diameter` (pixels or "auto") is passed only where the core has that option; elsewhere a
-    diameter other than None is refused with a message rather than silently ignored.
 
     Example:
         >>> inference_options(threshold=0.4, min_size=20).min_size
@@ -147,11 +138,8 @@ def inference_options(
     from ..inference import InferenceOptions
 
     values: dict[str, Any] = {"tta": tta, "tile_size": tile_size, "device": device, "backend": backend or "auto",
-                              "threshold": threshold, "min_size": min_size}
+                              "threshold": threshold, "min_size": min_size, "precision": precision}
     if diameter is not None:
-        if not supports_diameter():
-            raise InputError("this unetkit cannot rescale images to an object diameter yet; set 'object diameter' to "
-                             "'as trained' (or update unetkit)")
         if diameter != "auto" and not (isinstance(diameter, (int, float)) and diameter > 0):
             raise InputError(f"object diameter must be 'auto' or a size in pixels above 0 (got {diameter!r})")
         values["diameter"] = diameter
@@ -199,6 +187,7 @@ def segment_image(
     threshold: float | None = None,
     min_size: int | None = None,
     diameter: float | str | None = None,
+    precision: str = "fp32",
     percentiles: tuple[float, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
@@ -210,13 +199,13 @@ def segment_image(
     `source` (the checkpoint path or packaged name) lets a packaged model warn about images unlike
     its training data; the warnings become `notes`. `progress(done, total)` is called after each
     batch of tiles; when `cancelled()` turns true the prediction stops with `Cancelled`.
-    `threshold`, `min_size`, `diameter` and `percentiles` are the widget's controls (None: as the
+    `threshold`, `min_size`, `diameter`, `precision` and `percentiles` are the widget's controls (None: as the
     checkpoint says; see `inference_options` and `with_percentiles`).
     """
     from ..inference import Segmenter
 
     options = inference_options(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend,
-                                threshold=threshold, min_size=min_size, diameter=diameter)
+                                threshold=threshold, min_size=min_size, diameter=diameter, precision=precision)
     if percentiles is not None:
         loaded = with_percentiles(loaded, *percentiles)
     segmenter = Segmenter(loaded, options, source=source)
