@@ -168,7 +168,7 @@ def test_models_command(package, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["name", "trained", "on"]
+    assert lines[0].split()[:4] == ["name", "network", "trained", "on"]
     em = next(line for line in lines if line.startswith("em-membranes"))
     assert "Rand error 0.051" in em and "installed" in em and "not installed" not in em and "MB" in em
     for name in ("dic-hela", "fluo-nuclei"):
@@ -184,6 +184,18 @@ def test_models_command(package, capsys):
     assert main(["models", "dic-hela"]) == 0
     out = capsys.readouterr().out
     assert "not installed" in out and "0.19 x 0.19 um" in out and "Cell Tracking Challenge" in out
+    assert "2D U-Net" in out and "precisions" in out
+
+
+def test_models_command_shows_scale_and_what_auto_may_choose(capsys):
+    assert main(["models"]) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert "objects" in header and all(" 2D " in row for row in rows[:3])
+    assert main(["models", "dic-hela"]) == 0
+    out = capsys.readouterr().out
+    assert "median object diameter 112.51 px" in out
+    line = next(line for line in out.splitlines() if line.startswith("precisions"))
+    assert line.split()[1:3] == ["fp32", "0.9017,"] and line.endswith("--precision auto may choose fp32, bf16")  # int8 ruled out
 
 
 # -- does an image fit a model? ---------------------------------------------------------------------

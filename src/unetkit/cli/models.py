@@ -20,6 +20,29 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _dims(m) -> str:
+    return "3D" if (m.training or {}).get("dims") == 3 else "2D"
+
+
+def _objects(m) -> str:
+    diameter = (m.scale or {}).get("diameter")
+    return f"{diameter:g} px" if diameter else "-"
+
+
+def _precisions(m) -> str:
+    """The stored rule score per precision and what `--precision auto` may choose from them."""
+    from ..precision import SCORE_TOLERANCE, worse_by
+
+    scores = m.precision_scores or {}
+    values = scores.get("rule_scores") or {}
+    if not values:
+        return "fp32 only (no per-precision scores stored)"
+    names = [p for p in ("fp32", "bf16", "int8") if p in values]
+    allowed = [p for p in names if p == "fp32" or (worse_by(scores, p) is not None and worse_by(scores, p) <= SCORE_TOLERANCE)]
+    listed = ", ".join(f"{p} {values[p]:.4f}" for p in names)
+    return f"{listed} ({scores.get('score', 'rule score')}); --precision auto may choose {', '.join(allowed)}"
+
+
 @app.command("models")
 def models_command(
     name: Annotated[Optional[str], typer.Argument(help="Show everything about this model (default: list them all).")] = None,
@@ -43,6 +66,9 @@ def models_command(
             ("images", m.input.modality),
             ("recipe", f"{m.recipe}; budget: {m.budget}"),
             ("held-out scores", describe_scores(m.scores)),
+            ("network", f"{_dims(m)} U-Net"),
+            ("object scale", f"median object diameter {_objects(m)} in its training masks" if m.scale else "not recorded"),
+            ("precisions", _precisions(m)),
             ("data terms", m.license),
             ("cite", m.citation),
         ]
@@ -50,9 +76,9 @@ def models_command(
         typer.echo("\n".join(f"{k.ljust(width)}  {v}" for k, v in facts))
         return
     rows = [
-        [m.name, m.trained_on.split(" (")[0], m.input.describe(pixel_size=False),
+        [m.name, _dims(m), m.trained_on.split(" (")[0], m.input.describe(pixel_size=False), _objects(m),
          describe_scores(m.scores), _size(m.size_bytes), "installed" if m.installed else "not installed"]
         for m in models
     ]
-    typer.echo(_table(rows, ["name", "trained on", "input", "held-out scores", "size", "status"]))
+    typer.echo(_table(rows, ["name", "network", "trained on", "input", "objects", "held-out scores", "size", "status"]))
     typer.echo(f"total {_size(total_size())}; details: unetkit models NAME; use: unetkit predict --model NAME IMAGES --out DIR")
