@@ -244,13 +244,16 @@ def fine_tune(
     callback: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     force: bool = False,
+    budget_clock: str = "cpu",
+    precision_scores: bool = True,
 ) -> Path:
     """Fine-tune a model on a few annotated images in memory; returns RUN/best.pt.
 
     Signature:
         fine_tune(start, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], run_dir, *,
         seconds: float = 120.0, progress: bool = False, callback: Callable[[dict], None] | None = None,
-        should_stop: Callable[[], bool] | None = None, force: bool = False) -> pathlib.Path
+        should_stop: Callable[[], bool] | None = None, force: bool = False, budget_clock: str = "cpu",
+        precision_scores: bool = True) -> pathlib.Path
 
     Args:
         start: a packaged model name ("fluo-nuclei"), a checkpoint path (RUN/best.pt) or a
@@ -258,13 +261,18 @@ def fine_tune(
         images: raw 2D images, (H, W) or (C, H, W), any size and dtype.
         masks: instance label arrays (H, W), 0 background, one per image.
         run_dir: the run folder to create (must be empty unless `force`).
-        seconds: the training budget in CPU-seconds of this process.
+        seconds: the training budget, in CPU-seconds of this process (`budget_clock="cpu"`, the
+            same work on a busy machine) or in elapsed seconds (`"wall"`, what a user waiting at
+            a viewer counts).
         progress: show a progress bar.
         callback: called after every iteration with {"iteration": i, "loss": float, "seconds": s,
             "budget": seconds, "iterations": None, "val_iou": float or None}.
         should_stop: polled after every iteration; True ends training early, and best.pt is still
             written with a labels rule chosen on validation.
         force: reuse a non-empty `run_dir`.
+        budget_clock: "cpu" or "wall", what `seconds` counts.
+        precision_scores: score the labels rule in each precision the machine runs at the end
+            (RUN/best.precision.json, for `--precision auto`); off saves those seconds.
 
     With fewer than 3 images validation is a cross-check on the training images (RUN/finetune.json
     says so); with 3 or more the last image is held out. InputError (nothing created) for a start
@@ -277,6 +285,7 @@ def fine_tune(
         >>> Segmenter.load(best).segment(other_image).labels.max()  # doctest: +SKIP
     """
     trainer = prepare_fine_tune(start, images, masks, run_dir, seconds=seconds, progress=progress,
-                                callback=callback, should_stop=should_stop, force=force)
+                                callback=callback, should_stop=should_stop, force=force,
+                                overrides={"budget_clock": budget_clock, "precision_scores": precision_scores})
     trainer.fit()
     return Path(run_dir) / "best.pt"

@@ -65,14 +65,15 @@ def run_fine_tune(
     callback: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Path:
-    """Fine-tune `start` (a packaged model name or checkpoint path) on the pairs for `seconds`;
-    returns RUN/best.pt (`unetkit.finetune.fine_tune`)."""
+    """Fine-tune `start` (a packaged model name or checkpoint path) on the pairs for `seconds` of
+    the user's time (elapsed, not processor, seconds); returns RUN/best.pt (`unetkit.finetune.fine_tune`)."""
     try:
         from ..finetune import fine_tune
     except ImportError as exc:
         raise InputError(f"fine-tuning is not available in this unetkit ({exc}); update unetkit") from None
     best = Path(fine_tune(start, list(images), list(masks), run_dir, seconds=float(seconds), progress=False,
-                          callback=callback, should_stop=should_stop))
+                          callback=callback, should_stop=should_stop, budget_clock="wall",
+                          precision_scores=False))  # the user waits: the widget segments in the precision chosen there
     if not best.is_file():
         raise InputError(f"fine-tuning ended without writing {best}")
     return best

@@ -89,7 +89,7 @@ PRECISION_CHOICES = ("fp32", "auto", "bf16", "int8")
 PRECISION_TIP = ("Arithmetic of the network. fp32 is what the model was trained in. bf16 is about twice as fast on "
                  "processors that have it (recent Intel Xeon, AMD Zen 4) and int8 uses onnxruntime; 'auto' picks the "
                  "fastest only where the model's stored scores show the result stays the same.")
-SECONDS_TIP = ("How long to train on your corrected labels, in processor time (on several cores it ends sooner). A "
+SECONDS_TIP = ("How long to train on your corrected labels, in seconds of your time. A "
                "minute or two usually adapts a model to new images; "
                "Stop ends it early and keeps the best model so far.")
 TRAIN_LABELS_TIP = ("The labels layer the model learns from: correct it with napari's paint, fill and erase tools "
