@@ -433,48 +433,37 @@ def record_model(name: str, *, scores: dict[str, Any], training: dict[str, Any],
         return _write_metadata(models)
 
 
+def _update_entry(name: str, **values: Any) -> Path:
+    """Set `values` in model `name`'s models.json entry, keeping the rest of it (locked, atomically)."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    with _locked_folder(MODELS_DIR):
+        models = read_metadata()
+        models[name] = {**models.get(name, {}), **values}
+        return _write_metadata(models)
+
+
 def record_package_scores(name: str, records: Sequence[dict[str, Any]]) -> Path:
     """Store the scores of model `name`'s bioimage.io package (``package_scores``: a list of records,
     see `PretrainedModel`) in its models.json entry, replacing the earlier ones and keeping the rest
     of the entry. Returns the metadata file's path."""
     if name not in REGISTRY:
         raise _unknown(name)
-    records = list(_package_records(list(records)))
-    with _locked_folder(MODELS_DIR):
-        models = read_metadata()
-        entry = dict(models.get(name, {}))
-        entry["package_scores"] = records
-        models[name] = entry
-        return _write_metadata(models)
+    return _update_entry(name, package_scores=list(_package_records(list(records))))
 
 
 def record_precision_scores(name: str, scores: dict[str, Any]) -> Path:
     """Store the per-precision validation scores of model `name` (``precision_scores``, written by
     benchmarks/precision.py with `unetkit.precision.score_precisions`) in its models.json entry,
     keeping the rest of the entry. Returns the metadata file's path."""
-    if name not in REGISTRY:
-        raise _unknown(name)
-    with _locked_folder(MODELS_DIR):
-        models = read_metadata()
-        entry = dict(models.get(name, {}))
-        entry["precision_scores"] = dict(scores)
-        models[name] = entry
-        return _write_metadata(models)
+    return _update_entry(name, precision_scores=dict(scores))
 
 
 def record_training_statistics(name: str, *, scale: dict[str, Any], intensity: dict[str, Any]) -> Path:
     """Store what model `name`'s training data looked like (``scale`` of its masks' objects and
     ``intensity`` of its images: see `PretrainedModel`, `packaged_statistics`) in its
     models.json entry, keeping the rest of the entry. Returns the metadata file's path."""
-    if name not in REGISTRY:
-        raise _unknown(name)
-    with _locked_folder(MODELS_DIR):
-        models = read_metadata()
-        entry = dict(models.get(name, {}))
-        entry["scale"] = dict(scale)
-        entry["intensity"] = dict(intensity)
-        models[name] = entry
-        return _write_metadata(models)
+    return _update_entry(name, scale=dict(scale), intensity=dict(intensity))
 
 
 def forget_model(name: str, *, remove_weights: bool = False) -> None:

@@ -136,11 +136,8 @@ def check_diameter(value: Any, option: str = "--diameter") -> float | str | None
     """
     if value is None or value == "auto":
         return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+    number = _positive(value)
+    if number is None:
         raise InputError(f"{option} must be 'auto' or an object diameter in pixels > 0 (got {value!r})")
     return number
 
@@ -149,13 +146,19 @@ def check_pixel_size(value: Any) -> float | None:
     """`value` as micrometres per pixel (> 0), or None; InputError otherwise."""
     if value is None:
         return None
+    number = _positive(value)
+    if number is None:
+        raise InputError(f"--pixel-size must be micrometres per pixel > 0 (got {value!r})")
+    return number
+
+
+def _positive(value: Any) -> float | None:
+    """`value` (a number or its text, not a bool) as a finite float > 0, else None."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
-        raise InputError(f"--pixel-size must be micrometres per pixel > 0 (got {value!r})")
-    return number
+        return None
+    return number if not isinstance(value, bool) and math.isfinite(number) and number > 0 else None
 
 
 def model_scale(loaded, packaged: dict[str, Any] | None = None) -> dict[str, Any]:
