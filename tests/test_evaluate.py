@@ -239,3 +239,22 @@ def test_evaluate_scores_100k_objects(tmp_path):
     write_tiff(tmp_path / "pred" / "a.tif", np.kron(100_001 - ids, square))  # the same objects, numbered otherwise
     result = evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics="seg,ap")
     assert result.overall["seg"] == 1.0 and result.overall["ap@0.9"] == 1.0 and result.overall["pq@0.5"] == 1.0
+
+
+def test_volumes_are_scored_as_volumes_with_six_connected_objects(tmp_path, capsys):
+    gt = np.zeros((2, 8, 8), np.uint16)
+    gt[:, 2:6, 2:6] = 1  # one object through both planes: 32 voxels
+    pred = np.zeros_like(gt)
+    pred[0, 2:6, 2:6] = 1
+    pred[1, 2:4, 2:6] = 1  # 24 of its voxels: IoU 0.75 in 3D; plane 1 alone 8 of 16, not a match
+    for folder, array in (("gt", gt), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "stack.tif", array, photometric="minisblack")
+    volume = evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics="seg,ap,pixel", volumes=True)
+    planes = evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics="seg,ap,pixel")
+    assert [row["name"] for row in volume.rows] == ["stack"] and len(planes.rows) == 2
+    assert volume.overall["seg"] == pytest.approx(0.75) and planes.overall["seg"] == pytest.approx(0.5)
+    assert volume.overall["ap@0.5"] == 1.0
+    assert volume.overall["pixel_error"] == planes.overall["pixel_error"] == pytest.approx(8 / 128)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--volumes"]) == 2
+    assert "warping error is defined on 2D images" in capsys.readouterr().err

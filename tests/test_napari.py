@@ -142,9 +142,9 @@ def test_widget_bad_input_gives_a_message(app, checkpoint, capfd):
     assert widget.message.text() == (
         "layer 'rgb' is a colour (RGB) image with 3 channels, but the model was trained on 1 channel; "
         "convert it to grayscale (Image > Mode in Fiji) or choose a model for colour images")
-    viewer.add_image(np.zeros((3, 40, 50), np.uint8), name="stack")
+    viewer.add_image(np.zeros((2, 3, 40, 50), np.uint8), name="tzyx")
     widget.segment_button.click()
-    assert "'stack' has 3 spatial dimensions" in widget.message.text()
+    assert "'tzyx' has 4 dimensions" in widget.message.text() and "z-stacks or time series" in widget.message.text()
     viewer.add_image(np.zeros((40, 50), np.float32), name="flat")
     widget.tile_size.setValue(33)
     widget.segment_button.click()

@@ -97,7 +97,7 @@ def test_small_pieces():
     "call, message",
     [
         (lambda: probabilities_to_instances(np.full((3, 3), 1.2)), "outside"),
-        (lambda: probabilities_to_instances(np.zeros((2, 3, 3))), "2D"),
+        (lambda: probabilities_to_instances(np.zeros((2, 2, 3, 3))), r"\(H, W\) or a volume \(Z, Y, X\)"),
         (lambda: probabilities_to_instances(np.zeros((3, 3)), method="blobs"), "method"),
         (lambda: probabilities_to_instances(np.zeros((3, 3)), threshold=2), "threshold"),
         (lambda: probabilities_to_instances(np.zeros((3, 3)), min_size=-1), "min_size"),

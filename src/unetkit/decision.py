@@ -48,10 +48,14 @@ class DecisionRule:
         seed_threshold, min_seed_size: cores of the "seeded" watershed.
         h: seed depth of the distance "watershed".
         min_size: objects smaller than this many pixels are dropped.
-        tta: the probabilities it was chosen on were averaged over the 8 dihedral transforms.
+        tta: the probabilities it was chosen on were averaged over the test-time transforms (8
+            dihedral ones for images, 16 for volumes).
         image_statistics: the probabilities it was chosen on were made with batch norm using each
             image's own statistics (`predict(..., norm_statistics="image")`, `unetkit.adapt`).
         task: "membranes" or "objects" (what the score below measures).
+        per_plane: a volume's labels are drawn plane by plane (objects annotated per section,
+            as in serial-section EM), with ids unique across the volume; else 6-connected 3D
+            objects. Images ignore it.
         score: the validation score of this rule (Rand error for membranes, mean of SEG and PQ
             for objects); None for a rule that was not chosen on data.
 
@@ -69,6 +73,7 @@ class DecisionRule:
     tta: bool = False
     image_statistics: bool = False
     task: str = "objects"
+    per_plane: bool = False
     score: float | None = None
 
     def __post_init__(self) -> None:
@@ -78,7 +83,13 @@ class DecisionRule:
             raise InputError(f"decision task {self.task!r}: choose one of {', '.join(TASKS)}")
 
     def apply(self, prob_foreground: np.ndarray, fill_holes: bool = True) -> np.ndarray:
-        """Instance labels (int32) of one 2D foreground probability map."""
+        """Instance labels (int32) of one foreground probability map (H, W) or volume (Z, Y, X)."""
+        prob_foreground = np.asarray(prob_foreground)
+        if prob_foreground.ndim == 3 and self.per_plane:
+            from .stacks import unique_across_planes
+
+            planes = [self.apply(plane, fill_holes) for plane in prob_foreground]
+            return unique_across_planes(np.stack(planes)).astype(np.int32)
         return probabilities_to_instances(
             prob_foreground, threshold=self.threshold, method=self.method,  # type: ignore[arg-type]
             min_size=self.min_size, fill_holes=fill_holes, h=self.h, seed_threshold=self.seed_threshold, min_seed_size=self.min_seed_size,
@@ -144,13 +155,19 @@ def candidate_rules(task: str, object_area: float) -> list[DecisionRule]:
 
 def score_labels(task: str, labels: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
     """Validation score of labels: Rand error for "membranes" (lower is better), mean of SEG and
-    PQ@0.5 for "objects" (higher is better)."""
-    from .metrics import average_precision, rand_error, seg_score
+    PQ@0.5 for "objects" (higher is better). Volumes (Z, Y, X) are scored as volumes, objects
+    matched by voxel overlap (`unetkit.metrics.volume`)."""
+    labels, truths = list(labels), list(truths)
+    if truths and np.asarray(truths[0]).ndim == 3:
+        from .metrics.volume import average_precision_3d as average_precision, rand_error_3d as rand_error, \
+            seg_score_3d as seg_score
+    else:
+        from .metrics import average_precision, rand_error, seg_score
 
     if task == "membranes":
-        return float(rand_error(list(labels), list(truths)))
-    pq = average_precision(list(labels), list(truths), thresholds=(0.5,))[0.5]["pq"]
-    return 0.5 * (float(seg_score(list(labels), list(truths))) + float(pq))
+        return float(rand_error(labels, truths))
+    pq = average_precision(labels, truths, thresholds=(0.5,))[0.5]["pq"]
+    return 0.5 * (float(seg_score(labels, truths)) + float(pq))
 
 
 def best_rule(rules: Sequence[DecisionRule]) -> DecisionRule:
@@ -173,8 +190,10 @@ def choose_decision(
     """The rule of `candidate_rules` that scores best on (probability map, instance labels) pairs.
 
     Args:
-        probabilities: 2D foreground probability maps of the validation images.
-        truths: their ground truth (instance labels, or binary masks; ISBI: cells 1, membranes 0).
+        probabilities: foreground probability maps of the validation images (H, W), or of
+            validation volumes (Z, Y, X).
+        truths: their ground truth (instance labels, or binary masks; ISBI: cells 1, membranes 0);
+            in volumes 6-connected objects.
         task: "membranes" or "objects"; None infers it from the ground truth (`infer_task`).
         tta: whether the maps were made with test-time augmentation (recorded in the rule).
         image_statistics: whether the maps were made with each image's batch-norm statistics
@@ -183,8 +202,9 @@ def choose_decision(
     if len(probabilities) != len(truths) or not truths:
         raise InputError("choose_decision needs one ground truth per probability map, and at least one")
     from .labels import as_instances
+    from .labels3d import as_instances_3d
 
-    truths = [as_instances(np.asarray(t)) for t in truths]
+    truths = [as_instances_3d(t) if np.asarray(t).ndim == 3 else as_instances(np.asarray(t)) for t in truths]
     task = task or infer_task(truths)
     areas = np.concatenate([np.bincount(t.ravel())[1:] for t in truths])
     areas = areas[areas > 0]

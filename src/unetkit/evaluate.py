@@ -10,7 +10,7 @@ map) is refused unless `allow_intensity_masks` (see `unetkit.data.readers.intens
 
 A z-stack or time series (one multi-page file per stack, as `unetkit predict` writes for a
 multi-page input) is scored plane by plane: each plane is one row (NAME:zNNN) and is pooled into
-the overall scores like an image of its own.
+the overall scores like an image of its own; with `volumes`, each stack is scored as one volume.
 
 Predictions: float TIFFs are probability maps in [0, 1], either (H, W) or (C, H, W) as written by
 `unetkit predict` (foreground = channel `channel`, 1 by default); integer images are label images
@@ -44,9 +44,11 @@ from .errors import InputError
 from .io import list_images, listing, read_image, repeated
 from .metric_info import DEFAULT_METRICS, METRIC_DESCRIPTIONS
 from .labels import as_instances, label_components
+from .labels3d import as_instances_3d
 from .metrics import AP_THRESHOLDS, ISBI_THRESHOLDS, METRICS, CumulativeMetric
 from .metrics.base import Score
 from .metrics.inputs import as_labels, check_probability, check_threshold, is_probability
+from .metrics.volume import AdaptedRandError3D, AveragePrecision3D, RandError3D, SEG3D, VariationOfInformation3D
 from .postprocess import threshold_mask
 
 PathLike = Union[str, os.PathLike]
@@ -210,12 +212,15 @@ def _checked_truth(labels: np.ndarray, where: str, allow_intensity_masks: bool) 
 
 def _stack_prediction(path: Path, planes: int, channel: int) -> np.ndarray:
     """A prediction stack for `planes` ground-truth planes: (N, H, W) labels or probabilities,
-    from labels (N, H, W) or the probabilities `unetkit predict` writes for a stack, (N, C, H, W)."""
+    from labels (N, H, W), the probabilities `unetkit predict` writes for a stack with a 2D model,
+    (N, C, H, W), or for a volume with a 3D model, (C, N, H, W)."""
     array = read_image(path, pages=True)
     if array.ndim == 4 and is_probability(array):
-        if not 0 <= channel < array.shape[1]:
-            raise InputError(f"{path}: has {array.shape[1]} channels (shape {array.shape}); --channel {channel} is out of range")
-        array = array[:, channel]
+        classes_first = array.shape[0] != planes and array.shape[1] == planes
+        n = array.shape[0] if classes_first else array.shape[1]
+        if not 0 <= channel < n:
+            raise InputError(f"{path}: has {n} channels (shape {array.shape}); --channel {channel} is out of range")
+        array = array[channel] if classes_first else array[:, channel]
     if array.ndim != 3 or len(array) != planes:
         raise InputError(f"{path}: expected a stack of {planes} planes like its ground truth, got shape {array.shape}")
     return array
@@ -250,9 +255,23 @@ def plane_pairs(
 
 
 def _instances(array: np.ndarray, threshold: float) -> np.ndarray:
+    """Objects of a prediction: components of a probability map above `threshold` (4-connected,
+    6 in a volume), components of a binary label image, or the instances of an instance image."""
     if is_probability(array):
         return label_components(threshold_mask(array, threshold))
+    if array.ndim == 3:
+        return as_instances_3d(as_labels(array, "pred"), "pred")
     return as_instances(as_labels(array, "pred"))
+
+
+#: Metrics that `evaluate_folders(..., volumes=True)` scores on whole volumes, with 6-connected
+#: objects (`unetkit.metrics.volume`). The pixel-wise ones count voxels and are the same either way;
+#: the warping error is defined on 2D topology and is left out of volume scoring.
+VOLUME_METRICS = {
+    "rand": lambda t: RandError3D(ISBI_THRESHOLDS), "seg": lambda t: SEG3D(),
+    "ap": lambda t: AveragePrecision3D(AP_THRESHOLDS), "adapted_rand": lambda t: AdaptedRandError3D(),
+    "vi": lambda t: VariationOfInformation3D(),
+}
 
 
 @dataclass
@@ -324,13 +343,17 @@ def _scores_or_none(
 def _update(
     accumulators: dict[str, CumulativeMetric], pred: np.ndarray, gt: np.ndarray, threshold: float
 ) -> tuple[dict[str, Score], list[str]]:
-    """Add one image pair to every accumulator; returns its scores and why any is undefined."""
-    objects = (_instances(pred, threshold), as_instances(gt)) if any(METRICS[m].objects for m in accumulators) else None
+    """Add one image (or volume) pair to every accumulator; returns its scores and why any is undefined."""
+    volume = gt.ndim == 3
+    truth = (lambda g: as_instances_3d(g, "gt")) if volume else as_instances
+    objects = (_instances(pred, threshold), truth(gt)) if any(METRICS[m].objects for m in accumulators) else None
     scores: dict[str, Score] = {}
     problems: list[str] = []
     for name, metric in accumulators.items():
         spec = METRICS[name]
         p, g = objects if spec.objects else (pred, gt)
+        if volume and name not in VOLUME_METRICS:  # voxel counts: the volume as one tall image
+            p, g = p.reshape(-1, p.shape[-1]), g.reshape(-1, g.shape[-1])
         values, problem = _scores_or_none(metric, metric.update(p, g), spec.columns)
         if problem:
             problems.append(f"{name}: {problem}")
@@ -366,8 +389,13 @@ def evaluate_folders(
     channel: int = 1,
     use: str = "probabilities",
     allow_intensity_masks: bool = False,
+    volumes: bool = False,
 ) -> Evaluation:
     """Score every prediction in `pred_dir` against its ground truth in `gt_dir`.
+
+    With `volumes`, each multi-page ground truth is scored as one volume (one row per stack):
+    objects are 6-connected, Rand error, SEG, AP, adapted Rand and VI are computed in 3D
+    (`VOLUME_METRICS`), pixel-wise scores count voxels; "warping" is refused.
 
     A score undefined for one image (e.g. a Rand error on a ground truth without foreground) is
     None for that image and explained in `notes`; an overall score undefined for the whole
@@ -380,11 +408,20 @@ def evaluate_folders(
     """
     names = parse_metrics(metrics)
     threshold = check_threshold(threshold, "--threshold")
+    if volumes and "warping" in names:
+        raise InputError("the warping error is defined on 2D images; leave warping out of --metrics with --volumes")
     pairs, unpaired = pair_files(pred_dir, gt_dir, use)
-    accumulators = {name: METRICS[name].make(threshold) for name in names}
+    accumulators = {name: (VOLUME_METRICS[name] if volumes and name in VOLUME_METRICS else METRICS[name].make)(threshold)
+                    for name in names}
     result = Evaluation(names, threshold, unpaired_predictions=[p.name for p in unpaired])
     for pred_path, gt_path in pairs:
-        for name, pred, gt in plane_pairs(pred_path, gt_path, channel, allow_intensity_masks):
+        planes = plane_pairs(pred_path, gt_path, channel, allow_intensity_masks)
+        if volumes:
+            if len(planes) == 1:
+                raise InputError(f"{gt_path}: one 2D image; --volumes scores z-stacks (multi-page TIFF ground truth), "
+                                 "leave it out for images")
+            planes = [(gt_path.stem, np.stack([p for _, p, _ in planes]), np.stack([g for _, _, g in planes]))]
+        for name, pred, gt in planes:
             if pred.shape != gt.shape:
                 raise InputError(
                     f"{pred_path.name} has shape {pred.shape} but its ground truth {gt_path.name} has {gt.shape}; "

@@ -25,6 +25,16 @@ FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
+def face_connected(ndim: int) -> np.ndarray:
+    """The structuring element of objects: 4-connected in 2D, 6-connected in 3D (face neighbours)."""
+    return FOUR_CONNECTED if ndim == 2 else ndi.generate_binary_structure(ndim, 1)
+
+
+def fully_connected(ndim: int) -> np.ndarray:
+    """The structuring element of background regions and seeds: 8-connected in 2D, 26 in 3D."""
+    return np.ones((3,) * ndim, dtype=bool)
+
+
 def check_labels(
     array: np.ndarray,
     name: str = "labels",
@@ -91,8 +101,9 @@ def check_labels(
 
 
 def label_components(mask: np.ndarray) -> np.ndarray:
-    """4-connected components of a binary mask, labelled 1..n (int32)."""
-    labels, _ = ndi.label(np.asarray(mask, dtype=bool), structure=FOUR_CONNECTED, output=np.int32)
+    """Face-connected components of a binary mask (4-connected in 2D, 6 in 3D), labelled 1..n (int32)."""
+    mask = np.asarray(mask, dtype=bool)
+    labels, _ = ndi.label(mask, structure=face_connected(mask.ndim), output=np.int32)
     return labels
 
 

@@ -54,11 +54,12 @@ def weighted_cross_entropy(
     return nll.sum() / labelled.sum().clamp(min=1)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, ignore_index: int | None = None) -> torch.Tensor:
     """1 - soft Dice averaged over every class, class 0 included.
 
     Class 0 counts because it is not always the uninteresting one: in EM masks it is the membrane,
-    the thin class whose gaps merge cells and which cross-entropy alone under-draws.
+    the thin class whose gaps merge cells and which cross-entropy alone under-draws. With
+    `ignore_index`, unlabelled pixels count in neither the overlap nor the totals.
 
     Example:
         >>> target = torch.tensor([[[0, 1], [1, 1]]])
@@ -67,7 +68,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
         0.31
     """
     probs = torch.softmax(logits, dim=1)
+    if ignore_index is not None:
+        labelled = (target != ignore_index).unsqueeze(1).to(probs.dtype)
+        probs = probs * labelled
+        target = torch.where(target == ignore_index, torch.zeros_like(target), target)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    if ignore_index is not None:
+        one_hot = one_hot * labelled
     dims = (0, *range(2, logits.ndim))
     overlap = (probs * one_hot).sum(dims)
     total = probs.sum(dims) + one_hot.sum(dims)
@@ -77,6 +84,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 
 class SegmentationLoss(nn.Module):
     """Weighted cross-entropy (the paper) plus `dice_weight` times a soft Dice loss (off by default).
+
+    Targets holding `IGNORE_INDEX` (sparsely annotated volumes) leave those voxels out of both terms.
 
     Example:
         >>> loss = SegmentationLoss(dice_weight=0.5)
@@ -91,7 +100,8 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = float(dice_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        loss = weighted_cross_entropy(logits, target, weights)
+        ignore = IGNORE_INDEX if bool((target == IGNORE_INDEX).any()) else None
+        loss = weighted_cross_entropy(logits, target, weights, ignore_index=ignore)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, target)
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, ignore_index=ignore)
         return loss

@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .io import prepare_output_dir, write_tiff
-from .labels import EIGHT_CONNECTED, id_dtype, label_components, relabel_consecutive, remove_small_objects
+from .labels import fully_connected, id_dtype, label_components, relabel_consecutive, remove_small_objects
 from .metrics.inputs import as_labels, as_slices, check_probability, check_threshold
 
 Method = Literal["components", "watershed", "seeded"]
@@ -33,18 +33,20 @@ METHODS: tuple[str, ...] = ("components", "watershed", "seeded")
 
 
 def threshold_mask(prob_foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binary mask `prob_foreground > threshold` of a 2D probability map in [0, 1]."""
+    """Binary mask `prob_foreground > threshold` of a probability map in [0, 1]: an image (H, W)
+    or a volume (Z, Y, X)."""
     prob = np.asarray(prob_foreground)
-    if prob.ndim != 2:
-        raise InputError(f"prob_foreground: expected a 2D map (H, W), got shape {prob.shape}; pass the foreground channel")
+    if prob.ndim not in (2, 3):
+        raise InputError(f"prob_foreground: expected a map (H, W) or a volume (Z, Y, X), got shape {prob.shape}; "
+                         "pass the foreground channel")
     if prob.dtype == bool:
         return prob.copy()
     return check_probability(prob, "prob_foreground") > check_threshold(threshold)
 
 
 def _flood(landscape: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Seeded watershed of `landscape` within `mask` (4-connected); mask components that no seed
-    reaches keep a label of their own."""
+    """Seeded watershed of `landscape` within `mask` (face-connected); mask components that no
+    seed reaches keep a label of their own."""
     from skimage.segmentation import watershed
 
     labels = watershed(landscape, seeds, mask=mask, connectivity=1).astype(np.int32)
@@ -80,7 +82,7 @@ def watershed_split(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
     distance = ndi.distance_transform_edt(mask)
-    seeds, _ = ndi.label(h_maxima(distance, h).astype(bool) & mask, structure=EIGHT_CONNECTED)
+    seeds, _ = ndi.label(h_maxima(distance, h).astype(bool) & mask, structure=fully_connected(mask.ndim))
     return _flood(-distance, seeds, mask)
 
 
@@ -113,21 +115,23 @@ def seeded_watershed(
 def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     """Fill every hole that lies inside a single object with that object's label.
 
-    A hole is a background region (8-connected, as the background of 4-connected objects) that
-    does not reach the image border; a region enclosed by several objects together is left empty.
+    A hole is a background region (8-connected, as the background of 4-connected objects; 26- and
+    6-connected in a volume) that does not reach the border; a region enclosed by several objects
+    together is left empty.
     """
     labels = np.asarray(labels)
     foreground = labels > 0
-    holes = ndi.binary_fill_holes(foreground, structure=EIGHT_CONNECTED) & ~foreground
+    full = fully_connected(labels.ndim)
+    holes = ndi.binary_fill_holes(foreground, structure=full) & ~foreground
     if not holes.any():
         return labels.copy()
-    hole_ids, n_holes = ndi.label(holes, structure=EIGHT_CONNECTED)
+    hole_ids, n_holes = ndi.label(holes, structure=full)
     # Every 8-neighbour of a hole outside it is an object pixel, so the hole lies inside a single
     # object exactly when the smallest and largest object id around it agree.
     ids = labels.astype(np.int64)
     top = int(ids.max()) + 1  # stands for "no object" in the minimum
-    around_max = ndi.maximum_filter(ids, footprint=EIGHT_CONNECTED, mode="constant", cval=0)
-    around_min = ndi.minimum_filter(np.where(ids > 0, ids, top), footprint=EIGHT_CONNECTED, mode="constant", cval=top)
+    around_max = ndi.maximum_filter(ids, footprint=full, mode="constant", cval=0)
+    around_min = ndi.minimum_filter(np.where(ids > 0, ids, top), footprint=full, mode="constant", cval=top)
     in_hole = hole_ids[holes]
     largest = np.zeros(n_holes + 1, dtype=np.int64)
     smallest = np.full(n_holes + 1, top, dtype=np.int64)
@@ -152,10 +156,11 @@ def probabilities_to_instances(
     """Instance labels (int32, 0 = background, objects 1..n) from a foreground probability map.
 
     Args:
-        prob_foreground: 2D probability of cell interior in [0, 1] (e.g. channel 1 of the
-            (n_classes, H, W) map that `unetkit predict` writes), or a bool mask.
+        prob_foreground: probability of cell interior in [0, 1], an image (H, W) or a volume
+            (Z, Y, X) (e.g. channel 1 of the (n_classes, ...) map that `unetkit predict`
+            writes), or a bool mask. Volumes form 6-connected objects.
         threshold: foreground is `prob_foreground > threshold`.
-        method: "components" (4-connected components), "watershed" (seeded watershed on the
+        method: "components" (4-connected components; 6 in a volume), "watershed" (seeded watershed on the
             distance transform, which splits touching cells; see `watershed_split`) or "seeded"
             (watershed on the probability from confident cores; see `seeded_watershed`).
         min_size: objects with fewer pixels are removed (0 keeps all).

@@ -186,13 +186,21 @@ def training_report(trainer) -> str:
     predict_started = time.perf_counter()
     pictures, per_image = [], []
     for sample in shown:
-        foreground = predict(trainer.model, sample.image, device=trainer.device)[1]
+        image, target, instances, name = sample.image, sample.target, sample.instances, sample.name
+        if image.ndim == 4:  # a volume: its middle plane
+            from .volume import predict_volume
+
+            z = image.shape[1] // 2
+            foreground = predict_volume(trainer.model, image, device=trainer.device, pad_thin=True)[1, z]
+            image, target, instances, name = image[:, z], target[z], instances[z], f"{name} plane {z}"
+        else:
+            foreground = predict(trainer.model, image, device=trainer.device)[1]
         labels = label_components(foreground > 0.5)
-        scores, _ = score_images(foreground, sample.target, VALIDATION_METRICS)
-        objects, _ = score_images(foreground, sample.instances, ("seg",))
-        per_image.append([sample.name, *scores.values(), objects["seg"], int(labels.max()), int(len(np.unique(sample.instances)) - 1)])
-        picture, crop = overlay_picture(sample.image, labels, sample.target)
-        pictures.append(figure(picture, f"{sample.name}: foreground > 0.5 at iteration {trainer.iteration}{crop}"))
+        scores, _ = score_images(foreground, target, VALIDATION_METRICS)
+        objects, _ = score_images(foreground, instances, ("seg",))
+        per_image.append([name, *scores.values(), objects["seg"], int(labels.max()), int(len(np.unique(instances)) - 1)])
+        picture, crop = overlay_picture(image, labels, target)
+        pictures.append(figure(picture, f"{name}: foreground > 0.5 at iteration {trainer.iteration}{crop}"))
     predict_seconds = time.perf_counter() - predict_started
     if shown:
         more = len(trainer.val_samples) - len(shown)

@@ -13,10 +13,12 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bigimage import is_zarr_path
 from .data.normalize import to_chw
 from .data.readers import check_unique_frames, ctc_frame
 from .errors import InputError, Interrupted
 from .inference import Segmenter
+from .segment_volume import VolumeSegmenter, is_volume_model, refuse_two_d_options, segment_volume_files
 from .stacks import segment_stack
 from .io import IMAGE_SUFFIXES, check_writable_folder, list_images, listing, read_header, read_image, remove_stale_temp_files, repeated, write_tiff
 
@@ -55,34 +57,27 @@ def segment_files(
     raises `unetkit.errors.Interrupted` naming the images done. `echo` receives notes for the user.
     Returns the paths written.
 
+    A 3D model (`UNet(dims=3)`, or a `unetkit.segment_volume.VolumeSegmenter`) segments each
+    z-stack whole instead (`unetkit.segment_volume.segment_volume_files`): probabilities
+    (n_classes, Z, Y, X), labels (Z, Y, X); `ctc` and `stitch` are refused there.
+
     Example:
         >>> segment_files(["cells.tif"], "run/best.pt", "predictions")  # doctest: +SKIP
     """
     note = echo or (lambda message: None)
-    segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
+    segmenter = _load_segmenter(model)
     out = Path(out)
-    files: list[Path] = []
     broken: list[Path] = []  # links to images that are gone, noted with --skip-unreadable
-    for item in map(Path, inputs):
-        if item.is_dir():
-            if item.resolve() == out.resolve():
-                raise InputError(f"{out}: --out is the input folder; a rerun would segment its own outputs; choose another --out")
-            found = list_images(item, broken_links=broken if skip_unreadable else None)
-            if not found:
-                raise InputError(f"{item}: no PNG or TIFF images in this folder")
-            files.extend(found)
-        elif item.is_file():
-            if item.suffix.lower() not in IMAGE_SUFFIXES:
-                raise InputError(f"{item}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
-            if item.resolve().parent == out.resolve():
-                raise InputError(f"{item}: lies in the --out folder, where its outputs would be written beside it; choose another --out")
-            files.append(item)
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    stems = [f.stem for f in files]
-    duplicates = sorted(repeated(stems))
-    if duplicates:
-        raise InputError(f"several inputs share the name(s) {duplicates}; their outputs would collide, predict them separately")
+    if not isinstance(segmenter, Segmenter):  # a 3D model: each stack is one volume
+        if ctc or stitch is not None:
+            refuse_two_d_options(["--ctc" if ctc else "--stitch"], str(segmenter.source or "the model"))
+        stores = [Path(p) for p in inputs if is_zarr_path(p)]
+        files = collect_files([p for p in inputs if not is_zarr_path(p)], out, broken=broken if skip_unreadable else None)
+        if broken:
+            note(f"skipping {len(broken)} broken link(s) to images that are gone: {listing(broken)}")
+        return segment_volume_files([*files, *stores], segmenter, out, force=force, progress=progress,
+                                    skip_unreadable=skip_unreadable, echo=echo)
+    files = collect_files(inputs, out, broken=broken if skip_unreadable else None)
     check_writable_folder(out, "--out")
     ctc_dir = out / "ctc"
     frames: dict[Path, str] = {}
@@ -192,3 +187,51 @@ def segment_files(
         ) from None
     return written
 
+
+def _load_segmenter(model):
+    """A `Segmenter` for a 2D checkpoint path or name, a `VolumeSegmenter` for a 3D one."""
+    from .checkpoint import LoadedModel, load_checkpoint
+
+    if isinstance(model, VolumeSegmenter):
+        return model
+    if isinstance(model, Segmenter):
+        return VolumeSegmenter(model.loaded, model.options, source=model.source) if is_volume_model(model.loaded) else model
+    loaded = model if isinstance(model, LoadedModel) else load_checkpoint(model)
+    source = None if isinstance(model, LoadedModel) else model
+    if is_volume_model(loaded):
+        return VolumeSegmenter(loaded, source=source)
+    return Segmenter(loaded, source=source)
+
+
+def collect_files(inputs: Sequence, out, *, broken: list[Path] | None = None) -> list[Path]:
+    """The image files named by `inputs` (files, or folders of PNG/TIFF images), checked against
+    the output folder `out` (not an input folder, no input inside it) and for names whose outputs
+    would collide. Links to images that are gone raise, or are appended to `broken` when given.
+
+    Example:
+        >>> collect_files(["images/"], "predictions")  # doctest: +SKIP
+        [PosixPath('images/cell0.tif'), PosixPath('images/cell1.tif')]
+    """
+    out = Path(out)
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            if item.resolve() == out.resolve():
+                raise InputError(f"{out}: --out is the input folder; a rerun would segment its own outputs; choose another --out")
+            found = list_images(item, broken_links=broken)
+            if not found:
+                raise InputError(f"{item}: no PNG or TIFF images in this folder")
+            files.extend(found)
+        elif item.is_file():
+            if item.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InputError(f"{item}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            if item.resolve().parent == out.resolve():
+                raise InputError(f"{item}: lies in the --out folder, where its outputs would be written beside it; choose another --out")
+            files.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    stems = [f.stem for f in files]
+    duplicates = sorted(repeated(stems))
+    if duplicates:
+        raise InputError(f"several inputs share the name(s) {duplicates}; their outputs would collide, predict them separately")
+    return files

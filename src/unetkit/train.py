@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,13 +32,15 @@ from .data.tiles import TileDataset, get_tile_loader
 from .decision import DecisionRule, best_rule, choose_decision
 from .device import is_out_of_memory, resolve_device
 from .errors import InputError
-from .geometry import Geometry
+from .geometry import Geometry, VolumeGeometry
 from .io import atomic_write
-from .loss import SegmentationLoss
+from .loss import IGNORE_INDEX, SegmentationLoss
 from .network import UNet
 from .predict import predict
 from .targets import TargetConfig
 
+#: Volumes: the output slices a default 3D training tile holds along z (`TrainConfig.tile_shape`).
+MIN_OUTPUT_SLICES = 4
 #: The loader's length when only `max_seconds` limits a run (`TrainConfig.iterations` None).
 UNLIMITED_ITERATIONS = 10**12
 LOG_COLUMNS = ("iteration", "loss", "seconds", "val_iou", "val_pixel_error")
@@ -76,12 +79,22 @@ class TrainConfig:
     turns probabilities into labels (`unetkit.decision`) and stores it in best.pt. Adam (`optimizer="adam"`, lr 0.001)
     converges faster within short CPU budgets and is what the demo and benchmarks use.
 
+    Volumes (`dims=3`, the 3D U-Net of Cicek et al. 2016): `spacing` is the voxel size (z, y, x)
+    of the training volumes (only ratios matter), from which `unetkit.geometry.plan_kernels`
+    plans anisotropic pooling as nnU-Net does; tiles are (`tile_depth`, `tile_size`,
+    `tile_size`), `tile_depth` None choosing the smallest legal depth whose output holds at least
+    `MIN_OUTPUT_SLICES` slices. Samples are `unetkit.data.VolumeSample`s.
+
     Example:
         >>> TrainConfig(iterations=10).momentum
         0.99
+        >>> TrainConfig(dims=3, spacing=(4, 1, 1), depth=3, tile_size=44).tile_shape
+        (5, 44, 44)
     """
 
     # network
+    dims: int = 2
+    spacing: tuple[float, float, float] | None = None  # volumes: voxel size (z, y, x)
     depth: int = PAPER.depth
     base_channels: int = PAPER.base_channels
     padding: str = "valid"
@@ -89,6 +102,7 @@ class TrainConfig:
     batch_norm: bool = False
     # tiles, targets, augmentation
     tile_size: int = PAPER.tile_size
+    tile_depth: int | None = None  # volumes: the tiles' z size (None: see `tile_shape`)
     batch_size: int = PAPER.batch_size
     targets: TargetConfig = field(default_factory=TargetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -129,6 +143,16 @@ class TrainConfig:
             raise InputError(f"budget_clock must be 'wall' or 'cpu' (got {self.budget_clock!r})")
         if self.iterations is None and self.max_seconds is None:
             raise InputError("iterations None (no iteration limit) needs max_seconds (--seconds), the run's time budget")
+        if self.dims not in (2, 3):
+            raise InputError(f"dims must be 2 (images) or 3 (volumes), got {self.dims!r}")
+        if self.dims == 2 and (self.spacing is not None or self.tile_depth is not None):
+            raise InputError("spacing and tile_depth (--spacing, --tile-depth) are for volumes: add --dims 3")
+        if self.spacing is not None:
+            from .data.volumes import check_spacing
+
+            self.spacing = check_spacing(self.spacing, "spacing (--spacing)")
+        if self.dims == 3 and self.padding != "valid":
+            raise InputError("3D training uses valid convolutions (padding 'valid'), the overlap-tile prediction is exact for them")
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -152,13 +176,39 @@ class TrainConfig:
 
     def network_options(self) -> dict[str, Any]:
         """The `UNet` arguments this config fixes (all but the channel and class counts)."""
-        return dict(depth=self.depth, base_channels=self.base_channels, padding=self.padding,
-                    dropout=self.dropout, batch_norm=self.batch_norm)
+        options = dict(depth=self.depth, base_channels=self.base_channels, padding=self.padding,
+                       dropout=self.dropout, batch_norm=self.batch_norm)
+        if self.dims == 3:
+            from .geometry import plan_kernels
+
+            pools, convs = plan_kernels(self.spacing or (1.0, 1.0, 1.0), self.depth)
+            options.update(dims=3, pool_kernels=pools, conv_kernels=convs)
+        return options
 
     @property
-    def geometry(self) -> Geometry:
-        """The network's `Geometry` (legal tile sizes), without building the network."""
+    def geometry(self) -> Geometry | VolumeGeometry:
+        """The network's `Geometry` (legal tile sizes; `VolumeGeometry` for volumes), without building the network."""
+        if self.dims == 3:
+            options = self.network_options()
+            return VolumeGeometry(options["pool_kernels"], options["conv_kernels"], self.padding)  # type: ignore[arg-type]
         return Geometry(depth=self.depth, padding=self.padding)  # type: ignore[arg-type]
+
+    @property
+    def tile_shape(self) -> int | tuple[int, int, int]:
+        """The training tile: `tile_size` for images; (z, y, x) for volumes, z = `tile_depth` or the
+        smallest legal depth whose output holds `MIN_OUTPUT_SLICES` slices."""
+        if self.dims == 2:
+            return self.tile_size
+        z_axis = self.geometry.axes[0]
+        depth = self.tile_depth if self.tile_depth is not None else z_axis.input_size(MIN_OUTPUT_SLICES)
+        return (depth, self.tile_size, self.tile_size)
+
+    def check_tiles(self) -> None:
+        """Raise an InputError naming the option when the training tile is not legal for the network."""
+        if self.dims == 2:
+            self.geometry.check(self.tile_size, "tile size (--tile-size)")
+        else:
+            self.geometry.check(self.tile_shape, "tile shape (--tile-depth, --tile-size)")
 
     def network(self, in_channels: int, n_classes: int = 2) -> UNet:
         return UNet(in_channels=in_channels, n_classes=n_classes, **self.network_options())
@@ -230,12 +280,40 @@ class TrainingDiverged(InputError):
 
 
 def foreground_scores(model: UNet, samples: Sequence[Sample], device: torch.device) -> tuple[float, float]:
-    """Foreground IoU and pixel error of `model` over whole `samples` (pixels pooled over images)."""
+    """Foreground IoU and pixel error of `model` over whole `samples` (pixels pooled over images;
+    volumes: voxels, leaving out the unlabelled ones)."""
     from .metrics.pixel import iou, pixel_error
 
+    if getattr(model, "dims", 2) == 3:
+        from .volume import predict_volume
+
+        maps = [predict_volume(model, sample.image, device=device, pad_thin=True)[1] for sample in samples]
+        labelled = [sample.target != IGNORE_INDEX for sample in samples]
+        foreground = [np.concatenate([m[k] for m, k in zip(maps, labelled)])]
+        truth = [np.concatenate([s.target[k] for s, k in zip(samples, labelled)])]
+        return iou([f[None] for f in foreground], [t[None] for t in truth]), \
+            pixel_error([f[None] for f in foreground], [t[None] for t in truth])
     foreground = [predict(model, sample.image, device=device)[1] for sample in samples]
     truth = [sample.target for sample in samples]
     return iou(foreground, truth), pixel_error(foreground, truth)
+
+
+def _output_shape(config: TrainConfig) -> tuple[int, ...]:
+    """The output window of one training tile: (o, o) for images, (d, h, w) for volumes."""
+    if config.dims == 3:
+        return config.geometry.output_shape(config.tile_shape)  # type: ignore[union-attr, arg-type]
+    size = config.geometry.output_size(config.tile_size)  # type: ignore[union-attr]
+    return (size, size)
+
+
+def _check_sample_dims(config: TrainConfig, samples: Sequence) -> None:
+    """Images for a 2D run, volumes for a 3D one, or one line naming the fix."""
+    volumes = [s for s in samples if getattr(s, "image", np.zeros((1, 1, 1))).ndim == 4]
+    if config.dims == 3 and len(volumes) != len(samples):
+        raise InputError("--dims 3 trains on volumes (multi-page TIFF z-stacks, unetkit.data.VolumeSample) but "
+                         "the samples are 2D images; leave out --dims 3 to train a 2D model")
+    if config.dims == 2 and volumes:
+        raise InputError(f"{volumes[0].name} is a volume; add --dims 3 (and --spacing z,y,x) to train a 3D model on volumes")
 
 
 class _Budget:
@@ -427,7 +505,9 @@ class Trainer:
         self.should_stop = should_stop
         self.validation_note = validation_note
         self._stop_requested = False
-        self.scale = training_scale(self.train_samples, config.targets.pixel_size)
+        _check_sample_dims(config, self.train_samples + self.val_samples)
+        # A volume model's scale is its voxel spacing, kept in its TrainConfig.
+        self.scale = training_scale(self.train_samples, config.targets.pixel_size) if config.dims == 2 else {}
         self._world = ddp.world()  # one process, or this rank's place under torchrun (unetkit.ddp)
         ddp.check_batch_size(config.batch_size, self._world.world_size)
         self.device = ddp.rank_device(resolve_device(config.device), self._world)
@@ -437,7 +517,7 @@ class Trainer:
             if not bf16_native(str(self.device)):
                 raise InputError(f"--precision bf16 needs native bf16 (a CPU with AVX512-BF16 or AMX, or a GPU), and "
                                  f"{self.device} has none; use --precision fp32")
-        config.geometry.check(config.tile_size, "tile size (--tile-size)")
+        config.check_tiles()
         in_channels = self.train_samples[0].image.shape[0]
         self.model = config.network(in_channels, len(self.class_names))
         self.iteration = 0
@@ -468,7 +548,7 @@ class Trainer:
             self.optimizer = self._make_optimizer()
         self._net = ddp.wrap(self.model, self.device, self._world)  # what the steps call; self.model is saved
         self.loss_fn = SegmentationLoss(config.dice_weight)
-        self.flops_per_step = 3.0 * self.model.flops(config.tile_size) * config.batch_size
+        self.flops_per_step = 3.0 * self.model.flops(config.tile_shape) * config.batch_size
 
     # -- run folders -------------------------------------------------------------------------
     @classmethod
@@ -510,12 +590,12 @@ class Trainer:
         if normalization.mode == "fixed":  # remember what the fixed map was made for, so other images are refused
             from .io import read_image
 
-            normalization = normalization.made_for([read_image(pair.image) for pair in train_pairs])
+            normalization = normalization.made_for([read_image(pair.image, pages=config.dims == 3) for pair in train_pairs])
         train, validation = _load_split(train_pairs, val_pairs, normalization, config, allow_intensity_masks)
         _check_validation_masks(val_pairs, validation)
         if epochs is not None:
-            out_pixels = config.geometry.output_size(config.tile_size) ** 2 * config.batch_size
-            total = sum(s.shape[0] * s.shape[1] for s in train)
+            out_pixels = math.prod(_output_shape(config)) * config.batch_size
+            total = sum(math.prod(s.shape) for s in train)
             config.iterations = max(1, round(epochs * total / out_pixels))
         if ddp.world().is_main:
             RunLock(run_dir).check()
@@ -697,6 +777,14 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         return foreground_scores(self.model, self.val_samples, self.device)
 
+    def _validation_maps(self, model: UNet, tta: bool, statistics: str) -> list:
+        """Foreground probability of each validation sample (image or volume), as `unetkit predict` makes it."""
+        if self.config.dims == 3:
+            from .volume import predict_volume
+
+            return [predict_volume(model, s.image, tta=tta, device=self.device, pad_thin=True)[1] for s in self.val_samples]
+        return [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
+
     def _set_learning_rate(self, seconds_spent: float) -> None:
         c = self.config
         progress = 0.0 if c.iterations is None else self.iteration / c.iterations
@@ -715,12 +803,19 @@ class Trainer:
         loaded = load_checkpoint(best_path)
         model = loaded.model.to(self.device).eval()
         truths = [s.instances for s in self.val_samples]
-        # Maps with the training statistics of batch norm, and (with batch norm) with each image's
-        # own; the rule that scores best on either, with the way its maps were made.
+        per_plane = self.config.dims == 3 and any(getattr(s, "per_plane", False) for s in self.val_samples)
+        # Maps with the training statistics of batch norm, and (with batch norm, in 2D) with each
+        # image's own; the rule that scores best on either, with the way its maps were made.
         rules = []
-        for statistics in NORM_STATISTICS if has_batch_norm(model) else NORM_STATISTICS[:1]:
-            maps = [predict(model, s.image, tta=tta, device=self.device, norm_statistics=statistics)[1] for s in self.val_samples]
-            rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
+        image_statistics = has_batch_norm(model) and self.config.dims == 2
+        for statistics in NORM_STATISTICS if image_statistics else NORM_STATISTICS[:1]:
+            maps = self._validation_maps(model, tta, statistics)
+            if per_plane:  # objects annotated section by section: the rule is chosen and applied per plane
+                maps, plane_truths = [p for m in maps for p in m], [t for v in truths for t in v]
+                rule = choose_decision(maps, plane_truths, tta=tta)
+                rules.append(DecisionRule(**{**rule.to_dict(), "per_plane": True}))
+            else:
+                rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
         # Both scores go into the summary: the choice can be close, and a user should see how close.
         self.decision_scores = {r.norm_statistics: r.score for r in rules}
         rule = best_rule(rules)
@@ -729,7 +824,7 @@ class Trainer:
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
             scale=loaded.scale,
         )
-        if self.config.precision_scores:
+        if self.config.precision_scores and self.config.dims == 2:
             self.score_precisions(loaded.model, loaded.normalization, rule)
         return rule
 
@@ -941,6 +1036,14 @@ class Trainer:
         """Batches of augmented tiles from the current iteration to the last (item i = f(seed, i))."""
         c = self.config
         iterations = UNLIMITED_ITERATIONS if c.iterations is None else c.iterations  # a time budget alone
+        if c.dims == 3:
+            from .data.volumes import VolumeTileDataset
+
+            dataset = VolumeTileDataset(self.train_samples, c.geometry, c.tile_shape, augment=c.augment,
+                                        length=iterations * c.batch_size, seed=c.seed)
+            return get_tile_loader(dataset, batch_size=c.batch_size, num_workers=c.workers,  # type: ignore[arg-type]
+                                   start=self.iteration * c.batch_size, stop=iterations * c.batch_size,
+                                   rank=self._world.rank, world_size=self._world.world_size)
         dataset = TileDataset(
             self.train_samples, c.geometry, c.tile_size, augmenter=Augmenter(c.augment),
             length=iterations * c.batch_size, seed=c.seed,
@@ -1027,6 +1130,12 @@ def _load_split(train_pairs, val_pairs, normalization: Normalization, config: Tr
                 allow_intensity_masks: bool) -> tuple[list[Sample], list[Sample]]:
     from .data import load_samples
 
+    if config.dims == 3:
+        from .data.volumes import load_volume_samples
+
+        options3 = dict(targets=config.targets, spacing=config.spacing or (1.0, 1.0, 1.0))
+        train3 = load_volume_samples(train_pairs, normalization, **options3)
+        return train3, (load_volume_samples(val_pairs, normalization, **options3) if val_pairs else [])  # type: ignore[return-value]
     options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
     train = load_samples(train_pairs, normalization, **options)
     return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])

@@ -280,6 +280,7 @@ def predict_volume(
     device: str | torch.device | None = None,
     memory_budget: int | None = None,
     out=None,
+    pad_thin: bool = False,
 ) -> np.ndarray:
     """Class probabilities for a volume of any size, by seamless 3D overlap-tile prediction.
 
@@ -300,6 +301,9 @@ def predict_volume(
         memory_budget: bytes of activations allowed when `tile_shape` is None.
         out: writable array-like (n_classes, Z, Y, X) to write into (zarr, memmap) instead of a
             new array.
+        pad_thin: mirror a volume thinner than the network's smallest tile along an axis out to
+            that size first (its voxels are then predicted from mirrored context); without it
+            such a volume is refused with a message that says so.
 
     Returns:
         float32 array (n_classes, Z, Y, X), or `out` when given.
@@ -315,6 +319,18 @@ def predict_volume(
         raise InputError(f"batch_size must be an integer >= 1 (got {batch_size})")
     volume = _as_czyx(volume, model.in_channels)
     shape: Shape3 = tuple(int(s) for s in volume.shape[-3:])  # type: ignore[assignment]
+    smallest = smallest_volume_tile(geometry)
+    if pad_thin and any(s < n for s, n in zip(shape, smallest)):
+        grown = tuple(max(s, n) for s, n in zip(shape, smallest))
+        before = tuple((g - s) // 2 for g, s in zip(grown, shape))
+        padded = extract_volume(volume, tuple(-b for b in before), grown)
+        probs = predict_volume(model, padded, tile_shape=tile_shape, batch_size=batch_size, tta=tta, device=device,
+                               memory_budget=memory_budget)
+        inner = probs[(slice(None), *(slice(b, b + s) for b, s in zip(before, shape)))]
+        if out is None:
+            return np.ascontiguousarray(inner)
+        out[...] = inner
+        return out
     _check_extent(shape, geometry)
     if device is not None:
         model.to(device)

@@ -55,6 +55,10 @@ def evaluate_command(
         bool,
         typer.Option("--allow-intensity-masks", help="score against ground truth that looks like an intensity image (raw image, probability map) as it is"),
     ] = False,
+    volumes: Annotated[
+        bool,
+        typer.Option("--volumes", help="score each z-stack as one volume (6-connected objects; Rand, SEG, AP, VI in 3D) instead of plane by plane"),
+    ] = False,
 ) -> None:
     """Score predictions with the challenges' metrics; print a table per image and overall."""
     from ..evaluate import evaluate_folders
@@ -68,7 +72,7 @@ def evaluate_command(
         if json_path is not None and html_path.resolve() == json_path.resolve():
             raise InputError(f"{html_path}: --json and --html name the same file; give two names")
     result = evaluate_folders(pred, gt, metrics=metrics, threshold=threshold, channel=channel, use=use,
-                              allow_intensity_masks=allow_intensity_masks)
+                              allow_intensity_masks=allow_intensity_masks, volumes=volumes)
     typer.echo(result.table())
     for note in result.notes:
         typer.echo(f"note: {note}")

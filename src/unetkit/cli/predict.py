@@ -39,8 +39,12 @@ def predict(
     diameter: Annotated[Optional[str], typer.Option("--diameter", help="The objects' median diameter in pixels, or 'auto' (measured in a first pass at the model's scale): each image is rescaled so its objects take the size the model was trained on (recorded in its checkpoint, or in models.json for the packaged models); labels are written at the input's size.")] = None,
     stitch: Annotated[Optional[float], typer.Option("--stitch", help="Stacks (multi-page TIFF z-stacks or time series, segmented plane by plane): link each object to the one in the plane before it that it overlaps most, when their intersection over union reaches this value (0.25 is common); without it ids are unique per plane.")] = None,
     pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel of the images: rescales them to the pixel size the model was trained at (models that record it).")] = None,
+    spacing: Annotated[Optional[str], typer.Option("--spacing", metavar="Z,Y,X", help="3D models: the volumes' voxel size (e.g. 2,0.5,0.5; only the ratios matter), compared with the spacing the model was trained at; a z/xy ratio more than 25% off is refused. Default: as each TIFF records it (ImageJ spacing or OME-XML), else not checked.")] = None,
 ) -> None:
-    """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input."""
+    """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input.
+
+    A 3D model (trained with --dims 3) segments each multi-page TIFF z-stack (or (Z, Y, X) zarr) as one volume.
+    """
     from ..errors import InputError
     from ..inference import InferenceOptions
     from ..io import check_writable_folder
@@ -59,7 +63,24 @@ def predict(
         check_dask_address(dask)
     if stitch is not None and not 0.0 < stitch <= 1.0:
         raise InputError(f"--stitch must be an overlap (intersection over union) in (0, 1] (got {stitch})")
+    from ..segment_volume import parse_spacing
+
+    voxel_size = parse_spacing(spacing)
     check_writable_folder(out, "--out")
+    from ..checkpoint import load_checkpoint
+    from ..segment_volume import is_volume_model
+
+    loaded = load_checkpoint(model)
+    if is_volume_model(loaded):
+        given = _two_d_options(diameter=diameter, pixel_size=pixel_size, stitch=stitch, ctc=ctc, dask=dask, out_format=out_format,
+                               rows=rows, block_size=block_size, dtype=dtype, backend=backend, norm_statistics=norm_statistics,
+                               precision=precision)
+        _predict_volumes(inputs, loaded, options, model=model, out=out, spacing=voxel_size, given=given, force=force,
+                         progress=progress, skip_unreadable=skip_unreadable)
+        return
+    if voxel_size is not None:
+        raise InputError(f"--spacing applies to 3D models, but {model} is a 2D model (it segments z-stacks plane by plane): "
+                         "leave out --spacing")
     large = wants_large(inputs, out_format=out_format, dask=dask, rows=rows)
     if large and (diameter is not None or pixel_size is not None):
         raise InputError("--diameter and --pixel-size rescale images in memory, not zarr or larger-than-memory images; "
@@ -77,7 +98,7 @@ def predict(
     from . import CommandInterrupted
     from ..inference import Segmenter
 
-    segmenter = Segmenter.load(model, options)
+    segmenter = Segmenter(loaded, options, source=model)
     typer.echo(f"{model}: {segmenter.settings.describe()}")
     try:
         if large:
@@ -92,5 +113,35 @@ def predict(
     except KeyboardInterrupt as exc:
         if large:
             raise CommandInterrupted("finished tiles are kept; run the same command again to continue") from None
+        raise CommandInterrupted(str(exc) or f"nothing was written to {out}") from None
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+def _two_d_options(*, diameter, pixel_size, stitch, ctc, dask, out_format, rows, block_size, dtype, backend,
+                   norm_statistics, precision) -> list[str]:
+    """The options given that only 2D models use (keys of `unetkit.segment_volume.TWO_D_ONLY`)."""
+    given = {
+        "--diameter": diameter is not None, "--pixel-size": pixel_size is not None, "--stitch": stitch is not None,
+        "--ctc": ctc, "--dask": bool(dask), "--out-format zarr": out_format == "zarr", "--rows": rows is not None,
+        "--block-size": block_size is not None, "--dtype float16": dtype != "float32",
+        "--backend onnxruntime": backend == "onnxruntime", "--norm-statistics image": norm_statistics == "image",
+        f"--precision {precision}": precision != "fp32",
+    }
+    return [option for option, on in given.items() if on]
+
+
+def _predict_volumes(inputs, loaded, options, *, model, out, spacing, given, force, progress, skip_unreadable) -> None:
+    """`unetkit predict` with a 3D model: each z-stack segmented whole (`unetkit.segment_volume`)."""
+    from . import CommandInterrupted
+    from ..segment import segment_files
+    from ..segment_volume import VolumeSegmenter, refuse_two_d_options
+
+    refuse_two_d_options(given, str(model))
+    segmenter = VolumeSegmenter(loaded, options, spacing=spacing, source=model)
+    typer.echo(f"{model}: {segmenter.describe()}")
+    try:
+        written = segment_files(inputs, segmenter, out, force=force, progress=progress,
+                                skip_unreadable=skip_unreadable, echo=typer.echo)
+    except KeyboardInterrupt as exc:
         raise CommandInterrupted(str(exc) or f"nothing was written to {out}") from None
     typer.echo(f"wrote {len(written)} files to {out}")

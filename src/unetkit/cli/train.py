@@ -55,7 +55,8 @@ def _recipe_values(recipe: str, options: dict) -> dict:
     from ..recipes import depends_on_task, recipe_values
 
     task = None
-    if depends_on_task(recipe) and all(options[name] is None for name in ("class_weights", "weight_map", "dice")):
+    if options.get("task_from_masks", True) and depends_on_task(recipe) and \
+            all(options[name] is None for name in ("class_weights", "weight_map", "dice")):
         task = _mask_task(options["data"])
         if task == "membranes":
             typer.echo("the masks look like membranes (EM): unweighted cross-entropy plus Dice, as the recipe does for "
@@ -173,6 +174,45 @@ def _check_network(depth: int, padding: str, tile_size: int) -> None:
     Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")  # type: ignore[arg-type]
 
 
+def _parse_spacing(text: Optional[str]):
+    """--spacing z,y,x as three positive numbers, or None."""
+    if text is None:
+        return None
+    from ..data.volumes import check_spacing
+
+    return check_spacing(text, "--spacing")
+
+
+def _volume_options(dims: Optional[int], spacing: Optional[str], tile_depth: Optional[int], data: Optional[Path]) -> dict:
+    """`TrainConfig` values of --dims, --spacing and --tile-depth; a 2D run on a folder of volumes
+    is refused with the option that trains on them."""
+    from ..errors import InputError
+
+    if dims is not None and dims not in (2, 3):
+        raise InputError(f"--dims must be 2 (images) or 3 (volumes), got {dims}")
+    if dims != 3:
+        if spacing is not None or tile_depth is not None:
+            raise InputError("--spacing and --tile-depth are for volumes: add --dims 3")
+        if data is not None and _holds_volumes(data):
+            raise InputError(f"{data}: the images are volumes (multi-page TIFF z-stacks); add --dims 3 (and --spacing z,y,x, "
+                             "the voxel size) to train a 3D U-Net on them, or save each plane as its own image for a 2D model")
+        return {}
+    return {"dims": 3, "spacing": _parse_spacing(spacing), "tile_depth": tile_depth}
+
+
+def _holds_volumes(data: Path) -> bool:
+    """Whether the first image of the dataset folder is a multi-page stack."""
+    from ..data import find_pairs
+    from ..io import read_header
+
+    with warnings.catch_warnings():  # the folder is read again for training, which warns once
+        warnings.simplefilter("ignore")
+        try:
+            pairs = find_pairs(data)
+            return bool(pairs) and read_header(pairs[0].image, pages=True).planes > 1
+        except Exception:  # noqa: BLE001 - training reads the folder again and names what is wrong
+            return False
+
 def _check_run_folder(out: Path, folders: tuple[Optional[Path], ...]) -> None:
     """--out must not be a folder the dataset's files are read from: the run's files (curves.png)
     would be read as data by the next run. Run folders elsewhere, inside the dataset folder too, are
@@ -194,7 +234,7 @@ def _check_run_folder(out: Path, folders: tuple[Optional[Path], ...]) -> None:
 
 
 #: Options that do not apply with --from (the start model fixes them, or fine-tuning runs in one process).
-_NOT_WITH_FROM = ("resume", "recipe", "normalize", "nproc", "epochs")
+_NOT_WITH_FROM = ("resume", "recipe", "normalize", "nproc", "epochs", "dims", "spacing", "tile_depth")
 #: Options with a non-None default that fine-tuning sets itself unless they are given.
 _FINETUNE_DEFAULTED = {"val_every": "val_every", "checkpoint_every": "checkpoint_every", "workers": "workers"}
 
@@ -312,6 +352,9 @@ def train(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
     shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift")] = None,
     gray: Annotated[Optional[bool], typer.Option("--gray/--no-gray", help="Gray-value variation (AugmentConfig.brightness, contrast, gamma, noise; recipes: on).")] = None,
+    dims: Annotated[Optional[int], typer.Option("--dims", help="3: train a 3D U-Net (Cicek et al. 2016) on volumes, one multi-page TIFF z-stack per image and per mask; 2 (default): images.")] = None,
+    spacing: Annotated[Optional[str], typer.Option("--spacing", help="With --dims 3: the voxel size z,y,x (e.g. 4,1,1 for sections four pixels apart; only ratios matter). Pooling and 3x3x3 kernels are planned from it: only in-plane until the spacing is about isotropic. Default 1,1,1.")] = None,
+    tile_depth: Annotated[Optional[int], typer.Option("--tile-depth", help="With --dims 3: slices per training tile (default: the fewest whose output holds 4 slices); --tile-size gives y and x.")] = None,
     budget_clock: Annotated[Optional[str], typer.Option("--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time).")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (default) or bf16: the forward pass in bfloat16 autocast, weights and loss in fp32; about 1.5-1.8x the steps per CPU-second where the CPU has AVX512-BF16 or AMX. Refused on CPUs without them.")] = None,
     normalize: Annotated[str, typer.Option(help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'.")] = "percentile",
@@ -358,8 +401,15 @@ def train(
             raise InputError(f"--val-split must be last or random (got {val_split!r})")
         if class_weights is not None:
             _class_weights(class_weights)
-        values = _recipe_values(recipe, locals())
-        _check_network(values.get("depth", PAPER.depth), values.get("padding", "valid"), values.get("tile_size", PAPER.tile_size))
+        volume_values = _volume_options(dims, spacing, tile_depth, data)
+        values = _recipe_values(recipe, {**locals(), "task_from_masks": not volume_values})
+        values.update(volume_values)
+        if volume_values:
+            from ..train import TrainConfig
+
+            TrainConfig(**values).check_tiles()
+        else:
+            _check_network(values.get("depth", PAPER.depth), values.get("padding", "valid"), values.get("tile_size", PAPER.tile_size))
         _check_run_folder(out, (data, val_data))
         check_output_dir(out, force=force)
 
@@ -410,8 +460,10 @@ def train(
             progress=progress,
         )
     config = trainer.config
-    echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation images; "
-         f"{config.iterations} iterations of {config.tile_size}x{config.tile_size} tiles; run folder {run_dir}")
+    tiles = "x".join(str(n) for n in config.tile_shape) if config.dims == 3 else f"{config.tile_size}x{config.tile_size}"
+    kind = "volumes" if config.dims == 3 else "images"
+    echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation {kind}; "
+         f"{config.iterations} iterations of {tiles} tiles; run folder {run_dir}")
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:

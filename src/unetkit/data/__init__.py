@@ -17,6 +17,7 @@ from .split import split_pairs
 
 # Tile sampling needs torch: imported on first use (PEP 562), so reading data stays light.
 _TILES = ("BatchShardSampler", "RangeSampler", "TileDataset", "augment_margin", "get_tile_dataset", "get_tile_loader")
+_VOLUMES = ("VolumeSample", "VolumeTileDataset", "get_isbi2012_volume", "load_volume_samples", "make_volume_sample")
 
 
 def __getattr__(name: str):
@@ -24,6 +25,10 @@ def __getattr__(name: str):
         from . import tiles
 
         return getattr(tiles, name)
+    if name in _VOLUMES:
+        from . import volumes
+
+        return getattr(volumes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -34,17 +39,22 @@ __all__ = [
     "RangeSampler",
     "Sample",
     "TileDataset",
+    "VolumeSample",
+    "VolumeTileDataset",
     "augment_margin",
     "check_mask",
     "data_root",
     "find_pairs",
     "get_ctc_samples",
     "get_isbi2012_samples",
+    "get_isbi2012_volume",
     "get_tile_dataset",
     "get_tile_loader",
     "load_sample",
     "load_samples",
+    "load_volume_samples",
     "make_sample",
+    "make_volume_sample",
     "read_mask",
     "split_pairs",
     "to_chw",

@@ -43,19 +43,27 @@ import torch
 from ..checkpoint import LoadedModel, load_checkpoint
 from ..data.normalize import Normalization, to_chw
 from ..errors import InputError
+from ..geometry import VolumeGeometry
 from ..io import IMAGE_SUFFIXES, list_images, process_running, read_image, write_png, write_tiff
 from ..pretrained import file_sha256, get_model, model_path, package_scores_for, pretrained_name
 from ..tiling import extract_region
 from . import FORMATS
-from .graphs import OPSET, AnySize, any_size_layout, export_onnx, export_torchscript
+from .graphs import OPSET, AnySize, AnyVolume, any_size_layout, export_onnx, export_torchscript
 
 CITATION = {
     "text": "Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
     "MICCAI 2015, LNCS 9351, pp. 234-241",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
+CITATION_3D = {
+    "text": "Cicek O, Abdulkadir A, Lienkamp SS, Brox T, Ronneberger O. 3D U-Net: Learning Dense Volumetric Segmentation "
+    "from Sparse Annotation. MICCAI 2016, LNCS 9901, pp. 424-432",
+    "doi": "10.1007/978-3-319-46723-8_49",
+}
 #: Pixels per side the test input aims at (the smallest stated input size at least this large).
 TEST_SIZE = 256
+#: Voxels along y and x the test input of a 3D model aims at (along z: the sample's slices).
+TEST_VOLUME_SIZE = 64
 #: The packaged models' training data: what to cite (`unetkit.pretrained` names the papers).
 DATA_CITATIONS = {
     "isbi2012": [
@@ -223,6 +231,9 @@ def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
                  f"{what} uses the training statistics; --statistics-from with a few images like the ones to "
                  "segment brings it closer to unetkit")
         return loaded, PackageStatistics()
+    if isinstance(loaded.model.geometry, VolumeGeometry):
+        raise InputError("--statistics-from gathers the batch-norm statistics of 2D images, but this is a 3D model: "
+                         "leave it out (the export then uses the training statistics)")
     stats = representative_statistics(loaded, files)
     used = PackageStatistics(tuple(p.name for p in files), tuple(file_sha256(p) for p in files))
     if echo is not None:
@@ -279,6 +290,7 @@ def export_bioimageio(
     packaged = pretrained_name(checkpoint)
     loaded, statistics = fixed_statistics(load_checkpoint(checkpoint), files, echo=note)
     model = loaded.model.eval()
+    volume = isinstance(model.geometry, VolumeGeometry)
     content = _description(loaded, checkpoint, packaged, name=name, authors=authors, license=license,
                            maintainers=maintainers, git_repo=git_repo, statistics=statistics)
     # The description alone first, so that a wrong name or license is refused before any export.
@@ -290,19 +302,28 @@ def export_bioimageio(
     try:
         root = tmp / "package"
         root.mkdir()
-        note("writing the weights (state dict, TorchScript, ONNX)")
-        shutil.copyfile(ARCHITECTURE_FILE, root / "architecture.py")
-        state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-        torch.save(state, root / "weights.pt")
+        if volume:  # architecture.py is the 2D network: a 3D package carries the traced graphs only
+            note("writing the weights (TorchScript, ONNX)")
+        else:
+            note("writing the weights (state dict, TorchScript, ONNX)")
+            shutil.copyfile(ARCHITECTURE_FILE, root / "architecture.py")
+            state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+            torch.save(state, root / "weights.pt")
         export_torchscript(model, root / "weights_torchscript.pt")
         export_onnx(model, root / "weights.onnx")
-        raw, source = _sample(sample, None if packaged else checkpoint, model.in_channels, packaged)
-        test_input, test_output = _test_tensors(loaded, raw)
+        if volume:
+            raw, source = _sample_volume(sample, model.in_channels)
+            test_input, test_output = _test_volume_tensors(loaded, raw)
+        else:
+            raw, source = _sample(sample, None if packaged else checkpoint, model.in_channels, packaged)
+            test_input, test_output = _test_tensors(loaded, raw)
         np.save(root / "test_input.npy", test_input)
         np.save(root / "test_output.npy", test_output)
         write_tiff(root / "sample_input.tif", test_input[0])
         write_tiff(root / "sample_output.tif", test_output[0])
-        _write_cover(root / "cover.png", loaded, test_input, test_output)
+        middle = test_input.shape[2] // 2  # a 3D model's cover shows the middle slice
+        _write_cover(root / "cover.png", loaded, *((test_input[:, :, middle], test_output[:, :, middle]) if volume
+                                                    else (test_input, test_output)))
         if packaged:
             (root / DATA_TERMS).write_text(f"# Terms of the training data\n\n{get_model(packaged).license}\n")
         (root / "README.md").write_text(_readme(loaded, checkpoint, packaged, source, test_input.shape, statistics))
@@ -507,6 +528,56 @@ def _test_tensors(loaded: LoadedModel, raw: np.ndarray) -> tuple[np.ndarray, np.
     return window[None], output
 
 
+def _sample_volume(sample, channels: int) -> tuple[np.ndarray, str]:
+    """The raw volume (C, Z, Y, X) for a 3D model's test input, and where it came from: `sample`
+    (a multi-page TIFF z-stack of one-channel planes), else synthetic cells."""
+    if sample is not None:
+        raw = np.asarray(read_image(sample, pages=True))
+        if raw.ndim != 3:
+            raise InputError(f"--sample {sample}: a 3D model's test input must be a z-stack (multi-page TIFF of one-channel "
+                             f"planes), got shape {raw.shape}; give a z-stack")
+        return np.repeat(raw[None], channels, axis=0), Path(sample).name
+    from ..synthetic import synthetic_cells_3d
+
+    image, _ = synthetic_cells_3d((16, 80, 80), seed=0)
+    raw = np.clip(np.asarray(image, np.float32) * 255, 0, 255).round().astype(np.uint8)
+    return np.repeat(raw[None], channels, axis=0), "a synthetic volume of touching cells (unetkit.synthetic)"
+
+
+def _stated_size(axis, target: int) -> int:
+    """The smallest size the package states along an axis (`_min_input` + n*step) of at least `target`."""
+    minimum = _min_input(axis)
+    return minimum + max(0, -(-(int(target) - minimum) // axis.step)) * axis.step
+
+
+def normalize_channels_first(normalization: Normalization, volume: np.ndarray) -> np.ndarray:
+    """A (C, Z, Y, X) volume normalised as one image (each statistic over all its voxels), float32.
+
+    Example:
+        >>> normalize_channels_first(Normalization(), np.arange(120.0).reshape(1, 2, 6, 10)).shape
+        (1, 2, 6, 10)
+    """
+    c, z, y, x = volume.shape
+    flat = normalization(volume.reshape(z * y, x) if c == 1 else volume.reshape(c, z * y, x))
+    return np.ascontiguousarray(flat.reshape(c, z, y, x), dtype=np.float32)
+
+
+def _test_volume_tensors(loaded: LoadedModel, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A centred window of the raw volume (1, C, z, y, x), mirrored where it is larger, and the
+    probabilities (1, n_classes, z, y, x) the network gives for it (one tile, no augmentation)."""
+    from ..volume import extract_volume
+
+    geometry = loaded.model.geometry
+    targets = (raw.shape[1], TEST_VOLUME_SIZE, TEST_VOLUME_SIZE)
+    shape = tuple(_stated_size(axis, t) for axis, t in zip(geometry.axes, targets))
+    start = tuple((size - n) // 2 for size, n in zip(raw.shape[1:], shape))
+    window = np.ascontiguousarray(extract_volume(raw, start, shape), dtype=np.float32)
+    normalised = normalize_channels_first(loaded.normalization, window)
+    with torch.no_grad():
+        output = AnyVolume(loaded.model.eval(), geometry)(torch.from_numpy(normalised)[None]).numpy()
+    return window[None], output
+
+
 def _write_cover(path: Path, loaded: LoadedModel, test_input: np.ndarray, test_output: np.ndarray) -> None:
     """The image beside its predicted contours (2:1), over the region the output covers."""
     from ..plots import overlay
@@ -534,6 +605,26 @@ def _min_input(g) -> int:
     return 2 * _halo(g) + g.step
 
 
+def _space(g) -> list[tuple[str, Any]]:
+    """(axis id, its geometry) of each space axis: y and x of a 2D network, z, y and x of a 3D one."""
+    if isinstance(g, VolumeGeometry):
+        return list(zip("zyx", g.axes))
+    return [("y", g), ("x", g)]
+
+
+def _sizes_text(g) -> str:
+    """The stated input sizes in words, e.g. "44 + n*4 pixels along y and x" or per axis for volumes."""
+    if not isinstance(g, VolumeGeometry):
+        return f"{_min_input(g)} + n*{g.step} pixels along y and x"
+    return ", ".join(f"{name}: {_min_input(axis)} + n*{axis.step}" for name, axis in _space(g)) + " voxels"
+
+
+def _halo_text(g) -> str:
+    if not isinstance(g, VolumeGeometry):
+        return f"{_halo(g)} pixels"
+    return ", ".join(f"{name} {_halo(axis)}" for name, axis in _space(g)) + " voxels"
+
+
 def _pixel_size(packaged: str | None) -> dict[str, Any]:
     """The space axes' unit and scale where the packaged model's training data states a pixel size."""
     text = get_model(packaged).input.pixel_size if packaged else None
@@ -548,10 +639,10 @@ def _identifier(text: str) -> str:
     return word if word[0].isalpha() else f"c_{word}"
 
 
-def _preprocessing(norm: Normalization) -> list[dict[str, Any]]:
+def _preprocessing(norm: Normalization, space: Sequence[str] = ("y", "x")) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
     if norm.mode == "percentile":
-        axes = ["y", "x"] if norm.per_channel else ["channel", "y", "x"]
+        axes = list(space) if norm.per_channel else ["channel", *space]
         steps.append({"id": "scale_range", "kwargs": {"axes": axes, "min_percentile": norm.low, "max_percentile": norm.high}})
     elif norm.mode == "fixed":
         steps.append({"id": "scale_linear", "kwargs": {"gain": norm.scale, "offset": norm.offset}})
@@ -572,24 +663,30 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
                  statistics: PackageStatistics | None = None) -> dict[str, Any]:
     model = loaded.model
     g = model.geometry
-    config = dict(model.config, dropout=0.0, any_size=list(any_size_layout(g)))  # inference only
+    volume = isinstance(g, VolumeGeometry)
+    config = dict(model.config, dropout=0.0) if volume else dict(model.config, dropout=0.0, any_size=list(any_size_layout(g)))
     if name is None:
         base = packaged or Path(str(checkpoint)).resolve().parent.name or "model"
         name = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", f"unetkit U-Net {base}")[:64]
     authors = list(authors) or (["unetkit"] if packaged else [getpass.getuser()])
-    minimum, halo, pixel = _min_input(g), _halo(g), _pixel_size(packaged)
-    space = {"size": {"min": minimum, "step": g.step}, **pixel}
+    pixel = _pixel_size(packaged)
+    in_axes = [{"type": "space", "id": name, "size": {"min": _min_input(axis), "step": axis.step}, **pixel}
+               for name, axis in _space(g)]
     # Same size out, with a halo that blocks drop: the graphs mirror-pad inside, so any size runs.
-    out_axes = [{"type": "space", "id": axis, "halo": halo, "size": {"tensor_id": "input", "axis_id": axis}, **pixel}
-                for axis in ("y", "x")]
+    out_axes = [{"type": "space", "id": name, "halo": _halo(axis), "size": {"tensor_id": "input", "axis_id": name}, **pixel}
+                for name, axis in _space(g)]
     channel_names = ["gray"] if model.in_channels == 1 else [f"channel{i}" for i in range(model.in_channels)]
     torch_version = torch.__version__.split("+")[0]
     what = f"{g.depth} levels, {config['base_channels']} channels at the first, padding {g.padding!r}"
+    kind = "3D U-Net (Cicek et al. 2016)" if volume else "U-Net (Ronneberger et al. 2015)"
+    blocks = (f"{_sizes_text(g)} drop a halo of {_halo_text(g)}" if volume
+              else f"{_min_input(g)} + n*{g.step} pixels drop a halo of {_halo(g)}")
     description = (get_model(packaged).description + "; " if packaged else "") + (
-        f"U-Net (Ronneberger et al. 2015) trained with unetkit: {what}. Outputs class probabilities as large as "
-        f"the input; blocks of {minimum} + n*{g.step} pixels drop a halo of {halo}."
+        f"{kind} trained with unetkit: {what}. Outputs class probabilities as large as "
+        f"the input; blocks of {blocks}."
     )
-    tags = ["unetkit", "unet2d", "u-net", "2d", "segmentation", "semantic-segmentation", "pytorch", "torchscript", "onnx"]
+    dims = "3d" if volume else "2d"
+    tags = ["unetkit", f"unet{dims}", "u-net", dims, "segmentation", "semantic-segmentation", "pytorch", "torchscript", "onnx"]
     if packaged:
         tags += {"em-membranes": ["electron-microscopy", "membranes", "isbi2012"], "dic-hela": ["dic", "cells", "hela"],
                  "fluo-nuclei": ["fluorescence-light-microscopy", "nuclei"]}.get(packaged, [])
@@ -599,7 +696,7 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
         "name": name,
         "description": description[:1000],
         "authors": [{"name": a} for a in authors],
-        "cite": [CITATION, *_data_citations(packaged)],
+        "cite": [CITATION, *([CITATION_3D] if volume else []), *_data_citations(packaged)],
         "license": license or "MIT",
         "tags": tags,
         "documentation": {"source": "README.md"},
@@ -608,12 +705,12 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
             "id": "input",
             "description": "image, normalised by the preprocessing",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": channel_names},
-                     {"type": "space", "id": "y", **space}, {"type": "space", "id": "x", **space}],
+                     *in_axes],
             "test_tensor": {"source": "test_input.npy"},
             "sample_tensor": {"source": "sample_input.tif"},
             "data": {"type": "float32"},
             "pad": {"mode": "reflect"},  # the mirror unetkit uses (no repeated edge pixel)
-            "preprocessing": _preprocessing(loaded.normalization),
+            "preprocessing": _preprocessing(loaded.normalization, [name for name, _ in _space(g)]),
         }],
         "outputs": [{
             "id": "probabilities",
@@ -624,17 +721,10 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
             "sample_tensor": {"source": "sample_output.tif"},
             "data": {"type": "float32", "range": [0.0, 1.0]},
         }],
-        "weights": {
-            "pytorch_state_dict": {
-                "source": "weights.pt",
-                "architecture": {"source": "architecture.py", "callable": "UNet", "kwargs": config},
-                "pytorch_version": torch_version,
-            },
-            "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch_version, "parent": "pytorch_state_dict"},
-            "onnx": {"source": "weights.onnx", "opset_version": OPSET, "parent": "pytorch_state_dict"},
-        },
+        "weights": _weights(config, torch_version, volume),
         "config": {"unetkit": {"model": model.config, "normalization": loaded.normalization.to_dict(),
-                               "decision": loaded.decision, "border": g.border, "packaged_model": packaged,
+                               "decision": loaded.decision, "border": list(g.border) if volume else g.border,
+                               "packaged_model": packaged,
                                "batch_norm_statistics": (statistics or PackageStatistics()).to_dict()
                                if model.config.get("batch_norm") else None}},
     }
@@ -645,6 +735,23 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
     if packaged:
         content["attachments"] = [{"source": DATA_TERMS}]
     return content
+
+
+def _weights(config: dict[str, Any], torch_version: str, volume: bool) -> dict[str, Any]:
+    """The weight formats: state dict (2D architecture file), TorchScript and ONNX; a 3D model's
+    package has the TorchScript and ONNX graphs, TorchScript first."""
+    if volume:
+        return {"torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch_version},
+                "onnx": {"source": "weights.onnx", "opset_version": OPSET, "parent": "torchscript"}}
+    return {
+        "pytorch_state_dict": {
+            "source": "weights.pt",
+            "architecture": {"source": "architecture.py", "callable": "UNet", "kwargs": config},
+            "pytorch_version": torch_version,
+        },
+        "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch_version, "parent": "pytorch_state_dict"},
+        "onnx": {"source": "weights.onnx", "opset_version": OPSET, "parent": "pytorch_state_dict"},
+    }
 
 
 def _format_version() -> str:
@@ -716,10 +823,10 @@ def _weights_sha256(packaged: str | None) -> str | None:
         return None
 
 
-def _rule_text(decision: dict | None) -> str:
+def _rule_text(decision: dict | None, volume: bool = False) -> str:
     """The stored labels rule in words, e.g. "seeded at threshold 0.5 (h=2.0, seed_threshold=0.9)"."""
     if not decision or not decision.get("method"):
-        return "none stored: unetkit's default (4-connected components of probability > 0.5)"
+        return f"none stored: unetkit's default ({6 if volume else 4}-connected components of probability > 0.5)"
     details = {k: v for k, v in decision.items() if k not in ("method", "threshold", "score", "task", "tta")}
     extra = f" ({', '.join(f'{k}={v}' for k, v in details.items())})" if details else ""
     return f"{decision['method']} at threshold {decision.get('threshold')}{extra}"
@@ -730,8 +837,10 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
     model, g = loaded.model, loaded.model.geometry
     statistics = statistics or PackageStatistics()
     norm = loaded.normalization
+    volume = isinstance(g, VolumeGeometry)
+    image, pixels = ("volume", "voxels") if volume else ("image", "pixels")
     if norm.mode == "percentile":
-        preprocessing = (f"each image's percentiles {norm.low:g} and {norm.high:g} "
+        preprocessing = (f"each {image}'s percentiles {norm.low:g} and {norm.high:g} "
                          f"({'per channel' if norm.per_channel else 'over all channels'}) are mapped to 0 and 1 "
                          "(`scale_range`)")
     elif norm.mode == "fixed":
@@ -742,24 +851,28 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
         preprocessing += ", then clipped to [0, 1] (`clip`)"
     decision = loaded.decision or {}
     tta = bool(decision.get("tta", False))
-    halo, minimum = _halo(g), _min_input(g)
+    window = "x".join(str(n) for n in test_shape[2:])
+    network = (f"3D (pooling {[list(k) for k in g.pool_kernels]}, kernels {[list(k) for k in g.conv_kernels]}), "
+               if volume else "")
     lines = [
         f"# {packaged or 'U-Net'} (unetkit)", "",
-        "A U-Net (Ronneberger, Fischer & Brox, MICCAI 2015) trained with unetkit.", "",
+        ("A 3D U-Net (Cicek, Abdulkadir, Lienkamp, Brox & Ronneberger, MICCAI 2016) trained with unetkit." if volume
+         else "A U-Net (Ronneberger, Fischer & Brox, MICCAI 2015) trained with unetkit."), "",
         "## Input and output", "",
         f"- Input: {model.in_channels} channel(s), float32; {preprocessing} (the package's preprocessing does this).",
-        f"- Input size: {minimum} + n*{g.step} pixels along y and x for the bioimage.io runner (which refuses other "
-        f"sizes: mirror-pad such an image yourself); the ONNX and TorchScript files alone take any size. Inside the "
-        f"network the image is mirrored (without repeating the edge pixel) up to the tile size unetkit would use, "
+        f"- Input size: {_sizes_text(g)} for the bioimage.io runner (which refuses other "
+        f"sizes: mirror-pad such {'a volume' if volume else 'an image'} yourself); the ONNX and TorchScript files alone take any size. Inside the "
+        f"network the {image} is mirrored (without repeating the edge {pixels[:-1]}) up to the tile size unetkit would use, "
         f"and the result is cropped back.",
         f"- Output: class probabilities {loaded.class_names}, as large as the input.",
-        f"- Blockwise prediction: blocks of {minimum} + n*{g.step} pixels, dropping a halo of {halo} pixels per side. "
-        f"Blocks then start on the network's pooling grid, so the stitched result equals the whole-image result "
+        f"- Blockwise prediction: blocks of {_sizes_text(g)}, dropping a halo of {_halo_text(g)} per side. "
+        f"Blocks then start on the network's pooling grid, so the stitched result equals the whole-{image} result "
         f"(within float rounding).",
-        f"- Network: depth {g.depth}, {model.config['base_channels']} channels at the first level, padding "
+        f"- Network: {network}depth {g.depth}, {model.config['base_channels']} channels at the first level, padding "
         f"{g.padding!r}, batch norm {'on' if model.config['batch_norm'] else 'off'}.",
-        f"- Test input: a {test_shape[-2]}x{test_shape[-1]} window of {source}; its test output is what "
-        "`unetkit.predict(..., tta=False)` gives with the batch-norm statistics below.", "",
+        f"- Test input: a {window} window of {source}; its test output is what "
+        f"`{'unetkit.volume.predict_volume' if volume else 'unetkit.predict'}(..., tta=False)` gives with the batch-norm "
+        "statistics below.", "",
         *([f"- Batch-norm statistics: {statistics.describe()}."
            + (" Each image's preprocessing and the statistics gathered over it as `unetkit.predict` gathers them "
               "(`unetkit.adapt.gather_statistics`), means and variances averaged layer by layer, fixed in every "
@@ -767,15 +880,16 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
         "## What this package does not carry", "",
         "unetkit does more than this package can describe. Without unetkit you get the probabilities of one pass of "
         "the network, and not:", "",
-        f"- Test-time augmentation: unetkit {'averages' if tta else 'can average'} the 8 flips and rotations of "
-        f"each image{' (this model was scored with it)' if tta else ''}.",
+        f"- Test-time augmentation: unetkit {'averages' if tta else 'can average'} the "
+        f"{'16 flips and xy rotations' if volume else '8 flips and rotations'} of "
+        f"each {image}{' (this model was scored with it)' if tta else ''}.",
         f"- Each image's own batch-norm statistics (`norm_statistics=\"image\"`); the package uses "
         f"{statistics.describe()}"
-        + (", which suit images like those best." if statistics.images else
+        + (", which suit images like those best." if statistics.images else "." if volume else
            " (`unetkit export --statistics-from IMAGES` fixes statistics averaged over a few images like the ones "
            "to segment instead).") if model.config.get("batch_norm") else
         "- (No batch norm in this network, so nothing depends on per-image statistics.)",
-        f"- The labels rule that turns probabilities into labels: {_rule_text(decision)}. Apply it with "
+        f"- The labels rule that turns probabilities into labels: {_rule_text(decision, volume)}. Apply it with "
         "`unetkit predict`, or threshold the foreground probability yourself.",
         "- A constant image: unetkit maps it to 0; `scale_range` divides by its tiny range instead."
         if norm.mode == "percentile" else "- (Nothing else: the normalisation is fully expressed.)", "",
@@ -806,6 +920,6 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
     lines += [_package_scores_text(packaged, statistics) + scores_above, "",
               "To validate on your own data: `unetkit predict --model MODEL IMAGES --out PRED` and "
               "`unetkit evaluate --pred PRED --gt MASKS`.", "",
-              "## Citation", "", f"{CITATION['text']}. doi:{CITATION['doi']}", ""]
+              "## Citation", "", *(f"{c['text']}. doi:{c['doi']}" for c in [CITATION, *([CITATION_3D] if volume else [])]), ""]
     lines += [f"Training data: {c['text']}. doi:{c['doi']}" for c in _data_citations(packaged)]
     return "\n".join(lines) + "\n"

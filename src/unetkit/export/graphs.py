@@ -1,7 +1,9 @@
-"""A network as a self-contained graph file: ONNX (dynamic batch, height and width) or TorchScript.
+"""A network as a self-contained graph file: ONNX (dynamic batch and spatial axes) or TorchScript.
 
 The files `export_onnx` and `export_torchscript` write take a float32 batch (N, C, H, W) of
-normalised images of ANY size and return class probabilities of the same size (N, n_classes, H, W):
+normalised images of ANY size and return class probabilities of the same size (N, n_classes, H, W);
+for a 3D U-Net the batch is of volumes (N, C, Z, Y, X), each axis mirrored with its own geometry
+(`AnyVolume`), and the result equals `unetkit.volume.predict_volume` with one covering tile:
 inside the graph the input is mirror-padded to the one tile that `unetkit.predict` would use for
 the whole image (`covering_size`, mirrored as `unetkit.tiling.extract_region` mirrors) and the
 result is cropped, so it equals `predict(model, image, tta=False, norm_statistics="training",
@@ -35,10 +37,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..geometry import Geometry
+from ..geometry import Geometry, VolumeGeometry
 from ..io import atomic_write
 from ..network import UNet
-from .architecture import padded_size, run_any_size
+from .architecture import mirror_indices, padded_size, run_any_size
 
 #: Largest absolute difference allowed between an exported graph's probabilities and the network's.
 TOLERANCE = 1e-4
@@ -99,9 +101,42 @@ class AnySize(Probabilities):
         return run_any_size(super().forward, x, *self.layout)
 
 
-def example_sizes(model: UNet) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two different small legal (h, w) sizes: one to trace at, one to check the graph at."""
+def run_any_volume(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   layouts: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
+    """`run_any_size` for volumes: each of the last three axes (z, y, x) mirror-padded and cropped
+    with its own (before, base, step, keep) layout.
+
+    Example:
+        >>> run_any_volume(lambda v: v, torch.rand(1, 1, 3, 5, 6), [(1, 4, 1, 1), (2, 8, 2, 2), (2, 8, 2, 2)]).shape
+        torch.Size([1, 1, 3, 5, 6])
+    """
+    sizes = [x.shape[axis] for axis in (-3, -2, -1)]
+    for axis, size, (before, base, step, _) in zip((-3, -2, -1), sizes, layouts):
+        x = x.index_select(axis, mirror_indices(-before, padded_size(size, before, base, step), size))
+    y = forward(x)
+    kz, ky, kx = (layout[3] for layout in layouts)
+    return y[..., kz : kz + sizes[0], ky : ky + sizes[1], kx : kx + sizes[2]]
+
+
+class AnyVolume(Probabilities):
+    """`AnySize` for a 3D U-Net: a volume (N, C, Z, Y, X) of any size in, probabilities of the same
+    size out; each axis is padded to its own covering size (`any_size_layout` of the axis)."""
+
+    def __init__(self, model: nn.Module, geometry: VolumeGeometry) -> None:
+        super().__init__(model)
+        self.layouts = tuple(any_size_layout(axis) for axis in geometry.axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_any_volume(super().forward, x, self.layouts)
+
+
+def example_sizes(model: UNet) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Two different small legal sizes, (h, w) or for a 3D U-Net (z, y, x): one to trace at, one
+    to check the graph at."""
     g = model.geometry
+    if isinstance(g, VolumeGeometry):
+        (sz, sy, sx), first = g.step, tuple(m + s for m, s in zip(g.min_shape, g.step))
+        return (first[0], first[1], first[2] + sx), (first[0] + sz, first[1] + 2 * sy, first[2])
     first = g.min_size + g.step
     return (first, first + g.step), (first + 2 * g.step, first)
 
@@ -110,7 +145,15 @@ def _inference_copy(model: UNet, any_size: bool = False) -> Probabilities:
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a unetkit.UNet, got {type(model).__name__}")
     net = copy.deepcopy(model).cpu().float().eval()
-    return AnySize(net, model.geometry) if any_size else Probabilities(net)
+    if not any_size:
+        return Probabilities(net)
+    return AnyVolume(net, model.geometry) if isinstance(model.geometry, VolumeGeometry) else AnySize(net, model.geometry)
+
+
+def _dynamic_names(model: UNet) -> dict[int, str]:
+    """The dynamic axes of a graph's input: batch and every spatial axis."""
+    spatial = ("depth", "height", "width") if isinstance(model.geometry, VolumeGeometry) else ("height", "width")
+    return {0: "batch", **{2 + i: name for i, name in enumerate(spatial)}}
 
 
 def _example(model: UNet, size: tuple[int, int], batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -222,8 +265,8 @@ def check_graph(model: UNet, run: Callable[[np.ndarray], np.ndarray], what: str,
     not traced at (legal; for an `AnySize` graph, illegal); raises InputError above `TOLERANCE`."""
     wrapped = wrapped or _inference_copy(model)
     trace_size, check_size = example_sizes(model)
-    if isinstance(wrapped, AnySize):
-        check_size = (check_size[0] + 1, check_size[1] + 3)
+    if isinstance(wrapped, (AnySize, AnyVolume)):
+        check_size = (*(size + 1 for size in check_size[:-1]), check_size[-1] + 3)
     x = _example(model, check_size, batch=2, seed=1)
     with torch.no_grad():
         expected = wrapped(x).numpy()
@@ -249,7 +292,8 @@ def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = Fa
     """Write `model` (with softmax) as a traced TorchScript file.
 
     Load it with `torch.jit.load(path)`; it maps (N, C, H, W) float32 to probabilities of the same
-    size, for any H and W (`AnySize`); with `any_size=False`, the raw network (legal sizes only).
+    size, for any H and W (`AnySize`; volumes (N, C, Z, Y, X) for a 3D U-Net, `AnyVolume`); with
+    `any_size=False`, the raw network (legal sizes only).
     Raises InputError if tracing fails (naming the layer) or the graph does not reproduce the
     network within `TOLERANCE`; FileExistsError if `path` exists and not `force`.
 
@@ -273,7 +317,7 @@ def export_torchscript(model: UNet, path: str | os.PathLike, *, force: bool = Fa
 
 
 def onnx_program(model: UNet, any_size: bool = False):
-    """The ONNX `ModelProto` of `model` with softmax, dynamic in batch, height and width, and the
+    """The ONNX `ModelProto` of `model` with softmax, dynamic in batch and every spatial axis, and the
     wrapped copy of the network it was traced from. With `any_size`, the graph takes any size and
     returns the same size (`AnySize`); without, legal sizes only.
 
@@ -283,7 +327,8 @@ def onnx_program(model: UNet, any_size: bool = False):
     wrapped = _inference_copy(model, any_size)
     trace_size, _ = example_sizes(model)
     x = _example(model, trace_size, batch=2)  # a batch of 1 would be fixed at 1
-    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    names = _dynamic_names(model)
+    dims = {axis: torch.export.Dim.DYNAMIC for axis in names}
     with _quiet(), torch.no_grad():
         exported = _trace(
             wrapped, lambda: torch.export.export(wrapped, (x,), dynamic_shapes={"x": dims}, strict=False), "ONNX"
@@ -296,9 +341,9 @@ def onnx_program(model: UNet, any_size: bool = False):
         except Exception as exc:  # noqa: BLE001 - an operator without an ONNX translation
             raise InputError(f"cannot export to ONNX: {_first_line(exc)}") from None
     proto = program.model_proto
-    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim, ("batch", "", "height", "width")):
-        if name:
-            dim.dim_param = name
+    for axis, dim in enumerate(proto.graph.input[0].type.tensor_type.shape.dim):
+        if axis in names:
+            dim.dim_param = names[axis]
     return proto, wrapped
 
 
@@ -329,7 +374,7 @@ def traced_onnx_bytes(module: nn.Module, model: UNet, extra_inputs: Sequence[tor
         torch.onnx.export(
             module, (_example(model, trace_size, batch=2), *extra_inputs), buffer, dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME, *extra_names], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            dynamic_axes={INPUT_NAME: _dynamic_names(model)},
         )
     return buffer.getvalue()
 
@@ -384,7 +429,8 @@ def export_onnx(model: UNet, path: str | os.PathLike, *, force: bool = False, ch
                 any_size: bool = True) -> Path:
     """Write `model` (with softmax) as one self-contained ONNX file (opset `OPSET`).
 
-    The input "input" is (batch, C, height, width) with all three sizes dynamic: any size
+    The input "input" is (batch, C, height, width), or (batch, C, depth, height, width) for a 3D
+    U-Net, with the batch and spatial sizes dynamic: any size
     (`AnySize`), or with `any_size=False` legal sizes only; the output "output" holds the class
     probabilities, as large as the input (with `any_size`). With `check`, onnxruntime (when installed)
     verifies the file against the network within `TOLERANCE` first.

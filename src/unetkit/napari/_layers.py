@@ -30,7 +30,9 @@ def probability_layers(
 ) -> list[LayerData]:
     """One image layer per class but the background (class 0, which is 1 minus the others), in [0, 1].
 
-    `common` (e.g. scale, translate) is passed to every layer.
+    `probabilities` is (n_classes, H, W), or (n_classes, planes, H, W) for a stack or a volume (each
+    layer then holds that class's (planes, H, W)); `common` (e.g. scale, translate) is passed to
+    every layer.
 
     Example:
         >>> p = np.zeros((2, 4, 4), np.float32)

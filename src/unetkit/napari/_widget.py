@@ -1,6 +1,9 @@
 """The napari widget: segment the chosen image layer with a U-Net, fine-tune the model on corrected
 labels, and score labels against ground truth.
 
+A z-stack or time series layer (planes, Y, X) is segmented plane by plane by a 2D model (the
+progress bar counts planes; objects can be linked across planes) and as one volume by a 3D model.
+
 The loop it offers: Segment (a packaged model or a checkpoint), correct the labels layer with
 napari's paint, fill and erase tools, Fine-tune on it for a minute or two, and the image is
 segmented again with the new model into a new labels layer (corrections are never overwritten);
@@ -42,6 +45,7 @@ from qtpy.QtWidgets import (
 from superqt.utils import create_worker
 
 from ..errors import InputError
+from ..stacks import STITCH_THRESHOLD
 from ._layers import labels_layer, probability_layers
 from ._segment import (
     TTA_CHOICES,
@@ -55,10 +59,16 @@ from ._segment import (
     format_scores,
     inference_options,
     installed_models,
+    is_volume_model,
     layer_image,
+    layer_kind,
+    layer_stack,
+    layer_volume,
     load_model,
     percentile_range,
     segment_image,
+    segment_planes,
+    segment_volume_layer,
     truth_choice,
 )
 from ._train import folder_entries, new_run_dir, run_fine_tune, save_run, training_pair
@@ -92,6 +102,11 @@ PRECISION_TIP = ("Arithmetic of the network. fp32 is what the model was trained 
 SECONDS_TIP = ("How long to train on your corrected labels, in seconds of your time. A "
                "minute or two usually adapts a model to new images; "
                "Stop ends it early and keeps the best model so far.")
+STITCH_TIP = ("For z-stacks and time series: a cell cut by several neighbouring planes (or followed from one time "
+              "point to the next) keeps one label, so each cell becomes one object through the stack. Outlines in "
+              "neighbouring planes are joined when they overlap by at least the fraction set here (0.25 by default): "
+              "raise it when neighbouring cells get joined into one, lower it when one cell breaks into pieces. "
+              "Off: every plane's objects get labels of their own.")
 TRAIN_LABELS_TIP = ("The labels layer the model learns from: correct it with napari's paint, fill and erase tools "
                     "(by default the last segmentation's labels). Give every object its own label; 0 is background.")
 
@@ -99,7 +114,8 @@ TRAIN_LABELS_TIP = ("The labels layer the model learns from: correct it with nap
 class _Relay(QObject):
     """Carries progress from the worker thread to the widget (Qt queues it to the main thread)."""
 
-    progress = Signal(int, int)
+    progress = Signal(int, int)  # tiles of one image
+    planes = Signal(int, int)  # planes of a stack
     trained = Signal(object)  # fine_tune's callback dicts
 
 
@@ -174,6 +190,8 @@ class SegmentWidget(QWidget):
         self._stop = threading.Event()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
+        self._relay.planes.connect(self._on_planes)
+        self._steps = 1  # what the progress bar counts to once the work is done (planes of a stack)
         self._relay.trained.connect(self._on_trained)
 
         self.model = QComboBox()
@@ -220,6 +238,20 @@ class SegmentWidget(QWidget):
         diameter = QHBoxLayout()
         diameter.addWidget(self.diameter_mode)
         diameter.addWidget(self.diameter)
+        self.stitch = QCheckBox("link objects across planes")
+        self.stitch.setToolTip(STITCH_TIP)
+        self.stitch_overlap = QDoubleSpinBox()
+        self.stitch_overlap.setDecimals(2)
+        self.stitch_overlap.setRange(0.05, 1.0)
+        self.stitch_overlap.setSingleStep(0.05)
+        self.stitch_overlap.setValue(STITCH_THRESHOLD)
+        self.stitch_overlap.setToolTip(STITCH_TIP)
+        self.stitch_overlap.setEnabled(False)
+        self.stitch.toggled.connect(self.stitch_overlap.setEnabled)
+        stitch = QHBoxLayout()
+        stitch.addWidget(self.stitch)
+        stitch.addWidget(QLabel("overlap"))
+        stitch.addWidget(self.stitch_overlap)
 
         form = QFormLayout()
         form.addRow("model", self.model)
@@ -234,6 +266,7 @@ class SegmentWidget(QWidget):
         form.addRow("minimum object size", self.min_size)
         form.addRow("normalisation percentiles", percentiles)
         form.addRow("object diameter", diameter)
+        form.addRow("z-stacks, time series", stitch)
 
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
@@ -366,6 +399,10 @@ class SegmentWidget(QWidget):
                              "set both normalisation percentiles to 'as trained'")
         return (stored[0] if low is None else low, stored[1] if high is None else high)
 
+    def stitch_choice(self) -> float | None:
+        """The overlap at which objects are linked across the planes of a stack; None when they are not."""
+        return float(self.stitch_overlap.value()) if self.stitch.isChecked() else None
+
     def inference_options(self) -> Any:
         """The `unetkit.inference.InferenceOptions` the controls ask for (InputError for a bad choice)."""
         return inference_options(tta=TTA_CHOICES[self.tta.currentText()], tile_size=self.tile_size.value() or None,
@@ -435,51 +472,110 @@ class SegmentWidget(QWidget):
 
     # -- segmentation ----------------------------------------------------------------------------
     def segment(self) -> None:
-        """Check the choices, then segment the chosen image layer in a worker thread."""
+        """Check the choices, then segment the chosen image layer in a worker thread: a 2D image at
+        once, a stack plane by plane (2D model) or as one volume (3D model)."""
         if self._worker is not None:
             return
         try:
-            job, name, layer, loaded = self._segment_job()
+            job, name, layer, loaded, planes = self._segment_job()
         except InputError as exc:
             self._say(str(exc), error=True)
             return
         source = self.model_source()
-        self._say(f"segmenting {name!r} with {describe_model(loaded, source)}...")
-        self.progress.setRange(0, 0)  # busy until the first batch of tiles reports
-        self._start(job, lambda done: self._segmented(*done, name, source), busy=True)
+        if is_volume_model(loaded):
+            what = f"the z-stack {name!r} ({' x '.join(str(int(n)) for n in layer.level_shapes[0])}) as one volume"
+        elif planes:
+            what = f"{name!r} plane by plane ({planes} planes)"
+        else:
+            what = repr(name)
+        self._say(f"segmenting {what} with {describe_model(loaded, source)}...")
+        if planes:
+            self.progress.setFormat("plane %v of %m")
+            self.progress.setRange(0, planes)
+            self.progress.setValue(0)
+        else:
+            self.progress.setFormat("%p%")
+            self.progress.setRange(0, 0)  # busy until the first batch of tiles reports
+        self._start(job, lambda done: self._segmented(*done, name, source), busy=True, steps=planes or 1)
 
-    def _segment_job(self) -> tuple[Callable[[], tuple[Segmentation, list]], str, Any, Any]:
+    def _segment_job(self) -> tuple[Callable[[], tuple[Any, list]], str, Any, Any, int]:
+        """The work of Segment for the chosen layer and model, checked here (InputError); with the
+        layer's name, the layer, the model and the number of planes the progress bar counts (0: tiles)."""
         name = self.image.currentText()
         if not name or name not in self.viewer.layers:
             raise InputError("no image layer to segment: open an image (File > Open) or choose one in 'image layer'")
         layer = self.viewer.layers[name]
         source = self.model_source()
         loaded = load_model(source)
-        image = layer_image(layer.data, rgb=bool(getattr(layer, "rgb", False)), name=name,
-                            in_channels=loaded.model.in_channels)
+        rgb = bool(getattr(layer, "rgb", False))
+        kind = layer_kind(layer.data, rgb=rgb, name=name)
         options = self.inference_options()
-        tile_size = check_tile_size(loaded, options.tile_size)
+        tile_size = check_tile_size(loaded, options.tile_size) if not is_volume_model(loaded) else None
         percentiles = self.percentiles(loaded)
         diameter = options.diameter
+        stitch = self.stitch_choice()
+        axes = 2 if kind == "image" else 3
+        common = {"scale": tuple(layer.scale)[-axes:], "translate": tuple(layer.translate)[-axes:]}  # drawn over the image
+        cancelled = self._cancel.is_set
 
-        common = {"scale": tuple(layer.scale)[-2:], "translate": tuple(layer.translate)[-2:]}  # drawn over the image
-
-        def job() -> tuple[Segmentation, list]:
+        def layers_of(result: Any, probabilities: np.ndarray) -> list:
             from napari.layers import Layer
 
+            # Layers are built here, off the main thread: their first construction alone takes
+            # about a second (napari imports pandas for the labels layer's features).
+            data = [*probability_layers(probabilities, name, loaded.class_names, **common),
+                    labels_layer(result.labels, name, **common)]
+            return [Layer.create(*item) for item in data]
+
+        if is_volume_model(loaded):
+            volume = layer_volume(layer.data, rgb=rgb, name=name, in_channels=loaded.model.in_channels)
+            ignored = self._ignored_for_volumes(options, tile_size=self.tile_size.value(), stitch=stitch)
+
+            def volume_job() -> tuple[Any, list]:
+                result = segment_volume_layer(loaded, volume, tta=options.tta, device=options.device,
+                                              threshold=options.threshold, min_size=options.min_size,
+                                              percentiles=percentiles, cancelled=cancelled)
+                result.notes.extend(ignored)
+                return result, layers_of(result, result.probabilities)
+
+            return volume_job, name, layer, loaded, 0
+
+        if kind == "stack":
+            stack = layer_stack(layer.data, rgb=rgb, name=name, in_channels=loaded.model.in_channels)
+
+            def stack_job() -> tuple[Any, list]:
+                result = segment_planes(loaded, stack, source=source, name=name, stitch=stitch, tile_size=tile_size,
+                                        tta=options.tta, backend=options.backend, threshold=options.threshold,
+                                        min_size=options.min_size, diameter=diameter, precision=options.precision,
+                                        percentiles=percentiles, progress=self._relay.planes.emit, cancelled=cancelled)
+                return result, layers_of(result, np.moveaxis(result.probabilities, 1, 0))  # classes first
+
+            return stack_job, name, layer, loaded, len(stack)
+
+        image = layer_image(layer.data, rgb=rgb, name=name, in_channels=loaded.model.in_channels)
+
+        def job() -> tuple[Segmentation, list]:
             result = segment_image(loaded, image, source=source, name=name, tile_size=tile_size, tta=options.tta,
                                    backend=options.backend, threshold=options.threshold, min_size=options.min_size,
                                    diameter=diameter, precision=options.precision, percentiles=percentiles,
-                                   progress=self._relay.progress.emit, cancelled=self._cancel.is_set)
-            # Layers are built here, off the main thread: their first construction alone takes
-            # about a second (napari imports pandas for the labels layer's features).
-            data = [*probability_layers(result.probabilities, name, loaded.class_names, **common),
-                    labels_layer(result.labels, name, **common)]
-            return result, [Layer.create(*item) for item in data]
+                                   progress=self._relay.progress.emit, cancelled=cancelled)
+            return result, layers_of(result, result.probabilities)
 
-        return job, name, layer, loaded
+        return job, name, layer, loaded, 0
 
-    def _segmented(self, result: Segmentation, layers: list, name: str, source: str) -> None:
+    @staticmethod
+    def _ignored_for_volumes(options: Any, *, tile_size: int, stitch: float | None) -> list[str]:
+        """Notes on the controls a 3D model does not use, when they are set."""
+        ignored = [label for label, used in (
+            ("tile size", bool(tile_size)), ("backend", options.backend not in (None, "auto")),
+            ("precision", options.precision != "fp32"), ("object diameter", options.diameter is not None),
+            ("link objects across planes", stitch is not None)) if used]
+        if not ignored:
+            return []
+        return [f"{', '.join(ignored)}: not used by a 3D model (it predicts the whole volume at fp32 with "
+                "automatic tiles, and its objects are 3D already)"]
+
+    def _segmented(self, result: Any, layers: list, name: str, source: str) -> None:
         self.result = result
         self._result_source = name
         labels = layers[-1]
@@ -513,17 +609,25 @@ class SegmentWidget(QWidget):
     def _show(self, layer: Any) -> None:
         """Add a layer, or replace the data of the layer of that name and type (a second run)."""
         existing = self.viewer.layers[layer.name] if layer.name in self.viewer.layers else None
-        if existing is not None and type(existing) is type(layer):
+        if existing is not None and type(existing) is type(layer) and existing.ndim == layer.ndim:
             existing.data = layer.data
-        else:
-            self.viewer.add_layer(layer)
+            existing.scale, existing.translate = layer.scale, layer.translate
+            return
+        if existing is not None and type(existing) is type(layer):  # a 2D result where a stack's was, or back
+            self.viewer.layers.remove(existing)
+        self.viewer.add_layer(layer)
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setRange(0, total)
         self.progress.setValue(done)
 
+    def _on_planes(self, done: int, total: int) -> None:
+        self.progress.setFormat("plane %v of %m")
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+
     def cancel(self) -> None:
-        """Stop the running segmentation at its next batch of tiles."""
+        """Stop the running segmentation at its next batch of tiles (of a plane, or of a volume)."""
         if self._worker is not None:
             self._cancel.set()
             self._say("cancelling...")
@@ -558,8 +662,12 @@ class SegmentWidget(QWidget):
         layer = self.viewer.layers[name]
         start = self.model_source()
         loaded = load_model(start)
+        if is_volume_model(loaded):
+            raise InputError("this is a 3D model; the widget fine-tunes 2D models on one image and its corrected labels "
+                             "(train 3D models with `unetkit train`)")
         image = layer_image(layer.data, rgb=bool(getattr(layer, "rgb", False)), name=name,
-                            in_channels=loaded.model.in_channels)
+                            in_channels=loaded.model.in_channels,
+                            task="fine-tuning learns from one 2D image and its corrected labels")
         image, labels = training_pair(image, self.viewer.layers[labels_name].data, image_name=name, labels_name=labels_name)
         run_dir = new_run_dir()
         seconds = float(self.seconds.value())
@@ -671,9 +779,12 @@ class SegmentWidget(QWidget):
         self._say(f"{names[0]!r} against {names[1]!r}" + "".join(f"\nnote: {n}" for n in notes))
 
     # -- the worker --------------------------------------------------------------------------------
-    def _start(self, job: Callable[[], Any], done: Callable[[Any], None], busy: bool) -> None:
+    def _start(self, job: Callable[[], Any], done: Callable[[Any], None], busy: bool, steps: int = 1) -> None:
         self._cancel.clear()
         self._succeeded = False
+        self._steps = steps
+        if steps == 1:
+            self.progress.setFormat("%p%")
         self._then = None
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(done)
@@ -699,8 +810,10 @@ class SegmentWidget(QWidget):
 
     def _finished(self) -> None:
         self._worker = None
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1 if self._succeeded else 0)
+        if not self._succeeded:
+            self.progress.setFormat("%p%")
+        self.progress.setRange(0, self._steps if self._succeeded else 1)
+        self.progress.setValue(self._steps if self._succeeded else 0)
         self.segment_button.setEnabled(True)
         self.train_button.setEnabled(True)
         self.save_button.setEnabled(self.run_dir is not None)
