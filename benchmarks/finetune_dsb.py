@@ -102,16 +102,37 @@ def auto_accuracy(image: np.ndarray, truth: np.ndarray, name: str) -> list[dict]
     return rows
 
 
-def fine_tuned(args, train_images, train_masks, test_images, test_masks) -> dict:
-    """Arm (b): `prepare_fine_tune(...).fit()`, what `unetkit.finetune.fine_tune` runs, with `--lr` if given."""
+def fine_tuned(args, train_images, train_masks, test_images, test_masks, *, run: str = "finetuned",
+               overrides: dict | None = None, score_options: dict | None = None) -> dict:
+    """Arm (b): `prepare_fine_tune(...).fit()`, what `unetkit.finetune.fine_tune` runs, with `--lr` if given
+    and `overrides` (TrainConfig fields, e.g. the seed); held-out parts segmented with `score_options`."""
     args.work.mkdir(parents=True, exist_ok=True)
+    overrides = {**({} if getattr(args, "lr", None) is None else {"lr": args.lr}), **(overrides or {})}
     started = time.process_time()
-    trainer = prepare_fine_tune("fluo-nuclei", train_images, train_masks, args.work / "finetuned", seconds=args.seconds,
-                                overrides=None if args.lr is None else {"lr": args.lr}, force=True)
+    trainer = prepare_fine_tune("fluo-nuclei", train_images, train_masks, args.work / run, seconds=args.seconds,
+                                overrides=overrides or None, force=True)
     summary = trainer.fit()
     arm = {"iterations": summary["iterations"], "cpu_seconds": time.process_time() - started, "lr": trainer.config.lr,
            "tile_size": trainer.config.tile_size, "validation": CROSS_CHECK,
-           **scores(args.work / "finetuned" / "best.pt", test_images, test_masks)}
+           **scores(args.work / run / "best.pt", test_images, test_masks, **(score_options or {}))}
+    print(arm)
+    return arm
+
+
+def from_scratch(work: Path, seconds: float, tile_size: int, train_images, train_masks, test_images, test_masks, *,
+                 run: str = "scratch", seed: int = 0) -> dict:
+    """Arm (c): the default recipe for objects (width 16) from random weights on the training parts, `seconds`
+    CPU-seconds, the same tile size and the same cross-check validation as the fine-tuning."""
+    config = recipe_config("default", task="objects", tile_size=tile_size, iterations=None, max_seconds=seconds,
+                           budget_clock="cpu", workers=0, val_every=50, checkpoint_every=50, device="cpu", seed=seed)
+    normalization = Normalization()
+    samples = [make_sample(i, m, f"part{k}", normalization, targets=config.targets)
+               for k, (i, m) in enumerate(zip(train_images, train_masks))]
+    started = time.process_time()
+    summary = Trainer(config, samples, samples, work / run, normalization=normalization, progress=False).fit()
+    arm = {"iterations": summary["iterations"], "cpu_seconds": time.process_time() - started,
+           "recipe": "default (objects), width 16", "validation": CROSS_CHECK,
+           **scores(work / run / "best.pt", test_images, test_masks)}
     print(arm)
     return arm
 
@@ -158,19 +179,10 @@ def main() -> None:
     from unetkit.checkpoint import load_checkpoint
 
     tuned = load_checkpoint(best).train_config
-    config = recipe_config("default", task="objects", tile_size=tuned["tile_size"], iterations=None, max_seconds=args.seconds,
-                           budget_clock="cpu", workers=0, val_every=50, checkpoint_every=50, device="cpu")
-    normalization = Normalization()
-    samples = [make_sample(i, m, f"part{k}", normalization, targets=config.targets)
-               for k, (i, m) in enumerate(zip(train_images, train_masks))]
-    started = time.process_time()
-    summary = Trainer(config, samples, samples, args.work / "scratch", normalization=normalization, progress=False).fit()
-    result["from_scratch"] = {"iterations": summary["iterations"], "cpu_seconds": time.process_time() - started,
-                              "recipe": "default (objects), width 16", "validation": CROSS_CHECK,
-                              **scores(args.work / "scratch" / "best.pt", test_images, test_masks)}
-    print(result["from_scratch"])
+    result["from_scratch"] = from_scratch(args.work, args.seconds, tuned["tile_size"], train_images, train_masks,
+                                          test_images, test_masks)
     result["tile_size"] = tuned["tile_size"]
-    assert tuned["tile_size"] == choose_tile(config.geometry, 572, [256])
+    assert tuned["tile_size"] == choose_tile(recipe_config("default", task="objects").geometry, 572, [256])
 
     if not args.skip_auto:
         gowt1 = data_root() / "ctc-fluo-n2dh-gowt1"

@@ -103,6 +103,7 @@ def run_arm(arm: str, seed: int, minutes: float, data: Path | None) -> dict:
 def table() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import RESULTS, machine, write_json
+    from unetkit.backends import cpu_name
 
     rows = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
     lines = ["| arm | seed | iterations | best.pt iteration | Rand error, labels | Rand error, map (best threshold) | pixel error |",
@@ -120,20 +121,11 @@ def table() -> dict:
         "split": "train 00-17, validate 18-19, score 20-24",
         "spacing_zyx": SPACING,
         "runs": rows, "mean_rand_error_labels": means, "markdown": lines,
-        "machine": {**machine(), "cpu": _cpu_name()},
+        "machine": {**machine(), "cpu": cpu_name()},
     }
     write_json(RESULTS / "isbi_volume.json", result)
     return result
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ multiply-add), each against the paper's 2D network shape at the recipe's width o
 
 - ``anisotropic``: the ISBI 2012 volume's network (`benchmarks/isbi_volume.py`: spacing 12.5, 1, 1,
   4 levels, (1, 2, 2) pooling, 3x3x3 kernels only at the bottom) on (12, 252, 252) tiles;
-- ``isotropic``: 2x2x2 pooling and 3x3x3 kernels at every level (Cicek et al. 2016), 4 levels,
-  on (44, 92, 92) tiles.
+- ``isotropic``: 2x2x2 pooling and 3x3x3 kernels at every level (Cicek et al. 2016), 3 levels,
+  on (52, 76, 76) tiles (the network of `benchmarks/nuclei_volume.py`).
 
 Rounds interleave the measurements (matmul, 2D forward, 3D forwards, 3D training steps), so a
 slower moment of a shared machine shows in all of them; each figure is the best of its rounds.
@@ -19,17 +19,17 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from common import RESULTS, machine, write_json
+from unetkit.backends import cpu_name
 from unetkit.network import UNet
 from unetkit.train import TrainConfig
 
 NETWORKS = {
     "anisotropic": (dict(spacing=(12.5, 1.0, 1.0), depth=4), (12, 252, 252)),
-    "isotropic": (dict(spacing=(1.0, 1.0, 1.0), depth=4), (44, 92, 92)),
+    "isotropic": (dict(spacing=(1.0, 1.0, 1.0), depth=3), (52, 76, 76)),
 }
 
 
@@ -106,12 +106,6 @@ def run(rounds: int) -> dict:
     return {"matmul_gflops": round(matmul, 1), "networks": rows, "rounds": rounds}
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"experiment": __doc__.split("\n\n")[0], **run(args.rounds), "machine": {**machine(), "cpu": _cpu_name()}}
+    result = {"experiment": __doc__.split("\n\n")[0], **run(args.rounds), "machine": {**machine(), "cpu": cpu_name()}}
     write_json(RESULTS / "volume_speed.json", result)
 
 

@@ -89,7 +89,7 @@ class TrainConfig:
         >>> TrainConfig(iterations=10).momentum
         0.99
         >>> TrainConfig(dims=3, spacing=(4, 1, 1), depth=3, tile_size=44).tile_shape
-        (5, 44, 44)
+        (20, 44, 44)
     """
 
     # network

@@ -275,6 +275,12 @@ def with_percentiles(loaded, low: float, high: float):
     return dataclasses.replace(loaded, normalization=norm)
 
 
+def _with_controls(loaded, percentiles: tuple[float, float] | None, *, tile_size: int | None, **controls: Any):
+    """The checkpoint with the widget's normalisation percentiles, and the `InferenceOptions` of its other controls."""
+    options = inference_options(tile_size=check_tile_size(loaded, tile_size), **controls)
+    return (loaded if percentiles is None else with_percentiles(loaded, *percentiles)), options
+
+
 def segment_image(
     loaded,
     image: np.ndarray,
@@ -305,10 +311,8 @@ def segment_image(
     """
     from ..inference import Segmenter
 
-    options = inference_options(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend,
-                                threshold=threshold, min_size=min_size, diameter=diameter, precision=precision)
-    if percentiles is not None:
-        loaded = with_percentiles(loaded, *percentiles)
+    loaded, options = _with_controls(loaded, percentiles, tta=tta, tile_size=tile_size, device=device, backend=backend,
+                                     threshold=threshold, min_size=min_size, diameter=diameter, precision=precision)
     segmenter = Segmenter(loaded, options, source=source)
 
     def callback(done: int, total: int) -> None:
@@ -351,10 +355,8 @@ def segment_planes(
     from ..inference import Segmenter
     from ..stacks import segment_stack
 
-    options = inference_options(tta=tta, tile_size=check_tile_size(loaded, tile_size), device=device, backend=backend,
-                                threshold=threshold, min_size=min_size, diameter=diameter, precision=precision)
-    if percentiles is not None:
-        loaded = with_percentiles(loaded, *percentiles)
+    loaded, options = _with_controls(loaded, percentiles, tta=tta, tile_size=tile_size, device=device, backend=backend,
+                                     threshold=threshold, min_size=min_size, diameter=diameter, precision=precision)
     done = [0, len(stack)]
 
     def check(*_: Any) -> None:
