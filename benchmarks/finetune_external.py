@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--train", default=",".join(DEFAULT_TRAIN), help="the 2 training frames, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=120.0, help="training budget, CPU-seconds")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unetkit-bench/finetune_external"), help="run folders and parts")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "finetune_external", help="run folders and parts")
     parser.add_argument("--merge", action="store_true", help="gather the parts into benchmarks/results/finetune_external.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
