@@ -83,18 +83,6 @@ def refuse_two_d_options(given: Sequence[str], model_name: str) -> None:
 
 
 # -- spacing -------------------------------------------------------------------------------------
-def parse_spacing(text: str | None) -> Spacing | None:
-    """The voxel size (z, y, x) given as "Z,Y,X" (any unit, only the ratios matter); None for None.
-
-    Example:
-        >>> parse_spacing("2,0.5,0.5")
-        (2.0, 0.5, 0.5)
-    """
-    from .data.volumes import check_spacing
-
-    return None if text is None else check_spacing(str(text), "--spacing")
-
-
 def as_spacing(value) -> Spacing | None:
     """`value` as a voxel size (z, y, x) of positive floats, or None when it is not one.
 
@@ -214,18 +202,18 @@ def check_extent(shape: Sequence[int], geometry, name: str = "volume") -> None:
         ...
         unetkit.errors.InputError: thin.tif: 4 slices along z, but this 3D model needs at least 5 (its smallest tile); ...
     """
-    from .volume import smallest_volume_tile
+    from .volume import thin_axis
 
-    need = smallest_volume_tile(geometry)
-    for axis, size, low in zip("zyx", shape, need):
-        if int(size) >= low:
-            continue
+    thin = thin_axis(shape, geometry)
+    if thin is not None:
+        index, size, low = thin
+        axis = "zyx"[index]
         what = "slices" if axis == "z" else "voxels"
         widths = [(0, 0)] * 3
-        widths["zyx".index(axis)] = ((low - int(size)) // 2, low - int(size) - (low - int(size)) // 2)
-        pad = f"numpy.pad(volume, {tuple(widths)}, mode='reflect')" if int(size) > 1 else "more slices"
+        widths[index] = ((low - size) // 2, low - size - (low - size) // 2)
+        pad = f"numpy.pad(volume, {tuple(widths)}, mode='reflect')" if size > 1 else "more slices"
         raise InputError(
-            f"{name}: {int(size)} {what} along {axis}, but this 3D model needs at least {low} (its smallest tile); "
+            f"{name}: {size} {what} along {axis}, but this 3D model needs at least {low} (its smallest tile); "
             f"give a volume of at least {low} {what} along {axis} (e.g. mirror it out: {pad}), "
             "or segment its planes one by one with a 2D model"
         )

@@ -289,10 +289,9 @@ def foreground_scores(model: UNet, samples: Sequence[Sample], device: torch.devi
 
         maps = [predict_volume(model, sample.image, device=device, pad_thin=True)[1] for sample in samples]
         labelled = [sample.target != IGNORE_INDEX for sample in samples]
-        foreground = [np.concatenate([m[k] for m, k in zip(maps, labelled)])]
-        truth = [np.concatenate([s.target[k] for s, k in zip(samples, labelled)])]
-        return iou([f[None] for f in foreground], [t[None] for t in truth]), \
-            pixel_error([f[None] for f in foreground], [t[None] for t in truth])
+        foreground = [np.concatenate([m[k] for m, k in zip(maps, labelled)])[None]]  # one (1, N) image of labelled voxels
+        truth = [np.concatenate([s.target[k] for s, k in zip(samples, labelled)])[None]]
+        return iou(foreground, truth), pixel_error(foreground, truth)
     foreground = [predict(model, sample.image, device=device)[1] for sample in samples]
     truth = [sample.target for sample in samples]
     return iou(foreground, truth), pixel_error(foreground, truth)
@@ -308,7 +307,7 @@ def _output_shape(config: TrainConfig) -> tuple[int, ...]:
 
 def _check_sample_dims(config: TrainConfig, samples: Sequence) -> None:
     """Images for a 2D run, volumes for a 3D one, or one line naming the fix."""
-    volumes = [s for s in samples if getattr(s, "image", np.zeros((1, 1, 1))).ndim == 4]
+    volumes = [s for s in samples if s.image.ndim == 4]
     if config.dims == 3 and len(volumes) != len(samples):
         raise InputError("--dims 3 trains on volumes (multi-page TIFF z-stacks, unetkit.data.VolumeSample) but "
                          "the samples are 2D images; leave out --dims 3 to train a 2D model")

@@ -113,11 +113,26 @@ def smallest_volume_tile(geometry: VolumeGeometry) -> Shape3:
     return tuple(smallest_tile(axis) for axis in geometry.axes)  # type: ignore[arg-type, return-value]
 
 
+def thin_axis(volume_shape: Sequence[int], geometry: VolumeGeometry) -> tuple[int, int, int] | None:
+    """(axis index, size, smallest tile) of the first axis along which a volume of `volume_shape`
+    is thinner than the network's smallest tile (`smallest_volume_tile`), or None.
+
+    Example:
+        >>> thin_axis((4, 40, 44), VolumeGeometry(((1, 2, 2),), ((1, 3, 3), (3, 3, 3))))
+        (0, 4, 5)
+    """
+    for axis, (size, need) in enumerate(zip(volume_shape, smallest_volume_tile(geometry))):
+        if int(size) < need:
+            return axis, int(size), need
+    return None
+
+
 def _check_extent(volume_shape: Sequence[int], geometry: VolumeGeometry) -> None:
-    smallest = smallest_volume_tile(geometry)
-    for name, size, need, step in zip(VOLUME_AXES, volume_shape, smallest, geometry.step):
-        if size < need:
-            raise InputError(
+    thin = thin_axis(volume_shape, geometry)
+    if thin is not None:
+        axis, size, need = thin
+        name, step = VOLUME_AXES[axis], geometry.step[axis]
+        raise InputError(
                 f"the volume has {size} voxels along {name} but this network's smallest tile has {need} "
                 f"(it pools {name} by {step} in all): plan the network for the volume's spacing "
                 f"(unetkit.geometry.plan_kernels pools {name} less), or mirror-pad the volume to {need} along {name}"

@@ -63,7 +63,7 @@ def predict(
         check_dask_address(dask)
     if stitch is not None and not 0.0 < stitch <= 1.0:
         raise InputError(f"--stitch must be an overlap (intersection over union) in (0, 1] (got {stitch})")
-    from ..segment_volume import parse_spacing
+    from ..data.volumes import parse_spacing
 
     voxel_size = parse_spacing(spacing)
     check_writable_folder(out, "--out")

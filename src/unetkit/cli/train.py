@@ -174,15 +174,6 @@ def _check_network(depth: int, padding: str, tile_size: int) -> None:
     Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")  # type: ignore[arg-type]
 
 
-def _parse_spacing(text: Optional[str]):
-    """--spacing z,y,x as three positive numbers, or None."""
-    if text is None:
-        return None
-    from ..data.volumes import check_spacing
-
-    return check_spacing(text, "--spacing")
-
-
 def _volume_options(dims: Optional[int], spacing: Optional[str], tile_depth: Optional[int], data: Optional[Path]) -> dict:
     """`TrainConfig` values of --dims, --spacing and --tile-depth; a 2D run on a folder of volumes
     is refused with the option that trains on them."""
@@ -197,7 +188,9 @@ def _volume_options(dims: Optional[int], spacing: Optional[str], tile_depth: Opt
             raise InputError(f"{data}: the images are volumes (multi-page TIFF z-stacks); add --dims 3 (and --spacing z,y,x, "
                              "the voxel size) to train a 3D U-Net on them, or save each plane as its own image for a 2D model")
         return {}
-    return {"dims": 3, "spacing": _parse_spacing(spacing), "tile_depth": tile_depth}
+    from ..data.volumes import parse_spacing
+
+    return {"dims": 3, "spacing": parse_spacing(spacing), "tile_depth": tile_depth}
 
 
 def _holds_volumes(data: Path) -> bool:

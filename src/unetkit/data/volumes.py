@@ -94,6 +94,16 @@ def check_spacing(spacing: Sequence[float] | str, what: str = "spacing") -> Spac
     return values  # type: ignore[return-value]
 
 
+def parse_spacing(text: str | None, option: str = "--spacing") -> Spacing | None:
+    """The voxel size (z, y, x) an option gives as "z,y,x" (`check_spacing`), or None when not given.
+
+    Example:
+        >>> parse_spacing("2,0.5,0.5"), parse_spacing(None)
+        ((2.0, 0.5, 0.5), None)
+    """
+    return None if text is None else check_spacing(str(text), option)
+
+
 def normalize_volume(volume: np.ndarray, normalization: Normalization | None = None, name: str = "volume") -> np.ndarray:
     """(Z, Y, X) or (C, Z, Y, X) -> (C, Z, Y, X) float32, normalised over the whole volume at once
     (the percentiles of all its voxels), as 2D images are normalised over all their pixels.
@@ -318,6 +328,10 @@ class VolumeTileDataset:
         self.length, self.seed = int(length), int(seed)
         self.augment = augment
         self.margin = int(margin) if augment is not None else 0
+        if augment is not None:
+            from ..augment import Augmenter
+
+            self._gray = Augmenter(augment)._gray  # the 2D gray-value changes, over all voxels at once
         voxels = np.array([math.prod(s.shape) for s in self.samples], np.float64)
         self.probabilities = voxels / voxels.sum()
 
@@ -327,7 +341,7 @@ class VolumeTileDataset:
     def __getitem__(self, index: int) -> dict:
         import torch
 
-        from ..augment import Augmenter, augment_volume
+        from ..augment import augment_volume
         from ..loss import IGNORE_INDEX
         from ..volume import extract_volume
         from .tiles import _position
@@ -353,7 +367,7 @@ class VolumeTileDataset:
                     grid=c.elastic_grid, sigma=c.elastic_sigma, flip=c.flip, rotate90=c.rotate90,
                 )
             channels = image.shape[0]
-            flat = Augmenter(c)._gray(image.reshape(channels, -1, image.shape[-1]), rng)
+            flat = self._gray(image.reshape(channels, -1, image.shape[-1]), rng)
             image = flat.reshape(image.shape)
             weights[target == IGNORE_INDEX] = 0.0  # spline resampling may spread weight into unlabelled voxels
         m = self.margin
