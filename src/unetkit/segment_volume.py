@@ -359,8 +359,6 @@ class VolumeSegmenter:
                              "or use a 2D model for 2D images")
         if raw.ndim == 3:
             self.check_volume(raw.shape, name, spacing)
-            if np.asarray(raw).ndim != 3:
-                raise InputError(f"{name}: a volume must be (Z, Y, X) of one channel, got shape {np.asarray(raw).shape}")
             from .data.volumes import normalize_volume
 
             volume = normalize_volume(raw, self.loaded.normalization, name)

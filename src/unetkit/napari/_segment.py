@@ -435,26 +435,23 @@ def segment_volume_layer(
     as for 2D models). `tta` None follows the rule; `cancelled()` is asked before each tile is kept.
     """
     from ..data.volumes import normalize_volume
-    from ..device import resolve_device
-    from ..postprocess import labels_from_probabilities
+    from ..segment_volume import VolumeSegmenter
     from ..volume import predict_volume
 
     started = time.perf_counter()
     options = inference_options(tta=tta, device=device, threshold=threshold, min_size=min_size)
     if percentiles is not None:
         loaded = with_percentiles(loaded, *percentiles)
-    rule = labels_rule(loaded.decision, threshold=options.threshold, min_size=options.min_size)
-    chosen = labels_rule(loaded.decision)
-    use_tta = chosen.tta if options.tta is None else bool(options.tta)
+    segmenter = VolumeSegmenter(loaded, options)  # the rule and TTA as `unetkit predict` resolves them
     normalized = normalize_volume(volume, loaded.normalization, name="the z-stack")
-    model = loaded.model
+    model = segmenter.model
     out = None if cancelled is None else _CheckedOutput((model.n_classes, *normalized.shape[-3:]), cancelled)
-    probabilities = predict_volume(model, normalized, tta=use_tta, device=resolve_device(options.device), out=out,
-                                   pad_thin=True)
+    # Unlike `unetkit predict`, a stack thinner than the smallest tile is mirrored out rather than refused.
+    probabilities = predict_volume(model, normalized, tta=segmenter.tta, device=segmenter.device, out=out, pad_thin=True)
     if out is not None:
         probabilities = out.array
-    labels = labels_from_probabilities(probabilities, rule)
-    return VolumeResult(probabilities, labels, rule, use_tta, time.perf_counter() - started)
+    labels = segmenter.labels(probabilities)
+    return VolumeResult(probabilities, labels, segmenter.rule, segmenter.tta, time.perf_counter() - started)
 
 
 def truth_choice(labels_layers: Sequence[str], prediction: str, current: str = "", avoid: Sequence[str] = ()) -> str:
