@@ -170,6 +170,24 @@ def score_labels(task: str, labels: Sequence[np.ndarray], truths: Sequence[np.nd
     return 0.5 * (float(seg_score(labels, truths)) + float(pq))
 
 
+def cut_to_labelled(labels: np.ndarray, labelled: np.ndarray | None) -> np.ndarray:
+    """`labels` with the unlabelled pixels or voxels set to 0 and each object split into its
+    connected parts among the labelled ones (6-connected in volumes), so predictions and a sparse
+    ground truth (say two annotated planes of a volume) are formed alike; `labelled` None: as they are.
+
+    Example:
+        >>> labels = np.ones((3, 1, 2), np.int32)
+        >>> cut_to_labelled(labels, np.array([True, False, True])[:, None, None] & (labels > 0))[:, 0].tolist()
+        [[1, 1], [0, 0], [2, 2]]
+    """
+    if labelled is None:
+        return labels
+    from skimage.measure import label
+
+    cut = np.where(labelled, labels, 0)
+    return label(cut, background=0, connectivity=1).astype(np.int64)
+
+
 def best_rule(rules: Sequence[DecisionRule]) -> DecisionRule:
     """The rule with the best validation score (lowest Rand error for membranes, highest for
     objects); the first of equals."""
@@ -186,6 +204,7 @@ def choose_decision(
     task: str | None = None,
     tta: bool = False,
     image_statistics: bool = False,
+    labelled: Sequence[np.ndarray | None] | None = None,
 ) -> DecisionRule:
     """The rule of `candidate_rules` that scores best on (probability map, instance labels) pairs.
 
@@ -198,6 +217,8 @@ def choose_decision(
         tta: whether the maps were made with test-time augmentation (recorded in the rule).
         image_statistics: whether the maps were made with each image's batch-norm statistics
             (recorded in the rule).
+        labelled: per map, a bool mask of the annotated pixels or voxels (None: all), for sparse
+            annotation: labels and truths are scored there only (`cut_to_labelled`).
     """
     if len(probabilities) != len(truths) or not truths:
         raise InputError("choose_decision needs one ground truth per probability map, and at least one")
@@ -205,13 +226,18 @@ def choose_decision(
     from .labels3d import as_instances_3d
 
     truths = [as_instances_3d(t) if np.asarray(t).ndim == 3 else as_instances(np.asarray(t)) for t in truths]
+    masks = list(labelled) if labelled is not None else [None] * len(truths)
+    if len(masks) != len(truths):
+        raise InputError("choose_decision needs one labelled mask (or None) per probability map")
+    truths = [cut_to_labelled(t, m) for t, m in zip(truths, masks)]
     task = task or infer_task(truths)
     areas = np.concatenate([np.bincount(t.ravel())[1:] for t in truths])
     areas = areas[areas > 0]
     object_area = float(np.median(areas)) if areas.size else 0.0
     scored = [
         DecisionRule(**{**rule.to_dict(), "task": task, "tta": tta, "image_statistics": image_statistics,
-                        "score": score_labels(task, [rule.apply(p) for p in probabilities], truths)})
+                        "score": score_labels(task, [cut_to_labelled(rule.apply(p), m) for p, m in zip(probabilities, masks)],
+                                              truths)})
         for rule in candidate_rules(task, object_area)
     ]
     return best_rule(scored)

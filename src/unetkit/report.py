@@ -187,12 +187,17 @@ def training_report(trainer) -> str:
     pictures, per_image = [], []
     for sample in shown:
         image, target, instances, name = sample.image, sample.target, sample.instances, sample.name
-        if image.ndim == 4:  # a volume: its middle plane
+        if image.ndim == 4:  # a volume: its middle plane, or the most annotated plane nearest it (sparse annotation)
+            from .loss import IGNORE_INDEX
             from .volume import predict_volume
 
-            z = image.shape[1] // 2
+            counts = (target != IGNORE_INDEX).sum(axis=(1, 2))
+            planes = np.flatnonzero(counts == counts.max())
+            z = int(planes[np.argmin(np.abs(planes - image.shape[1] // 2))])
             foreground = predict_volume(trainer.model, image, device=trainer.device, pad_thin=True)[1, z]
             image, target, instances, name = image[:, z], target[z], instances[z], f"{name} plane {z}"
+            unlabelled = target == IGNORE_INDEX  # a partly annotated plane: scored as agreed background there
+            foreground, target = np.where(unlabelled, 0, foreground), np.where(unlabelled, 0, target)
         else:
             foreground = predict(trainer.model, image, device=trainer.device)[1]
         labels = label_components(foreground > 0.5)
@@ -223,6 +228,11 @@ def training_report(trainer) -> str:
         ["this report", f"{time.perf_counter() - started:.2f} s"],
     ]
     sections.append(("Timings", table(["measure", "value"], timing_rows)))
+    sparse = trainer.unlabelled_summary().get("unlabelled_voxels")
+    if sparse:
+        sections.append((f"Unlabelled voxels (--ignore-label {config.ignore_label}): no loss, not scored",
+                         table(["volumes", "unlabelled voxels", "of", "%"],
+                               [[part, v["voxels"], v["of"], v["percent"]] for part, v in sparse.items()])))
     sections.append(("Config", table(["setting", "value"], _flatten(config.to_dict()))))
     subtitle = (f"{html.escape(str(trainer.run_dir))}: iteration {trainer.iteration} of {config.iterations}; "
                 f"written {_now()}; refreshed at each validation")

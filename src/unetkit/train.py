@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -83,7 +84,10 @@ class TrainConfig:
     of the training volumes (only ratios matter), from which `unetkit.geometry.plan_kernels`
     plans anisotropic pooling as nnU-Net does; tiles are (`tile_depth`, `tile_size`,
     `tile_size`), `tile_depth` None choosing the smallest legal depth whose output holds at least
-    `MIN_OUTPUT_SLICES` slices. Samples are `unetkit.data.VolumeSample`s.
+    `MIN_OUTPUT_SLICES` slices. Samples are `unetkit.data.VolumeSample`s. `ignore_label`: mask
+    voxels of this value are unlabelled (sparse annotation): no loss there, and validation scores
+    only the other voxels (`load_volume_samples`); None (the default, and that of runs written
+    before it existed): every voxel is annotated.
 
     Example:
         >>> TrainConfig(iterations=10).momentum
@@ -105,6 +109,7 @@ class TrainConfig:
     tile_depth: int | None = None  # volumes: the tiles' z size (None: see `tile_shape`)
     batch_size: int = PAPER.batch_size
     targets: TargetConfig = field(default_factory=TargetConfig)
+    ignore_label: int | None = None  # volumes: the mask value of unlabelled voxels
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # optimisation
     optimizer: str = "sgd"
@@ -147,6 +152,13 @@ class TrainConfig:
             raise InputError(f"dims must be 2 (images) or 3 (volumes), got {self.dims!r}")
         if self.dims == 2 and (self.spacing is not None or self.tile_depth is not None):
             raise InputError("spacing and tile_depth (--spacing, --tile-depth) are for volumes: add --dims 3")
+        if self.ignore_label is not None:
+            if isinstance(self.ignore_label, bool) or not isinstance(self.ignore_label, (int, np.integer)):
+                raise InputError(f"ignore_label (--ignore-label) must be a whole number, the mask value of unlabelled "
+                                 f"voxels (got {self.ignore_label!r})")
+            if self.dims != 3:
+                raise InputError("ignore_label (--ignore-label) is for volumes: add --dims 3")
+            self.ignore_label = int(self.ignore_label)
         if self.spacing is not None:
             from .data.volumes import check_spacing
 
@@ -803,6 +815,9 @@ class Trainer:
         model = loaded.model.to(self.device).eval()
         truths = [s.instances for s in self.val_samples]
         per_plane = self.config.dims == 3 and any(getattr(s, "per_plane", False) for s in self.val_samples)
+        # Sparse volumes: the rule is scored on the annotated voxels only (`unetkit.decision.cut_to_labelled`).
+        labelled = [s.target != IGNORE_INDEX if self.config.dims == 3 and (s.target == IGNORE_INDEX).any() else None
+                    for s in self.val_samples]
         # Maps with the training statistics of batch norm, and (with batch norm, in 2D) with each
         # image's own; the rule that scores best on either, with the way its maps were made.
         rules = []
@@ -810,11 +825,13 @@ class Trainer:
         for statistics in NORM_STATISTICS if image_statistics else NORM_STATISTICS[:1]:
             maps = self._validation_maps(model, tta, statistics)
             if per_plane:  # objects annotated section by section: the rule is chosen and applied per plane
-                maps, plane_truths = [p for m in maps for p in m], [t for v in truths for t in v]
-                rule = choose_decision(maps, plane_truths, tta=tta)
+                planes = [(p, t, None if k is None else k[z]) for m, v, k in zip(maps, truths, labelled)
+                          for z, (p, t) in enumerate(zip(m, v)) if k is None or k[z].any()]
+                rule = choose_decision([p for p, _, _ in planes], [t for _, t, _ in planes], tta=tta,
+                                       labelled=[k for _, _, k in planes])
                 rules.append(DecisionRule(**{**rule.to_dict(), "per_plane": True}))
             else:
-                rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image"))
+                rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image", labelled=labelled))
         # Both scores go into the summary: the choice can be close, and a user should see how close.
         self.decision_scores = {r.norm_statistics: r.score for r in rules}
         rule = best_rule(rules)
@@ -963,8 +980,23 @@ class Trainer:
             "decision_scores": None if decision is None else self.decision_scores,
             **({"precision_scores": self.precision_scores} if decision is not None and self.precision_scores else {}),
             **({"validation": self.validation_note} if self.validation_note else {}),
+            **self.unlabelled_summary(),
             "run_dir": str(self.run_dir),
         }
+
+    def unlabelled_summary(self) -> dict[str, Any]:
+        """{"unlabelled_voxels": {"training": {"voxels", "of", "percent"}, "validation": ...}} for a
+        run with sparsely annotated volumes (`TrainConfig.ignore_label`, or samples with unlabelled
+        voxels); {} otherwise."""
+        if self.config.dims != 3:
+            return {}
+        from .data.volumes import unlabelled_voxels
+
+        counts = {"training": unlabelled_voxels(self.train_samples), "validation": unlabelled_voxels(self.val_samples)}
+        if self.config.ignore_label is None and not any(n for n, _ in counts.values()):
+            return {}
+        return {"unlabelled_voxels": {part: {"voxels": n, "of": total, "percent": round(100.0 * n / total, 2) if total else 0.0}
+                                      for part, (n, total) in counts.items()}}
 
     def _keep_interrupted(self, torch_rng: torch.Tensor, pending: dict | None) -> None:
         """Ctrl-C or SIGTERM: save the last whole iteration as last.pt, so `--resume` continues from it exactly."""
@@ -1130,11 +1162,15 @@ def _load_split(train_pairs, val_pairs, normalization: Normalization, config: Tr
     from .data import load_samples
 
     if config.dims == 3:
-        from .data.volumes import load_volume_samples
+        from .data.volumes import load_volume_samples, unlabelled_voxels
 
-        options3 = dict(targets=config.targets, spacing=config.spacing or (1.0, 1.0, 1.0))
+        options3 = dict(targets=config.targets, spacing=config.spacing or (1.0, 1.0, 1.0), ignore_label=config.ignore_label)
         train3 = load_volume_samples(train_pairs, normalization, **options3)
-        return train3, (load_volume_samples(val_pairs, normalization, **options3) if val_pairs else [])  # type: ignore[return-value]
+        val3 = load_volume_samples(val_pairs, normalization, **options3) if val_pairs else []
+        if config.ignore_label is not None and unlabelled_voxels(train3 + val3)[0] == 0:
+            warnings.warn(f"--ignore-label {config.ignore_label}: no mask holds this value, so no voxel was ignored; "
+                          "check the value your annotation tool writes for unlabelled voxels")
+        return train3, val3  # type: ignore[return-value]
     options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
     train = load_samples(train_pairs, normalization, **options)
     return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])

@@ -174,23 +174,40 @@ def _check_network(depth: int, padding: str, tile_size: int) -> None:
     Geometry(depth=depth, padding=padding).check(tile_size, "--tile-size")  # type: ignore[arg-type]
 
 
-def _volume_options(dims: Optional[int], spacing: Optional[str], tile_depth: Optional[int], data: Optional[Path]) -> dict:
-    """`TrainConfig` values of --dims, --spacing and --tile-depth; a 2D run on a folder of volumes
-    is refused with the option that trains on them."""
+def _volume_options(dims: Optional[int], spacing: Optional[str], tile_depth: Optional[int], data: Optional[Path],
+                    ignore_label: Optional[str] = None) -> dict:
+    """`TrainConfig` values of --dims, --spacing, --tile-depth and --ignore-label; a 2D run on a
+    folder of volumes is refused with the option that trains on them."""
     from ..errors import InputError
 
     if dims is not None and dims not in (2, 3):
         raise InputError(f"--dims must be 2 (images) or 3 (volumes), got {dims}")
+    label = _ignore_label(ignore_label)
     if dims != 3:
         if spacing is not None or tile_depth is not None:
             raise InputError("--spacing and --tile-depth are for volumes: add --dims 3")
+        if label is not None:
+            raise InputError("--ignore-label marks unlabelled voxels of volumes: add --dims 3 (2D images must be fully annotated)")
         if data is not None and _holds_volumes(data):
             raise InputError(f"{data}: the images are volumes (multi-page TIFF z-stacks); add --dims 3 (and --spacing z,y,x, "
                              "the voxel size) to train a 3D U-Net on them, or save each plane as its own image for a 2D model")
         return {}
     from ..data.volumes import parse_spacing
 
-    return {"dims": 3, "spacing": parse_spacing(spacing), "tile_depth": tile_depth}
+    return {"dims": 3, "spacing": parse_spacing(spacing), "tile_depth": tile_depth, "ignore_label": label}
+
+
+def _ignore_label(text: Optional[str]) -> Optional[int]:
+    """--ignore-label as a whole number (e.g. 65535, or -1 for signed masks), or None when not given."""
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise InputError(f"--ignore-label must be a whole number, the mask value of unlabelled voxels "
+                         f"(e.g. 65535, or -1 for signed masks); got {text!r}") from None
 
 
 def _holds_volumes(data: Path) -> bool:
@@ -227,7 +244,7 @@ def _check_run_folder(out: Path, folders: tuple[Optional[Path], ...]) -> None:
 
 
 #: Options that do not apply with --from (the start model fixes them, or fine-tuning runs in one process).
-_NOT_WITH_FROM = ("resume", "recipe", "normalize", "nproc", "epochs", "dims", "spacing", "tile_depth")
+_NOT_WITH_FROM = ("resume", "recipe", "normalize", "nproc", "epochs", "dims", "spacing", "tile_depth", "ignore_label")
 #: Options with a non-None default that fine-tuning sets itself unless they are given.
 _FINETUNE_DEFAULTED = {"val_every": "val_every", "checkpoint_every": "checkpoint_every", "workers": "workers"}
 
@@ -348,6 +365,7 @@ def train(
     dims: Annotated[Optional[int], typer.Option("--dims", help="3: train a 3D U-Net (Cicek et al. 2016) on volumes, one multi-page TIFF z-stack per image and per mask; 2 (default): images.")] = None,
     spacing: Annotated[Optional[str], typer.Option("--spacing", help="With --dims 3: the voxel size z,y,x (e.g. 4,1,1 for sections four pixels apart; only ratios matter). Pooling and 3x3x3 kernels are planned from it: only in-plane until the spacing is about isotropic. Default 1,1,1.")] = None,
     tile_depth: Annotated[Optional[int], typer.Option("--tile-depth", help="With --dims 3: slices per training tile (default: the fewest whose output holds 4 slices); --tile-size gives y and x.")] = None,
+    ignore_label: Annotated[Optional[str], typer.Option("--ignore-label", help="With --dims 3, for volumes only partly annotated (say a few planes): the mask value you gave the voxels nobody annotated, e.g. 65535, or -1 for signed masks. Those voxels teach the network nothing and are left out of the validation scores; everything else in the mask, background 0 included, counts as annotated. Default: every voxel is annotated.")] = None,
     budget_clock: Annotated[Optional[str], typer.Option("--budget-clock", help="What --seconds counts: 'wall' (default) or 'cpu' (this process's CPU time).")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (default) or bf16: the forward pass in bfloat16 autocast, weights and loss in fp32; about 1.5-1.8x the steps per CPU-second where the CPU has AVX512-BF16 or AMX. Refused on CPUs without them.")] = None,
     normalize: Annotated[str, typer.Option(help="'percentile' (1-99.8 %), 'fixed' (x/255 for 8 bit) or 'none'.")] = "percentile",
@@ -394,7 +412,7 @@ def train(
             raise InputError(f"--val-split must be last or random (got {val_split!r})")
         if class_weights is not None:
             _class_weights(class_weights)
-        volume_values = _volume_options(dims, spacing, tile_depth, data)
+        volume_values = _volume_options(dims, spacing, tile_depth, data, ignore_label)
         values = _recipe_values(recipe, {**locals(), "task_from_masks": not volume_values})
         values.update(volume_values)
         if volume_values:
@@ -457,6 +475,10 @@ def train(
     kind = "volumes" if config.dims == 3 else "images"
     echo(f"{len(trainer.train_samples)} training and {len(trainer.val_samples)} validation {kind}; "
          f"{config.iterations} iterations of {tiles} tiles; run folder {run_dir}")
+    unlabelled = trainer.unlabelled_summary().get("unlabelled_voxels")
+    if unlabelled:
+        parts = [f"{v['voxels']} of {v['of']} {part} voxels ({v['percent']:g}%)" for part, v in unlabelled.items() if v["of"]]
+        echo(f"unlabelled (--ignore-label {config.ignore_label}), left out of the loss and the scores: {', '.join(parts)}")
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:

@@ -9,8 +9,12 @@ distances (`unetkit.targets.make_targets_3d`). Two kinds of annotation are told 
   cells were labelled on their own): `per_plane=True`, 2D targets and weight maps per plane, and
   validation scores each plane as the 2D challenge does.
 
-Voxels nobody annotated (sparse annotation, Cicek et al. 2016) are given as an `unlabelled` mask:
-their target is `unetkit.loss.IGNORE_INDEX` and their weight 0, so they add nothing to the loss.
+Voxels nobody annotated (sparse annotation, Cicek et al. 2016) are given as an `unlabelled` mask,
+or, in files, as one mask value (`load_volume_samples(..., ignore_label=V)`, `unetkit train --dims 3
+--ignore-label V`): their target is `unetkit.loss.IGNORE_INDEX` and their weight 0, so they add
+nothing to the loss. The mask's values there are not read: targets, weight maps and instances are
+made as if those voxels were background, so an object's border weights stop where the annotation
+stops, as nnU-Net's ignore label does.
 
 Item i of a `VolumeTileDataset` is a pure function of (seed, i), as for 2D tiles, so training
 resumes exactly.
@@ -151,7 +155,8 @@ def make_volume_sample(
         targets: how targets and weight maps are made (the paper's by default).
         spacing: voxel size (z, y, x) for the 3D distances of the weight map.
         per_plane: objects are annotated plane by plane: 2D targets and weight maps per plane.
-        unlabelled: bool (Z, Y, X), True where nobody annotated (ignored by the loss).
+        unlabelled: bool (Z, Y, X), True where nobody annotated (ignored by the loss); the mask
+            is taken as background there (see the module docstring).
 
     Example:
         >>> mask = np.zeros((4, 12, 12), np.uint8); mask[:, 3:9, 3:9] = 1
@@ -171,6 +176,11 @@ def make_volume_sample(
         raise InputError(f"{name}: the volume is {data.shape[1:]} (z, y, x) but its mask is {mask.shape}; they must have the same shape")
     if mask.dtype.kind not in "biu":
         raise InputError(f"{name}: the mask must hold integer labels (or a binary mask), got {mask.dtype}")
+    if unlabelled is not None:
+        unlabelled = np.asarray(unlabelled, dtype=bool)
+        if unlabelled.shape != mask.shape:
+            raise InputError(f"{name}: the unlabelled mask is {unlabelled.shape}, the volume {mask.shape}; they must match")
+        mask = np.where(unlabelled, 0, mask)
     if per_plane:
         planes = [as_instances(plane) for plane in mask]
         pairs = [make_targets(plane, targets) for plane in planes]
@@ -182,9 +192,6 @@ def make_volume_sample(
         target, weights = make_targets_3d(instances, targets, spacing)
     target, weights = target.astype(np.int64), weights.astype(np.float32)
     if unlabelled is not None:
-        unlabelled = np.asarray(unlabelled, dtype=bool)
-        if unlabelled.shape != target.shape:
-            raise InputError(f"{name}: the unlabelled mask is {unlabelled.shape}, the volume {target.shape}; they must match")
         target[unlabelled] = IGNORE_INDEX
         weights[unlabelled] = 0.0
     return VolumeSample(data, instances.astype(np.int32), target, weights, name, spacing, per_plane)
@@ -213,8 +220,12 @@ def load_volume_samples(
     targets: TargetConfig | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     per_plane: bool = False,
+    ignore_label: int | None = None,
 ) -> list[VolumeSample]:
     """Read volume/label pairs (`unetkit.data.find_pairs` of a folder of 3D TIFFs) as samples.
+
+    `ignore_label`: mask voxels of this value are unlabelled (`make_volume_sample(unlabelled=...)`);
+    a mask in which every voxel has it is refused, naming the file.
 
     Example:
         >>> samples = load_volume_samples(find_pairs("my_volumes"), spacing=(4, 1, 1))  # doctest: +SKIP
@@ -230,9 +241,29 @@ def load_volume_samples(
         if mask.shape != image.shape:
             raise InputError(f"{pair.image} is {image.shape} (z, y, x) but its mask {pair.mask} is {mask.shape}; "
                              "they must have the same shape")
+        unlabelled = None
+        if ignore_label is not None:
+            unlabelled = mask == ignore_label
+            if unlabelled.all():
+                raise InputError(f"{pair.mask}: every voxel has the ignore label {ignore_label}, so nothing in this volume "
+                                 "is annotated; annotate some planes of it or move it out of the dataset folder")
         samples.append(make_volume_sample(image, mask, pair.name, normalization, targets=targets, spacing=spacing,
-                                          per_plane=per_plane))
+                                          per_plane=per_plane, unlabelled=unlabelled))
     return samples
+
+
+def unlabelled_voxels(samples: Iterable[VolumeSample]) -> tuple[int, int]:
+    """(unlabelled voxels, all voxels) of `samples`: those whose target is `IGNORE_INDEX`.
+
+    Example:
+        >>> mask = np.ones((4, 6, 6), np.uint8); mask[1:] = 9
+        >>> unlabelled_voxels([make_volume_sample(np.random.rand(4, 6, 6), mask, unlabelled=mask == 9)])
+        (108, 144)
+    """
+    from ..loss import IGNORE_INDEX
+
+    counts = [(int(np.count_nonzero(s.target == IGNORE_INDEX)), int(s.target.size)) for s in samples]
+    return sum(c for c, _ in counts), sum(n for _, n in counts)
 
 
 def get_isbi2012_volume(
