@@ -309,3 +309,53 @@ def test_out_shape_rejects_bad_values(out_shape):
     image, labels, _ = sample()
     with pytest.raises(InputError, match="out_shape"):
         Augmenter()(image, labels, None, np.random.default_rng(0), out_shape=out_shape)
+
+
+ONLY_SCALE = replace(AugmentConfig.disabled(), scale=True)
+
+
+@pytest.mark.parametrize("zoom", [0.5, 0.8, 1.6])
+def test_scale_zooms_about_the_centre_by_the_drawn_factor(zoom):
+    yy, xx = np.indices((81, 81))
+    disk = ((yy - 40) ** 2 + (xx - 40) ** 2 <= 12 ** 2).astype(np.int64)
+    image = disk[None].astype(np.float32)
+    config = replace(ONLY_SCALE, scale_range=(zoom, zoom))
+    _, out, _ = Augmenter(config)(image, disk, None, np.random.default_rng(0))
+    components, _ = ndi.label(out)
+    centre = components == components[40, 40]  # zooming out also shows the mirrored copies around it
+    assert out[40, 40] == 1
+    assert np.sqrt(centre.sum() / np.pi) == pytest.approx(12 * zoom, rel=0.05)
+    assert ndi.center_of_mass(centre) == pytest.approx((40.0, 40.0), abs=0.5)
+
+
+def test_scale_draws_log_uniform_factors_within_the_range():
+    yy, xx = np.indices((101, 101))
+    disk = ((yy - 50) ** 2 + (xx - 50) ** 2 <= 10 ** 2).astype(np.int64)
+    config = replace(ONLY_SCALE, scale_range=(0.5, 2.0))
+    rng = np.random.default_rng(1)
+    radii = []
+    for _ in range(60):
+        out = Augmenter(config)(disk[None].astype(np.float32), disk, None, rng)[1]
+        radii.append(np.sqrt((ndi.label(out)[0] == ndi.label(out)[0][50, 50]).sum() / np.pi) / 10)
+    assert 0.45 < min(radii) and max(radii) < 2.1
+    assert np.mean(np.log(radii)) == pytest.approx(0.0, abs=0.2)  # log-uniform about 1
+    assert min(radii) < 0.7 and max(radii) > 1.4
+
+
+def test_scale_is_off_by_default_and_round_trips():
+    assert not AugmentConfig().scale and not AugmentConfig.disabled().scale
+    config = AugmentConfig(scale=True, scale_range=(0.6, 1.5))
+    assert AugmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert AugmentConfig.from_dict({}).scale_range == (0.75, 1.33)  # checkpoints saved before the option
+    with pytest.raises(InputError, match="scale_range"):
+        AugmentConfig(scale_range=(0.0, 1.5))
+
+
+def test_margin_grows_when_zooming_out():
+    from unetkit.data.tiles import augment_margin
+
+    plain = replace(AugmentConfig.disabled(), elastic=True)
+    zoom_out = replace(plain, scale=True, scale_range=(0.5, 1.5))
+    assert augment_margin(Augmenter(plain), (100, 100)) == 30
+    assert augment_margin(Augmenter(zoom_out), (100, 100)) == 110  # (50 + 30) / 0.5 - 50
+    assert augment_margin(Augmenter(replace(zoom_out, scale_range=(1.2, 1.5))), (100, 100)) == 30

@@ -51,10 +51,11 @@ def test_train_uses_the_default_recipe_with_explicit_options_on_top(run):
 def test_recipe_paper_and_overrides(dataset, tmp_path):
     out = tmp_path / "paper"
     assert main(["train", "--data", str(dataset), "--out", str(out), "--recipe", "paper", "--iterations", "1",
-                 "--no-gray", "--lr-schedule", "poly", *TINY]) == 0
+                 "--no-gray", "--zoom", "--lr-schedule", "poly", *TINY]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["optimizer"], config["momentum"], config["batch_norm"], config["targets"]["w0"], config["targets"]["sigma"]) == ("sgd", 0.99, False, 10.0, 5.0)
     assert config["lr_schedule"] == "poly" and config["augment"]["elastic"] and not config["augment"]["noise"]
+    assert config["augment"]["scale"] and config["augment"]["scale_range"] == [0.75, 1.33]
 
 
 def test_unknown_recipe_lists_the_known_ones(dataset, tmp_path, capsys):

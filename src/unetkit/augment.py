@@ -179,6 +179,9 @@ class AugmentConfig:
         rotate90: rotation by a random multiple of 90 degrees.
         flip: independent random up-down and left-right flips, each with probability 1/2.
         shift, shift_pixels: translation uniform in [-shift_pixels, shift_pixels] per axis.
+        scale, scale_range: zoom by a factor log-uniform in scale_range (> 1 enlarges the objects),
+            so a model learns objects over a range of sizes (off by default: the paper keeps the
+            scale, and `unetkit predict --diameter` rescales images to the model's).
     Gray values (image only; magnitudes relative to the image's own statistics):
         gamma, gamma_range: per channel, x -> lo + (hi - lo) * ((x - lo) / (hi - lo)) ** g with
             lo, hi the channel's min and max, g log-uniform in gamma_range.
@@ -201,6 +204,8 @@ class AugmentConfig:
     flip: bool = True
     shift: bool = True
     shift_pixels: float = 10.0
+    scale: bool = False
+    scale_range: tuple[float, float] = (0.75, 1.33)
     gamma: bool = True
     gamma_range: tuple[float, float] = (0.8, 1.25)
     contrast: bool = True
@@ -212,6 +217,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         self.gamma_range = _pair("gamma_range", self.gamma_range, positive=True)
+        self.scale_range = _pair("scale_range", self.scale_range, positive=True)
         self.contrast_range = _pair("contrast_range", self.contrast_range, positive=False)
         if int(self.elastic_grid) != self.elastic_grid or self.elastic_grid < 2:
             raise InputError(f"elastic_grid must be an integer >= 2, got {self.elastic_grid}")
@@ -224,13 +230,14 @@ class AugmentConfig:
     @classmethod
     def disabled(cls) -> "AugmentConfig":
         """A configuration with every augmentation switched off (the identity)."""
-        return cls(elastic=False, rotate=False, rotate90=False, flip=False, shift=False,
+        return cls(elastic=False, rotate=False, rotate90=False, flip=False, shift=False, scale=False,
                    gamma=False, contrast=False, brightness=False, noise=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-compatible) for saving in a checkpoint."""
         out = asdict(self)
         out["gamma_range"] = list(self.gamma_range)
+        out["scale_range"] = list(self.scale_range)
         out["contrast_range"] = list(self.contrast_range)
         return out
 
@@ -311,7 +318,7 @@ class Augmenter:
         """Source coordinates in the `shape` input (2, *out_shape) of every pixel of the centred
         `out_shape` window, or None for the identity."""
         c = self.config
-        if not (c.elastic or c.rotate or c.rotate90 or c.flip or c.shift):
+        if not (c.elastic or c.rotate or c.rotate90 or c.flip or c.shift or c.scale):
             return None
         height, width = out_shape
         top = np.array(_window_start(shape, out_shape), np.float64)
@@ -328,6 +335,9 @@ class Augmenter:
             angle = math.radians(rng.uniform(-c.rotate_degrees, c.rotate_degrees))
             cos, sin = math.cos(angle), math.sin(angle)
             matrix = np.array([[cos, sin], [-sin, cos]]) @ matrix
+        if c.scale:
+            low, high = np.log(c.scale_range[0]), np.log(c.scale_range[1])
+            matrix = matrix / float(np.exp(rng.uniform(low, high)))  # zoom z samples the source at p / z
         offset = np.zeros(2)
         if c.shift:
             offset = rng.uniform(-c.shift_pixels, c.shift_pixels, 2)

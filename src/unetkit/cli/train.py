@@ -43,7 +43,7 @@ _TARGET_OPTIONS = {"w0": "w0", "sigma": "sigma", "pixel_size": "pixel_size", "we
 #: `AugmentConfig` fields set by each augmentation option.
 _AUGMENT_OPTIONS = {
     "elastic": ("elastic",), "elastic_grid": ("elastic_grid",), "elastic_sigma": ("elastic_sigma",),
-    "rotate": ("rotate", "rotate90"), "flip": ("flip",), "shift": ("shift",),
+    "rotate": ("rotate", "rotate90"), "flip": ("flip",), "shift": ("shift",), "zoom": ("scale",),
     "gray": ("gamma", "contrast", "brightness", "noise"),
 }
 
@@ -361,6 +361,7 @@ def train(
     rotate: Annotated[Optional[bool], typer.Option("--rotate/--no-rotate", help="Any-angle and 90-degree rotations (AugmentConfig.rotate and rotate90; recipes: on).")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
     shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift")] = None,
+    zoom: Annotated[Optional[bool], typer.Option("--zoom/--no-zoom", help="Random zoom from 0.75x to 1.33x (AugmentConfig.scale), so the model learns objects of a range of sizes; useful when new images' objects will not all be as large as the annotated ones. Recipes: off (use --diameter when predicting instead).")] = None,
     gray: Annotated[Optional[bool], typer.Option("--gray/--no-gray", help="Gray-value variation (AugmentConfig.brightness, contrast, gamma, noise; recipes: on).")] = None,
     dims: Annotated[Optional[int], typer.Option("--dims", help="3: train a 3D U-Net (Cicek et al. 2016) on volumes, one multi-page TIFF z-stack per image and per mask; 2 (default): images.")] = None,
     spacing: Annotated[Optional[str], typer.Option("--spacing", help="With --dims 3: the voxel size z,y,x (e.g. 4,1,1 for sections four pixels apart; only ratios matter). Pooling and 3x3x3 kernels are planned from it: only in-plane until the spacing is about isotropic. Default 1,1,1.")] = None,

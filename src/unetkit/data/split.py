@@ -118,3 +118,21 @@ def _choose(names: list[str], count: int, seed: int, split: str) -> set[int]:
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(names))[:count]
     return {order[int(k)] for k in picked}
+
+
+#: The quadrants of an image by name: (row, column) of each half-size block.
+QUADRANTS = {"top-left": (0, 0), "top-right": (0, 1), "bottom-left": (1, 0), "bottom-right": (1, 1)}
+
+
+def image_quadrant(array: np.ndarray, part: str) -> np.ndarray:
+    """Quadrant `part` (a `QUADRANTS` name) of an (H, W) or (..., H, W) array; odd sizes drop the last row/column.
+
+    Example:
+        >>> image_quadrant(np.arange(16).reshape(4, 4), "bottom-left").tolist()
+        [[8, 9], [12, 13]]
+    """
+    if part not in QUADRANTS:
+        raise InputError(f"unknown quadrant {part!r}; give one of {', '.join(QUADRANTS)}")
+    row, col = QUADRANTS[part]
+    h, w = array.shape[-2] // 2, array.shape[-1] // 2
+    return array[..., row * h:(row + 1) * h, col * w:(col + 1) * w]

@@ -57,7 +57,8 @@ def augment_margin(augmenter: Any, tile_shape: tuple[int, int]) -> int:
     """Extra context (pixels per side) so the augmenter's transforms never sample outside real data.
 
     For rotations the corners of the tile swing out to half its diagonal; the elastic field moves
-    pixels by up to about 3 of its standard deviations; a shift adds its maximum. An augmenter
+    pixels by up to about 3 of its standard deviations; a zoom out by z divides both by z; a shift
+    adds its maximum. An augmenter
     without a recognised ``config`` (``AugmentConfig``) gets no margin.
 
     Example:
@@ -74,9 +75,10 @@ def augment_margin(augmenter: Any, tile_shape: tuple[int, int]) -> int:
     reach = max(height, width) / 2 if getattr(config, "rotate90", False) else min(height, width) / 2
     if getattr(config, "rotate", False):
         reach = math.hypot(height, width) / 2
-    extra = reach - min(height, width) / 2
-    if getattr(config, "elastic", False):
-        extra += 3 * float(getattr(config, "elastic_sigma", 0.0))
+    # Zooming out by z samples the source at p / z: every reach grows by 1 / z.
+    zoom = min(float(config.scale_range[0]), 1.0) if getattr(config, "scale", False) else 1.0
+    elastic = 3 * float(getattr(config, "elastic_sigma", 0.0)) if getattr(config, "elastic", False) else 0.0
+    extra = (reach + elastic) / zoom - min(height, width) / 2
     if getattr(config, "shift", False):
         extra += float(getattr(config, "shift_pixels", 0.0))
     return int(math.ceil(extra - 1e-9))
