@@ -135,7 +135,8 @@ def test_segment_volume_api_matches_the_command_line(folder):
     ("vol.tif", ["--stitch", "0.3"], "--stitch links the planes of stacks segmented plane by plane, but"),
     ("vol.tif", ["--diameter", "20"], "--diameter rescales 2D images to the model's object size, but"),
     ("vol.tif", ["--pixel-size", "0.5"], "--pixel-size rescales 2D images to the model's pixel size, but"),
-    ("vol.tif", ["--out-format", "zarr"], "--out-format zarr writes large 2D images tile by tile, but"),
+    ("vol.tif", ["--out-format", "zarr"], "--out-format zarr: a 3D model writes zarr outputs tile by tile for zarr volumes "
+                                          "only, and "),
     ("vol.tif", ["--dask", "local:1"], "--dask segments large 2D images block by block, but"),
 ])
 def test_bad_volume_inputs_are_refused_in_one_line_before_anything_is_written(folder, tmp_path, capsys, name, extra, message):

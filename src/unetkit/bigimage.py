@@ -5,6 +5,9 @@ zarr view, level 0) one window at a time; the reader reopens its file in each pr
 travel to Dask workers. `predict_to_zarr` writes probabilities tile by tile (or block by block on a
 Dask cluster) into ``NAME.zarr.partial`` and records each finished tile atomically in a progress
 file, so a killed run continues where it stopped; the folder is renamed to ``NAME.zarr`` at the end.
+A stack of planes (a z or t axis, `open_lazy(path, in_channels=C)`) is read one plane at a time
+(`LazyImage.at`) and `predict_stack_to_zarr` writes its (Z, n_classes, H, W) probabilities plane by
+plane, keeping finished planes and tiles when a run is resumed.
 
 Example:
     >>> image = open_lazy("slide.ome.zarr")  # doctest: +SKIP
@@ -79,7 +82,8 @@ def _level0(path: Path) -> tuple[str, list[str] | None]:
 class LazyImage:
     """A (C, H, W) view of an image file read window by window, optionally normalised (float32).
 
-    `rows` limits it to the top rows. Picklable: the open file is not part of its state.
+    `rows` limits it to the top rows. Picklable: the open file is not part of its state. For a
+    stack, `stack_axis` names the axis of its planes (e.g. "z") and `plane` the one this view reads.
     """
 
     path: str
@@ -91,6 +95,8 @@ class LazyImage:
     rows: int | None = None
     scale: float | None = None
     offset: float = 0.0
+    stack_axis: str | None = None
+    plane: int = 0
 
     def __post_init__(self) -> None:
         self._array = None
@@ -113,6 +119,23 @@ class LazyImage:
     @property
     def pixels(self) -> int:
         return self.shape[1] * self.shape[2]
+
+    @property
+    def planes(self) -> int:
+        """Number of planes along `stack_axis` (1 for a single image)."""
+        return int(dict(zip(self.layout, self.stored_shape))[self.stack_axis]) if self.stack_axis else 1
+
+    def at(self, plane: int) -> "LazyImage":
+        """The view of one plane of a stack (not normalised).
+
+        Example:
+            >>> stack = LazyImage("s.zarr", "zarr", "", "zyx", (4, 30, 40), np.dtype("uint8"), stack_axis="z")
+            >>> stack.planes, stack.at(3).plane, stack.at(3).shape
+            (4, 3, (1, 30, 40))
+        """
+        if not 0 <= plane < self.planes:
+            raise IndexError(f"plane {plane} of {self.planes}")
+        return replace(self, plane=int(plane), scale=None, offset=0.0)
 
     def normalized(self, scale: float, offset: float) -> "LazyImage":
         return replace(self, scale=float(scale), offset=float(offset))
@@ -147,7 +170,7 @@ class LazyImage:
         ys = slice(*ys.indices(height))
         index = []
         for axis in self.layout:
-            index.append({"c": cs, "y": ys, "x": xs}.get(axis, 0))  # other axes (t, z) have size 1
+            index.append({"c": cs, "y": ys, "x": xs}.get(axis, self.plane if axis == self.stack_axis else 0))  # others: size 1
         array = self._open()
         try:
             data = np.asarray(array[tuple(index)])
@@ -219,8 +242,14 @@ def _missing_chunk(path: Path, component: str, array, names: list[str]) -> str |
 ZARR_AXES = ("t", "c", "z", "y", "x")
 
 
-def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) -> LazyImage:
+def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False, in_channels: int | None = None) -> LazyImage:
     """Open a zarr / OME-Zarr (level 0) or TIFF image for window-by-window reading.
+
+    With `in_channels` (a 2D model's channel count) a stack is accepted too: one axis other than
+    c, y and x (z or t in OME-Zarr) with several entries becomes `LazyImage.stack_axis`, read plane
+    by plane. An array without axis names is then read as (z, y, x) when it has 3 dimensions, the
+    model one channel and the array more than one plane (else (c, y, x) as without `in_channels`),
+    and as (z, c, y, x) when it has 4 and its second axis has `in_channels` entries.
 
     Zarr reads a chunk missing from the store as the fill value, without a word. In a folder store
     of zarr format 2 (whose writers store every chunk) missing chunks are refused here, naming the
@@ -261,12 +290,27 @@ def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) ->
         component, kind = "", "tiff"
     if names is None:
         names = {2: ["y", "x"], 3: ["c", "y", "x"]}.get(len(shape))
+        if in_channels is not None and len(shape) == 3 and in_channels == 1 and shape[0] > 1:
+            names = ["z", "y", "x"]
+        elif in_channels is not None and len(shape) == 4:
+            if shape[1] != in_channels:
+                raise InputError(f"{path}: a 4D array {shape} without axis names is read as (z, c, y, x), but its {shape[1]} "
+                                 f"channel(s) do not match the model's {in_channels}; store it as (z, y, x) planes or as "
+                                 "OME-Zarr with axes metadata")
+            names = ["z", "c", "y", "x"]
         if names is None:
-            raise InputError(f"{path}: a {len(shape)}D array without axis names; expected (y, x) or (c, y, x)")
+            expected = "(y, x) or (c, y, x)" if in_channels is None else "(y, x), (c, y, x), (z, y, x) or (z, c, y, x)"
+            raise InputError(f"{path}: a {len(shape)}D array without axis names; expected {expected}")
     names = [n.lower() for n in names]
+    stack_axis = None
     for axis, size in zip(names, shape):
         if axis not in "cyx" and size != 1:
-            raise InputError(f"{path}: axis {axis!r} has {size} entries; only 2D images (one t and z) are supported")
+            if in_channels is None:
+                raise InputError(f"{path}: axis {axis!r} has {size} entries; only 2D images (one t and z) are supported")
+            if stack_axis is not None:
+                raise InputError(f"{path}: axes {stack_axis!r} and {axis!r} both have several entries; a 2D model segments "
+                                 "one stack axis plane by plane: store each time point (or z-stack) as its own image")
+            stack_axis = axis
     if "y" not in names or "x" not in names:
         raise InputError(f"{path}: axes {''.join(names)} have no y and x")
     if kind == "zarr":
@@ -281,7 +325,110 @@ def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False) ->
                 "without a word. Write the image again (if those regions are truly empty, store their chunks too: "
                 "zarr's write_empty_chunks=True)"
             )
-    return LazyImage(str(path), kind, component, "".join(names), shape, np.dtype(dtype))
+    return LazyImage(str(path), kind, component, "".join(names), shape, np.dtype(dtype), stack_axis=stack_axis)
+
+
+@dataclass
+class LazyVolume:
+    """A (Z, Y, X) zarr / OME-Zarr volume (level 0; leading axes of size 1 dropped) read window by
+    window for a 3D model, optionally normalised (float32). Picklable, like `LazyImage`.
+
+    Example:
+        >>> volume = open_volume("stack.ome.zarr")  # doctest: +SKIP
+        >>> volume.shape, volume[..., :2, :3, :4].shape  # doctest: +SKIP
+        ((60, 2048, 2048), (2, 3, 4))
+    """
+
+    path: str
+    component: str
+    stored_shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float | None = None
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._array = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.stored_shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    def normalized(self, scale: float, offset: float) -> "LazyVolume":
+        return replace(self, scale=float(scale), offset=float(offset))
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[0] is Ellipsis:
+            key = key[1:]
+        key = (tuple(key) + (slice(None),) * 3)[:3]
+        if self._array is None:
+            import zarr
+
+            node = zarr.open(self.path, mode="r")
+            self._array = node[self.component] if self.component else node
+        try:
+            data = np.asarray(self._array[(0,) * (len(self.stored_shape) - 3) + key])
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk fails in its codec with no word of where
+            raise InputError(f"{self.path}: cannot read voxels {key} ({type(exc).__name__}: {str(exc)[:100]}); a chunk "
+                             "there is damaged: write the volume again") from None
+        if data.dtype.kind in "fc" and not np.isfinite(data).all():
+            raise InputError(f"{self.path}: NaN or infinite values in voxels {key}; replace them before predicting")
+        if self.scale is None:
+            return data
+        return data.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
+
+    def as_rows(self) -> "_VolumeRows":
+        """The volume as one (1, Z*Y, X) image, as `unetkit.data.volumes.normalize_volume` normalises it."""
+        return _VolumeRows(self)
+
+
+class _VolumeRows:
+    """A (Z, Y, X) volume seen as a (1, Z*Y, X) image, read in runs of rows (for `fit_normalization`)."""
+
+    def __init__(self, volume: LazyVolume) -> None:
+        z, y, x = volume.shape
+        self.volume, self.path, self.dtype = volume, volume.path, volume.dtype
+        self.shape, self.pixels = (1, z * y, x), z * y * x
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = key[-2]
+        height = self.volume.shape[1]
+        start, stop, _ = rows.indices(self.shape[1])
+        z0, z1 = start // height, -(-stop // height)
+        data = self.volume[z0:z1].reshape(-1, self.shape[2])
+        return data[start - z0 * height : stop - z0 * height][None]
+
+
+def open_volume(path: str | os.PathLike) -> LazyVolume:
+    """A zarr / OME-Zarr volume for window-by-window reading; InputError unless it is (Z, Y, X)
+    after dropping leading axes of size 1."""
+    import zarr
+
+    path = Path(path)
+    component, _ = _level0(path)
+    node = zarr.open(str(path), mode="r")
+    array = node[component] if component else node
+    shape = tuple(int(s) for s in array.shape)
+    squeezed = shape
+    while len(squeezed) > 3 and squeezed[0] == 1:
+        squeezed = squeezed[1:]
+    if len(squeezed) != 3:
+        raise InputError(f"{path}: a zarr array of shape {shape}; a 3D model needs one volume (Z, Y, X) of one channel: "
+                         "give a z-stack, or use a 2D model for 2D images")
+    return LazyVolume(str(path), component, shape, np.dtype(array.dtype))
 
 
 def _stripes(image: LazyImage, rows: int = 256):
@@ -336,16 +483,18 @@ def fit_normalization(norm: Normalization, image: LazyImage, progress: bool = Fa
 
 
 class Progress:
-    """Finished tile indices of one output, saved atomically (temp file + rename) after each batch."""
+    """Finished tile (or plane) indices of one output, saved atomically (temp file + rename) after
+    each batch; `matched`: whether a saved file had the same key."""
 
-    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
-        self.path, self.key = folder / PROGRESS_FILE, key
+    def __init__(self, folder: Path, key: dict[str, Any], name: str = PROGRESS_FILE) -> None:
+        self.path, self.key = folder / name, key
         self.done: set[int] = set()
+        self.matched = False
         if self.path.exists():
             with open(self.path) as f:
                 saved = json.load(f)
             if saved.get("key") == key:
-                self.done = set(saved["done"])
+                self.done, self.matched = set(saved["done"]), True
 
     def add(self, indices) -> None:
         self.done.update(int(i) for i in indices)
@@ -374,6 +523,63 @@ class _Cast:
 
     def __setitem__(self, key, value) -> None:
         self.array[key] = np.asarray(value).astype(self.array.dtype, copy=False)
+
+
+class Plane:
+    """Plane `index` of a (Z, ...) array, read and written like an array of its own (picklable).
+
+    Example:
+        >>> stack = np.zeros((3, 2, 4), np.uint8)
+        >>> plane = Plane(stack, 1)
+        >>> plane[:, 1:3] = 7
+        >>> plane.shape, stack[1].tolist()
+        ((2, 4), [[0, 7, 7, 0], [0, 7, 7, 0]])
+    """
+
+    def __init__(self, array, index: int) -> None:
+        self.array, self.index = array, int(index)
+        self.shape, self.dtype = tuple(int(s) for s in array.shape[1:]), array.dtype
+
+    def _key(self, key) -> tuple:
+        return (self.index, *(key if isinstance(key, tuple) else (key,)))
+
+    def __getitem__(self, key):
+        return self.array[self._key(key)]
+
+    def __setitem__(self, key, value) -> None:
+        self.array[self._key(key)] = value
+
+
+def _run_tiles(checkpoint, model, image: LazyImage, array, plan, done: Progress, *, tile_shape, batch_size, tta, dtype,
+               backend, client, block_size, progress, norm_statistics, precision, calibration) -> None:
+    """Predict the tiles of `plan` not in `done` into `array` (n_classes, H, W), here or on `client`."""
+    from .distributed import DEFAULT_BLOCK_SIZE, block_tasks
+    from .predict import predict
+
+    if client is None:
+        todo = [i for i in range(len(plan)) if i not in done.done]
+        predict(model, image, tile_size=tile_shape, batch_size=batch_size, tta=tta, out=_Cast(array), tiles=todo,
+                on_batch=done.add, progress=progress, backend=backend, precision=precision, calibration=calibration,
+                norm_statistics="training" if norm_statistics is None else norm_statistics)
+        return
+    import dask
+    from distributed import as_completed
+
+    tasks = block_tasks(checkpoint, image.to_dask(), tile_size=tile_shape, block_size=block_size or DEFAULT_BLOCK_SIZE,
+                        batch_size=batch_size, tta=tta, dtype=dtype, norm_statistics=norm_statistics, backend=backend,
+                        precision=precision, calibration=calibration)
+    store = dask.delayed(_store_block, pure=True)
+    pending = {}
+    for task_row, block_row in zip(tasks.tasks, tasks.blocks):
+        for task, block in zip(task_row, block_row):
+            if not set(block.tiles) <= done.done:
+                pending[block.tiles] = store(task, array, block.out_y, block.out_x)
+    futures = {client.compute(v): tiles for tiles, v in pending.items()}
+    with tqdm(total=len(futures), disable=not progress, desc="blocks", unit="block") as bar:
+        for future in as_completed(list(futures)):
+            future.result()
+            done.add(futures[future])
+            bar.update(1)
 
 
 def predict_to_zarr(
@@ -407,8 +613,6 @@ def predict_to_zarr(
     """
     import zarr
 
-    from .distributed import DEFAULT_BLOCK_SIZE, block_tasks
-    from .predict import predict
     from .tiling import plan_tiles
 
     plan = plan_tiles(image.shape[1:], model.geometry, tile_shape)
@@ -435,32 +639,94 @@ def predict_to_zarr(
         done = Progress(partial, key)
         done.add([])
     array = zarr.open_array(str(partial), mode="r+")
-    if client is None:
-        todo = [i for i in range(len(plan)) if i not in done.done]
-        predict(model, image, tile_size=tile_shape, batch_size=batch_size, tta=tta, out=_Cast(array), tiles=todo,
-                on_batch=done.add, progress=progress, backend=backend, precision=precision, calibration=calibration,
-                norm_statistics="training" if norm_statistics is None else norm_statistics)
-    else:
-        import dask
-        from distributed import as_completed
-
-        tasks = block_tasks(checkpoint, image.to_dask(), tile_size=tile_shape, block_size=block_size or DEFAULT_BLOCK_SIZE,
-                            batch_size=batch_size, tta=tta, dtype=dtype, norm_statistics=norm_statistics, backend=backend,
-                            precision=precision, calibration=calibration)
-        store = dask.delayed(_store_block, pure=True)
-        pending = {}
-        for task_row, block_row in zip(tasks.tasks, tasks.blocks):
-            for task, block in zip(task_row, block_row):
-                if not set(block.tiles) <= done.done:
-                    pending[block.tiles] = store(task, array, block.out_y, block.out_x)
-        futures = {client.compute(v): tiles for tiles, v in pending.items()}
-        with tqdm(total=len(futures), disable=not progress, desc="blocks", unit="block") as bar:
-            for future in as_completed(list(futures)):
-                future.result()
-                done.add(futures[future])
-                bar.update(1)
+    _run_tiles(checkpoint, model, image, array, plan, done, tile_shape=tile_shape, batch_size=batch_size, tta=tta,
+               dtype=dtype, backend=backend, client=client, block_size=block_size, progress=progress,
+               norm_statistics=norm_statistics, precision=precision, calibration=calibration)
     if len(done.done) != len(plan):
         raise RuntimeError(f"{out}: {len(plan) - len(done.done)} tiles were not written")
+    (partial / PROGRESS_FILE).unlink()
+    if out.exists():
+        shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
+    os.replace(partial, out)
+    return out
+
+
+#: Made by the caller of `predict_stack_to_zarr` for each plane still to do: (the plane normalised,
+#: its batch-norm statistics or None, its precision).
+PreparePlane = Callable[[int], "tuple[LazyImage, BatchNormStatistics | None, str]"]
+
+
+def predict_stack_to_zarr(
+    checkpoint: str | os.PathLike,
+    model,
+    stack: LazyImage,
+    out: Path,
+    *,
+    prepare: PreparePlane,
+    tile_shape: tuple[int, int],
+    batch_size: int = 1,
+    tta: bool = False,
+    dtype: str = "float32",
+    backend: str = "auto",
+    client=None,
+    block_size: int | None = None,
+    attributes: dict[str, Any] | None = None,
+    progress: bool = False,
+    echo: Callable[[str], None] = lambda message: None,
+    calibration=None,
+) -> Path:
+    """`predict_to_zarr` for a stack of planes (`stack.stack_axis`): writes (Z, n_classes, H, W)
+    probabilities, chunked (1, n_classes, stride_h, stride_w), one plane after the other.
+
+    `prepare(z)` gives plane z normalised, its batch-norm statistics and its precision, so each
+    plane is predicted as it would be as its own image; it is called only for planes still to do.
+    Finished planes are recorded in the progress file and each plane's finished tiles in a file of
+    its own, so a killed run continues with the tiles left (a plane resumes only with the same
+    normalisation, statistics and precision).
+
+    Example:
+        >>> prepare = lambda z: (stack.at(z).normalized(*fit_normalization(norm, stack.at(z))), None, "fp32")  # doctest: +SKIP
+        >>> predict_stack_to_zarr("best.pt", net, stack, Path("s_probabilities.zarr"), prepare=prepare, tile_shape=(60, 60))  # doctest: +SKIP
+    """
+    import zarr
+
+    from .tiling import plan_tiles
+
+    plan = plan_tiles(stack.shape[1:], model.geometry, tile_shape)
+    planes = stack.planes
+    partial = out.with_name(out.name + ".partial")
+    key = {
+        "image": str(Path(stack.path).resolve()), "planes": planes, "stack_axis": stack.stack_axis, "shape": list(stack.shape),
+        "tile_shape": list(tile_shape), "checkpoint": [str(checkpoint), *_stamp(checkpoint)], "n_classes": model.n_classes,
+        "tta": bool(tta), "dtype": dtype,
+    }
+    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
+    if done is not None and done.matched:
+        echo(f"{out}: continuing a previous run ({len(done.done)} of {planes} planes were done)")
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        zarr.create_array(
+            store=str(partial), shape=(planes, model.n_classes, *stack.shape[1:]), dtype=dtype,
+            chunks=(1, model.n_classes, *plan.stride), fill_value=0, attributes=attributes or {},
+        )
+        done = Progress(partial, key)
+        done.add([])
+    array = zarr.open_array(str(partial), mode="r+")
+    for z in tqdm(range(planes), disable=not progress, desc="planes", unit="plane"):
+        if z in done.done:
+            continue
+        image, statistics, precision = prepare(z)
+        plane_key = {"normalization": [image.scale, image.offset], "precision": precision,
+                     "norm_statistics": None if statistics is None else statistics.fingerprint}
+        tiles = Progress(partial, plane_key, name=f"unetkit-progress-plane{z}.json")
+        _run_tiles(checkpoint, model, image, Plane(array, z), plan, tiles, tile_shape=tile_shape, batch_size=batch_size,
+                   tta=tta, dtype=dtype, backend=backend, client=client, block_size=block_size, progress=progress,
+                   norm_statistics=statistics, precision=precision, calibration=calibration)
+        if len(tiles.done) != len(plan):
+            raise RuntimeError(f"{out}: {len(plan) - len(tiles.done)} tiles of plane {z} were not written")
+        done.add([z])
+        tiles.path.unlink()
     (partial / PROGRESS_FILE).unlink()
     if out.exists():
         shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
@@ -485,11 +751,13 @@ def label_dtype(shape: tuple[int, ...]) -> str:
     return str(id_dtype((int(np.prod(shape)) + 1) // 2))
 
 
-def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: str, name: str, *,
-                      source: str | None = None, colors: list[dict[str, Any]] | None = None):
+def create_ome_labels(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, name: str, *,
+                      source: str | None = None, colors: list[dict[str, Any]] | None = None,
+                      axes: list[str] | None = None):
     """An OME-Zarr (NGFF 0.5) label image (y, x) at `path`: a multiscales group with "image-label"
     metadata (`source`: the image it labels, relative to `path`; `colors`: optional
-    {"label-value", "rgba"} entries) and level "0"; returns the level-0 array to fill.
+    {"label-value", "rgba"} entries) and level "0"; returns the level-0 array to fill. A 3D
+    `shape` is a stack, (z, y, x) unless `axes` says otherwise (e.g. ["t", "y", "x"]).
 
     Place it at IMAGE.ome.zarr/labels/NAME with `create_image_labels`, or on its own. After level 0
     is written, `write_label_pyramid(path)` adds the lower levels block by block.
@@ -499,9 +767,10 @@ def create_ome_labels(path: Path, shape: tuple[int, int], chunks: tuple[int, int
     from ome_zarr.writer import add_metadata, write_multiscales_metadata
 
     fmt = FormatV05()
+    axes = list(axes or ["z", "y", "x"][-len(shape):])
     group = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
-    array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["y", "x"])
-    write_multiscales_metadata(group, _label_datasets(1), fmt=fmt, axes=["y", "x"], name=name)
+    array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=axes)
+    write_multiscales_metadata(group, _label_datasets(1, len(axes)), fmt=fmt, axes=axes, name=name)
     image_label: dict[str, Any] = {"version": fmt.version}
     if source is not None:
         image_label["source"] = {"image": source}
@@ -527,9 +796,9 @@ def create_image_labels(image: Path, name: str, shape: tuple[int, int], chunks: 
     return array
 
 
-def _label_datasets(levels: int) -> list[dict[str, Any]]:
-    """Multiscales datasets "0".."levels-1", each halving the one before."""
-    return [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [2.0**k, 2.0**k]}]}
+def _label_datasets(levels: int, ndim: int = 2) -> list[dict[str, Any]]:
+    """Multiscales datasets "0".."levels-1", each halving y and x of the one before."""
+    return [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1.0] * (ndim - 2) + [2.0**k, 2.0**k]}]}
             for k in range(levels)]
 
 
@@ -555,36 +824,40 @@ def write_label_pyramid(path: Path, *, min_side: int = LABEL_PYRAMID_MIN_SIDE, b
     from ome_zarr.writer import get_metadata, write_multiscales_metadata
 
     group = zarr.open_group(str(path), mode="r+")
-    name = get_metadata(group)["multiscales"][0].get("name")
+    multiscale = get_metadata(group)["multiscales"][0]
+    name = multiscale.get("name")
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale.get("axes", ["y", "x"])]
     level = group["0"]
     levels = 1
     step = block - block % 2 or 2
-    while max(level.shape) >= min_side and min(level.shape) > 1:
-        shape = tuple((s + 1) // 2 for s in level.shape)
+    while max(level.shape[-2:]) >= min_side and min(level.shape[-2:]) > 1:
+        lead = tuple(level.shape[:-2])  # planes of a stack: kept, each halved on its own
+        shape = lead + tuple((s + 1) // 2 for s in level.shape[-2:])
         chunks = tuple(min(c, s) for c, s in zip(level.chunks, shape))
         lower = group.create_array(str(levels), shape=shape, chunks=chunks, dtype=level.dtype, fill_value=0,
-                                   dimension_names=["y", "x"], overwrite=True)
-        windows = [(y, x) for y in range(0, level.shape[0], step) for x in range(0, level.shape[1], step)]
-        for y, x in tqdm(windows, disable=not progress, desc=f"labels level {levels}", unit="block"):
-            lower[y // 2 : (y + step) // 2, x // 2 : (x + step) // 2] = level[y : y + step : 2, x : x + step : 2]
+                                   dimension_names=axes, overwrite=True)
+        windows = [(p, y, x) for p in np.ndindex(*lead)
+                   for y in range(0, level.shape[-2], step) for x in range(0, level.shape[-1], step)]
+        for p, y, x in tqdm(windows, disable=not progress, desc=f"labels level {levels}", unit="block"):
+            lower[(*p, slice(y // 2, (y + step) // 2), slice(x // 2, (x + step) // 2))] = \
+                level[(*p, slice(y, y + step, 2), slice(x, x + step, 2))]
         level, levels = lower, levels + 1
-    write_multiscales_metadata(group, _label_datasets(levels), fmt=FormatV05(), axes=["y", "x"], name=name)
+    write_multiscales_metadata(group, _label_datasets(levels, len(axes)), fmt=FormatV05(), axes=axes, name=name)
     return levels
 
 
 def zarr_to_tiff(array, path: Path, *, force: bool = False, rows: int = 512) -> Path:
-    """Stream a zarr array (H, W) or (C, H, W) into a tiled BigTIFF, `rows` image rows at a time."""
+    """Stream a zarr array (H, W), (C, H, W) or (Z, C, H, W) into a tiled BigTIFF, `rows` image rows at a time."""
     import tifffile
 
     shape = tuple(array.shape)
-    pages = shape[0] if len(shape) == 3 else 1
     height, width = shape[-2:]
     tile = (256, 256)
 
     def tiles():
-        for page in range(pages):
+        for page in np.ndindex(*shape[:-2]):
             for y in range(0, height, tile[0] * (rows // tile[0])):
-                stripe = np.asarray(array[page, y : y + rows] if len(shape) == 3 else array[y : y + rows])
+                stripe = np.asarray(array[(*page, slice(y, y + rows))])
                 for ty in range(0, stripe.shape[0], tile[0]):
                     for tx in range(0, width, tile[1]):
                         out = np.zeros(tile, array.dtype)

@@ -3,18 +3,36 @@
 Probabilities are computed tile by tile into a zarr array (on one machine, or block by block on a
 Dask cluster with `--dask`) and labels block by block (`unetkit.blocklabels`), so memory is set by
 the tile batch and the label block, never by the image. A killed run continues where it stopped.
+
+Stacks (a z or t axis; a plain (Z, Y, X) zarr array given to a one-channel 2D model) are segmented
+plane by plane the same way, each plane as its own image: NAME_probabilities.zarr is (Z, n_classes,
+Y, X) and NAME_labels.ome.zarr (Z, Y, X), with ids unique across the stack
+(`unetkit.stacks.unique_across_planes`) or linked across planes (`stitch`,
+`unetkit.stacks.stitch_planes`), both settled block by block, two planes at a time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .bigimage import create_ome_labels, fit_normalization, is_zarr_path, open_lazy, predict_to_zarr, zarr_to_tiff
+from .bigimage import (
+    Plane,
+    _level0,
+    create_ome_labels,
+    fit_normalization,
+    is_zarr_path,
+    open_lazy,
+    predict_stack_to_zarr,
+    predict_to_zarr,
+    zarr_to_tiff,
+)
 from .config import LARGE_PIXELS
 from .errors import InputError
 
@@ -77,6 +95,7 @@ def segment_large(
     force: bool = False,
     progress: bool = False,
     echo: Callable[[str], None] | None = None,
+    stitch: float | None = None,
 ) -> list[Path]:
     """Segment large images; writes NAME_probabilities.zarr and NAME_labels.ome.zarr (or .tif).
 
@@ -94,6 +113,11 @@ def segment_large(
     trials). Existing outputs are skipped unless `force`; an interrupted run continues from its
     finished tiles.
 
+    A stack (`unetkit.bigimage.open_lazy` with the model's channels: a z or t axis, or a plain
+    (Z, Y, X) array for a one-channel model) is segmented plane by plane, each plane normalised
+    on its own as `unetkit.stacks.segment_stack` does: probabilities (Z, n_classes, H, W), labels
+    (Z, H, W) unique across planes, or linked across planes at overlap `stitch`.
+
     Example:
         >>> segment_large(["slide.ome.zarr"], "run/best.pt", "out", dask="local:2")  # doctest: +SKIP
     """
@@ -103,11 +127,13 @@ def segment_large(
 
     note = echo or (lambda message: None)
     check_large_options(out_format=out_format, dtype=dtype, rows=rows, block_size=block_size, dask=dask)
-    images = [open_lazy(p).limited(rows) for p in inputs]
+    if stitch is not None and not 0.0 < stitch <= 1.0:
+        raise InputError(f"--stitch must be an overlap (intersection over union) in (0, 1] (got {stitch})")
+    segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
+    images = [open_lazy(p, in_channels=segmenter.model.in_channels).limited(rows) for p in inputs]
     names = [output_name(Path(p)) for p in inputs]
     if len(set(names)) != len(names):
         raise InputError(f"several inputs share a name ({', '.join(names)}); their outputs would collide")
-    segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
     checkpoint = _checkpoint_path(segmenter.source)
     if dask and checkpoint is None:
         raise InputError("--dask needs the model as a checkpoint file or packaged model name, which every worker loads")
@@ -119,6 +145,15 @@ def segment_large(
     for image in images:
         if image.shape[0] != net.in_channels:
             raise InputError(f"{image.path}: has {image.shape[0]} channel(s), the model was trained on {net.in_channels}")
+    if stitch is not None:
+        single = [str(image.path) for image in images if image.stack_axis is None]
+        if single:
+            raise InputError(f"{', '.join(single)}: one plane, not a stack; --stitch links the planes of z-stacks and "
+                             "time series: leave it out")
+    for image in images:
+        how = read_as(image)
+        if how:
+            note(how)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = out_format or "zarr"
@@ -135,6 +170,11 @@ def segment_large(
                  "blocks, but every read touches many chunks: store it with chunks of 512 pixels or more for speed")
     try:
         for image, name in zip(images, names):
+            if image.stack_axis is not None:
+                written.extend(_segment_stack(image, name, segmenter, checkpoint, out, fmt=fmt, dtype=dtype, client=client,
+                                              block_size=block_size, rows=rows, stitch=stitch, force=force,
+                                              progress=progress, note=note))
+                continue
             suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
             targets = [out / f"{name}{s}" for s in suffixes]
             if not force and all(t.exists() for t in targets):
@@ -239,3 +279,401 @@ class _Foreground:
         from .inference import foreground
 
         return foreground(np.asarray(self.probs[(slice(None), *key)]).astype(np.float32, copy=False))
+
+
+def read_as(image) -> str | None:
+    """How an input is read, for the user: a stack's planes and where its axes come from, or the
+    channels of a (C, Y, X) zarr array without axis names; None for a plain image."""
+    named = image.kind != "zarr" or _level0(Path(image.path))[1] is not None
+    if image.stack_axis is not None:
+        why = "axes metadata" if named else f"no axes metadata: read as ({image.layout.replace('', ', ')[2:-2]})"
+        return f"{image.path}: {image.planes} planes along {image.stack_axis} ({why}), segmented plane by plane"
+    if not named and len(image.stored_shape) == 3 and image.shape[0] > 1:
+        return (f"{image.path}: read as one image of {image.shape[0]} channels (no axes metadata; the model takes "
+                f"{image.shape[0]}); store it as OME-Zarr with a z axis to segment it plane by plane")
+    return None
+
+
+def _segment_stack(image, name: str, segmenter, checkpoint, out: Path, *, fmt: str, dtype: str, client, block_size,
+                   rows, stitch: float | None, force: bool, progress: bool, note) -> list[Path]:
+    """`segment_large` for one stack: probabilities plane by plane, then labels plane by plane."""
+    import zarr
+
+    suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
+    targets = [out / f"{name}{s}" for s in suffixes]
+    if not force and all(t.exists() for t in targets):
+        note(f"skipping {image.path}: its outputs exist in {out} (add --force to segment it again)")
+        return []
+    settings = segmenter.settings
+    tiles = segmenter.tile_shape(image.shape)
+    probabilities = out / f"{name}_probabilities.zarr"
+    if fmt == "zarr" and probabilities.exists() and not force:
+        note(f"{probabilities}: exists, kept")
+    else:
+        def prepare(z: int):
+            plane = image.at(z)
+            scale, offset = fit_normalization(segmenter.loaded.normalization, plane)
+            normalized = plane.normalized(scale, offset)
+            statistics = segmenter.statistics(normalized)
+            precision, statistics = segmenter.precision_for(normalized, tiles, statistics)
+            for line in segmenter.take_notes():
+                note(line)
+            return normalized, statistics, precision
+
+        attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
+                                  "tta": settings.maps.tta, "norm_statistics": settings.maps.norm_statistics,
+                                  "tile_shape": list(tiles), "source": str(image.path), "rows": rows,
+                                  "axes": [image.stack_axis, "c", "y", "x"]}}
+        predict_stack_to_zarr(checkpoint if checkpoint is not None else "", segmenter.model, image, probabilities,
+                              prepare=prepare, tile_shape=tiles, batch_size=settings.batch_size, tta=settings.maps.tta,
+                              backend=settings.backend, dtype=dtype, client=client, block_size=block_size,
+                              attributes=attributes, progress=progress, echo=note, calibration=segmenter.calibration)
+    probs = zarr.open_array(str(probabilities), mode="r")
+    label_path = targets[1] if fmt == "zarr" else out / f"{name}_labels.ome.zarr"
+    if not label_path.exists() or force:
+        axis = "t" if image.stack_axis == "t" else "z"
+        _write_stack_labels(probs, label_path, settings, name, axis=axis, stitch=stitch, progress=progress, echo=note,
+                            source=probabilities)
+    if fmt == "zarr":
+        return targets
+    written = [zarr_to_tiff(probs, targets[0], force=force),
+               zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force)]
+    shutil.rmtree(probabilities)
+    shutil.rmtree(label_path)
+    return written
+
+
+#: Labels of a stack in progress: the planes finished and what the next plane continues from.
+LABELS_PROGRESS = "unetkit-labels-progress.json"
+
+
+def _write_stack_labels(probs, path: Path, settings, name: str, *, axis: str, stitch: float | None, progress: bool,
+                        echo: Callable[[str], None], source: Path) -> None:
+    """Labels of (Z, n_classes, H, W) probabilities as a (Z, H, W) OME-Zarr label image, plane by
+    plane (each by `unetkit.blocklabels.label_blockwise`), in ``PATH.partial``, then renamed.
+
+    Ids continue from plane to plane (`unetkit.stacks.unique_across_planes`), or with `stitch`
+    are linked to the plane before (`_link_plane`). After each plane the state is saved, so a
+    killed run continues with the next plane (`source`, the probabilities' folder, must be the same)."""
+    import zarr
+
+    from .bigimage import _stamp, label_dtype, write_label_pyramid
+    from .blocklabels import label_blockwise
+    from .io import atomic_write
+
+    partial = path.with_name(path.name + ".partial")
+    planes, shape = int(probs.shape[0]), tuple(int(s) for s in probs.shape[2:])
+    binary = settings.labels == "binary"
+    key = {"probabilities": [str(Path(source).resolve()), *_stamp(Path(source) / "zarr.json")],
+           "shape": [planes, *shape], "labels": settings.labels, "rule": settings.rule.to_dict(),
+           "fill_holes": bool(settings.fill_holes), "stitch": None if binary else stitch}
+    state_file, keys_file = partial / LABELS_PROGRESS, partial / "stitch-keys.npy"
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
+    chunks = (1, *(min(c, 2048) for c in probs.chunks[2:]))
+    if state is not None and state.get("key") == key:
+        array = zarr.open_group(str(partial), mode="r+")["0"]
+        chain = np.load(keys_file)[: state["ids"] + 1] if stitch is not None and not binary else None
+        echo(f"{path}: continuing a previous run ({state['planes']} of {planes} planes were labelled)")
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        dtype = "uint8" if binary else label_dtype((planes, *shape))
+        array = create_ome_labels(partial, (planes, *shape), chunks, dtype, name, axes=[axis, "y", "x"])
+        state = {"key": key, "planes": 0, "offset": 0, "ids": 0}
+        chain = np.zeros(1, np.int64)  # chain[final id]: the id `stitch_planes` gives its first object
+    rule = settings.rule
+    block = LABEL_BLOCK // chunks[1] * chunks[1] or chunks[1]
+    for z in tqdm(range(state["planes"], planes), disable=not progress, desc="label planes", unit="plane"):
+        foreground = _Foreground(Plane(probs, z))
+        target = Plane(array, z)
+        if binary:
+            for y in range(0, shape[0], LABEL_BLOCK):
+                for x in range(0, shape[1], LABEL_BLOCK):
+                    window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
+                    target[window] = (foreground[window] > rule.threshold).astype(np.uint8)
+        else:
+            def scratch(kind: str, shape: tuple[int, int]):
+                return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape, chunks=(block, block),
+                                         dtype="int64", fill_value=0, overwrite=True)
+
+            count = label_blockwise(foreground, target if stitch is not None else _Offset(target, state["offset"]), rule=rule,
+                                    fill_holes=settings.fill_holes, block=block, scratch=scratch, progress=progress)
+            for folder in partial.glob("scratch-*"):
+                shutil.rmtree(folder)
+            if stitch is not None:
+                previous = Plane(array, z - 1) if z > 0 else None
+                chain = np.concatenate([chain, _link_plane(previous, target, count, chain, state["offset"], stitch, block)])
+                atomic_write(keys_file, lambda tmp: _save_npy(tmp, chain), force=True)
+                state["ids"] = len(chain) - 1
+            state["offset"] += count
+        state["planes"] = z + 1
+        payload = json.dumps(state)
+        atomic_write(state_file, lambda tmp: tmp.write_text(payload), force=True)
+    write_label_pyramid(partial, progress=progress)
+    state_file.unlink()
+    if keys_file.exists():
+        keys_file.unlink()
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+class _Offset:
+    """Writes labels 1..n into an array as offset+1..offset+n (0 stays background)."""
+
+    def __init__(self, array, offset: int) -> None:
+        self.array, self.offset = array, int(offset)
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __setitem__(self, key, value) -> None:
+        ids = np.asarray(value).astype(np.int64)
+        self.array[key] = np.where(ids > 0, ids + self.offset, 0).astype(self.dtype, copy=False)
+
+
+def _link_plane(previous, current, count: int, chain: np.ndarray, offset: int, threshold: float, block: int) -> np.ndarray:
+    """Link the objects of `current` (ids 1..count of one plane, rewritten in place) to those of
+    `previous` (final ids; None for the first plane) as `unetkit.stacks.stitch_planes` does,
+    reading two planes block by block.
+
+    An object takes the id of the object of the plane before with which its intersection over
+    union is largest, when it reaches `threshold`, pairs taken greedily from the largest overlap
+    down (ties in the order of the in-memory ids, `chain`); the others get new ids, in raster
+    order of their first pixel (the order `stitch_planes` numbers objects by). Returns the
+    in-memory id of each new object (`offset` + its plane id), to extend `chain` with."""
+    height, width = current.shape
+    n_prev = len(chain) - 1
+    windows = [(slice(y, y + block), slice(x, x + block)) for y in range(0, height, block) for x in range(0, width, block)]
+    prev_area = np.zeros(n_prev + 1, np.int64)
+    cur_area = np.zeros(count + 1, np.int64)
+    first = np.full(count + 1, np.iinfo(np.int64).max)
+    codes, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for window in windows:
+        c = np.asarray(current[window]).astype(np.int64)
+        p = np.zeros_like(c) if previous is None else np.asarray(previous[window]).astype(np.int64)
+        prev_area += np.bincount(p.ravel(), minlength=n_prev + 1)
+        cur_area += np.bincount(c.ravel(), minlength=count + 1)
+        ids, where = np.unique(c.ravel(), return_index=True)
+        rows, cols = np.divmod(where, c.shape[1])
+        np.minimum.at(first, ids, (window[0].start + rows) * width + window[1].start + cols)
+        both = (p > 0) & (c > 0)
+        pair, n = np.unique(p[both] * (count + 1) + c[both], return_counts=True)
+        codes.append(pair)
+        counts.append(n)
+    code, inverse = np.unique(np.concatenate(codes), return_inverse=True)
+    intersection = np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64) if len(code) else np.zeros(0, np.int64)
+    prev_ids, cur_ids = np.divmod(code, count + 1)
+    order = np.lexsort((cur_ids, chain[prev_ids]))  # the pair order of `stitch_planes` (np.unique of its ids)
+    prev_ids, cur_ids, intersection = prev_ids[order], cur_ids[order], intersection[order]
+    iou = intersection / (prev_area[prev_ids] + cur_area[cur_ids] - intersection)
+    lookup = np.zeros(count + 1, np.int64)
+    taken = set()
+    for k in np.argsort(-iou, kind="stable"):
+        if iou[k] < threshold:
+            break
+        p, c = int(prev_ids[k]), int(cur_ids[k])
+        if p in taken or lookup[c]:
+            continue
+        taken.add(p)
+        lookup[c] = p
+    fresh = np.flatnonzero(lookup == 0)
+    fresh = fresh[(fresh > 0) & (cur_area[fresh] > 0)]
+    fresh = fresh[np.argsort(first[fresh], kind="stable")]
+    lookup[fresh] = np.arange(n_prev + 1, n_prev + 1 + len(fresh))
+    for window in windows:
+        current[window] = lookup[np.asarray(current[window]).astype(np.int64)].astype(current.dtype, copy=False)
+    return offset + fresh
+
+
+# -- volumes of a 3D model -----------------------------------------------------------------------
+#: zarr volumes above this many voxels are segmented by a 3D model tile by tile (smaller ones too
+#: with ``--out-format zarr``).
+LARGE_VOXELS = LARGE_PIXELS
+
+#: The 3D labels rules are drawn in memory (from the foreground probability, 4 bytes a voxel, and
+#: the ids): instance labels of volumes above this many voxels are refused; binary labels are
+#: drawn slab by slab at any size.
+VOLUME_LABEL_VOXELS = LARGE_PIXELS * 3
+
+
+def wants_large_volume(path, out_format: str | None) -> bool:
+    """Whether `unetkit predict` with a 3D model segments this input tile by tile into zarr: a
+    zarr / OME-Zarr volume given ``--out-format zarr`` (or tiff), or above `LARGE_VOXELS`."""
+    from .segment_volume import volume_header
+
+    if not is_zarr_path(path):
+        return False
+    if out_format is not None:
+        return True
+    return int(np.prod(volume_header(Path(path))[0])) > LARGE_VOXELS
+
+
+def segment_large_volumes(
+    inputs: Sequence,
+    model,
+    out,
+    *,
+    out_format: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Segment zarr / OME-Zarr volumes with a 3D model without holding them in memory; writes
+    NAME_probabilities.zarr (n_classes, Z, Y, X) and NAME_labels.ome.zarr (Z, Y, X), or .tif with
+    ``out_format="tiff"``.
+
+    `model` is a `unetkit.segment_volume.VolumeSegmenter` (or what `volume_segmenter` accepts).
+    The volume is normalised over all its voxels (one streaming pass, as
+    `unetkit.data.volumes.normalize_volume` does in memory), then its probabilities are predicted
+    tile by tile (`unetkit.volume.predict_volume` reading each 3D tile and its mirrored border
+    from the zarr store) into ``NAME_probabilities.zarr.partial``, each finished tile recorded, so
+    a killed run continues with the tiles left. Binary labels are drawn slab by slab; instance
+    labels, whose 3D rules are not drawn blockwise, in memory from the foreground probability,
+    for volumes up to `VOLUME_LABEL_VOXELS` voxels (larger ones are refused before anything is
+    computed). Both equal `VolumeSegmenter.segment` of the volume in memory. Existing outputs
+    are skipped unless `force`.
+
+    Example:
+        >>> segment_large_volumes(["embryo.ome.zarr"], "run3d/best.pt", "out")  # doctest: +SKIP
+    """
+    import zarr
+
+    from .segment_volume import inspect_volume, volume_header, volume_segmenter
+
+    note = echo or (lambda message: None)
+    check_large_options(out_format=out_format, dtype=dtype, rows=None, block_size=None, dask=None)
+    segmenter = volume_segmenter(model)
+    checked = []
+    for path in map(Path, inputs):
+        if not is_zarr_path(path):
+            raise InputError(f"{path}: not a zarr / OME-Zarr volume; volumes are segmented tile by tile from zarr stores: "
+                             "convert it (e.g. zarr.create_array(store='vol.zarr', data=tifffile.imread(path))) or leave "
+                             "out --out-format")
+        checked.append(inspect_volume(path, segmenter.model.in_channels, volume_header(path)))
+    names = [item.name for item in checked]
+    if len(set(names)) != len(names):
+        raise InputError(f"several inputs share a name ({', '.join(names)}); their outputs would collide")
+    binary = segmenter.options.labels == "binary"
+    for item in checked:
+        segmenter.check_volume(item.shape, str(item.path))
+        voxels = int(np.prod(item.shape))
+        if not binary and voxels > VOLUME_LABEL_VOXELS:
+            raise InputError(f"{item.path}: {voxels} voxels; the instance labels of a 3D model are drawn in memory, up to "
+                             f"{VOLUME_LABEL_VOXELS} voxels: add --labels binary (drawn slab by slab) or crop the volume")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = out_format or "zarr"
+    written: list[Path] = []
+    for item in checked:
+        suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
+        targets = [out / f"{item.name}{s}" for s in suffixes]
+        if not force and all(t.exists() for t in targets):
+            note(f"skipping {item.path}: its outputs exist in {out} (add --force to segment it again)")
+            continue
+        z, y, x = item.shape
+        note(f"{item.path}: a volume of {z}x{y}x{x} voxels, predicted tile by tile into zarr; labels "
+             f"{'slab by slab' if binary else 'in memory'}")
+        probabilities = out / f"{item.name}_probabilities.zarr"
+        if probabilities.exists() and not force:
+            note(f"{probabilities}: exists, kept")
+        else:
+            _volume_to_zarr(segmenter, item.path, probabilities, dtype=dtype, progress=progress, note=note)
+        probs = zarr.open_array(str(probabilities), mode="r")
+        label_path = targets[1] if fmt == "zarr" else out / f"{item.name}_labels.ome.zarr"
+        if not label_path.exists() or force:
+            _write_volume_labels(segmenter, probs, label_path, item.name, progress=progress)
+        if fmt == "zarr":
+            written.extend(targets)
+            continue
+        written.append(zarr_to_tiff(probs, targets[0], force=force))
+        written.append(zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force))
+        shutil.rmtree(probabilities)
+        shutil.rmtree(label_path)
+    return written
+
+
+def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: bool, note) -> Path:
+    """Probabilities of one zarr volume, tile by tile into ``OUT.partial`` (resumable), renamed to `out`."""
+    import zarr
+
+    from .bigimage import PROGRESS_FILE, Progress, _Cast, _stamp, open_volume
+    from .volume import choose_volume_tile, plan_volume, predict_volume
+
+    volume = open_volume(path)
+    scale, offset = fit_normalization(segmenter.loaded.normalization, volume.as_rows(), progress=progress)
+    normalized = volume.normalized(scale, offset)
+    net, batch_size = segmenter.model, int(segmenter.options.batch_size)
+    tile = segmenter.tile_shape(volume.shape) or choose_volume_tile(net, volume.shape, batch_size=batch_size)
+    plan = plan_volume(volume.shape, segmenter.geometry, tile)
+    checkpoint = _checkpoint_path(segmenter.source)
+    partial = out.with_name(out.name + ".partial")
+    key = {"image": str(Path(path).resolve()), "shape": list(volume.shape), "tile_shape": list(tile),
+           "checkpoint": [str(checkpoint), *_stamp(checkpoint)] if checkpoint else None, "n_classes": net.n_classes,
+           "tta": bool(segmenter.tta), "dtype": dtype, "normalization": [scale, offset]}
+    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
+    if done is not None and done.matched:
+        note(f"{out}: continuing a previous run ({len(done.done)} of {len(plan)} tiles were done)")
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
+                                  "tta": segmenter.tta, "tile_shape": list(tile), "source": str(path),
+                                  "axes": ["c", "z", "y", "x"]}}
+        zarr.create_array(store=str(partial), shape=(net.n_classes, *volume.shape), dtype=dtype,
+                          chunks=(net.n_classes, *plan.stride), fill_value=0, attributes=attributes)
+        done = Progress(partial, key)
+        done.add([])
+    for line in segmenter.take_notes():
+        note(line)
+    array = zarr.open_array(str(partial), mode="r+")
+    todo = [i for i in range(len(plan)) if i not in done.done]
+    with tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
+        def finished(indices: list[int]) -> None:
+            done.add(indices)
+            bar.update(len(indices))
+
+        predict_volume(net, normalized, tile_shape=tile, batch_size=batch_size, tta=segmenter.tta, device=segmenter.device,
+                       out=_Cast(array), tiles=todo, on_batch=finished)
+    if len(done.done) != len(plan):
+        raise RuntimeError(f"{out}: {len(plan) - len(done.done)} tiles were not written")
+    (partial / PROGRESS_FILE).unlink()
+    if out.exists():
+        shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
+    os.replace(partial, out)
+    return out
+
+
+def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: bool) -> None:
+    """(Z, Y, X) labels of (n_classes, Z, Y, X) probabilities as an OME-Zarr label image, as
+    `VolumeSegmenter.labels` draws them: binary slab by slab, instances in memory from the
+    foreground probability; written in ``PATH.partial``, then renamed."""
+    from .bigimage import label_dtype, write_label_pyramid
+    from .inference import foreground
+
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    shape = tuple(int(s) for s in probs.shape[1:])
+    chunks = tuple(min(c, 2048) for c in probs.chunks[1:])
+    slab = chunks[0]
+    binary = segmenter.options.labels == "binary"
+    rule = segmenter.rule
+    array = create_ome_labels(partial, shape, chunks, "uint8" if binary else label_dtype(shape), name)
+    fg = None if binary else np.empty(shape, np.float32)
+    for z in tqdm(range(0, shape[0], slab), disable=not progress, desc="foreground", unit="slab"):
+        part = foreground(np.asarray(probs[:, z : z + slab]).astype(np.float32, copy=False))
+        if binary:
+            array[z : z + slab] = (part > rule.threshold).astype(np.uint8)
+        else:
+            fg[z : z + slab] = part
+    if fg is not None:
+        array[...] = rule.apply(fg, fill_holes=segmenter.options.fill_holes)
+    write_label_pyramid(partial, progress=progress)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)

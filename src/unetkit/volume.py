@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -296,6 +296,8 @@ def predict_volume(
     memory_budget: int | None = None,
     out=None,
     pad_thin: bool = False,
+    tiles: Sequence[int] | None = None,
+    on_batch: Callable[[list[int]], None] | None = None,
 ) -> np.ndarray:
     """Class probabilities for a volume of any size, by seamless 3D overlap-tile prediction.
 
@@ -319,6 +321,9 @@ def predict_volume(
         pad_thin: mirror a volume thinner than the network's smallest tile along an axis out to
             that size first (its voxels are then predicted from mirrored context); without it
             such a volume is refused with a message that says so.
+        tiles: indices into the tile plan (`plan_volume`) to predict (default all): with `out`,
+            this resumes a partial result.
+        on_batch: called with the plan indices of each batch once it is written to `out`.
 
     Returns:
         float32 array (n_classes, Z, Y, X), or `out` when given.
@@ -336,6 +341,9 @@ def predict_volume(
     shape: Shape3 = tuple(int(s) for s in volume.shape[-3:])  # type: ignore[assignment]
     smallest = smallest_volume_tile(geometry)
     if pad_thin and any(s < n for s, n in zip(shape, smallest)):
+        if tiles is not None:
+            raise InputError("tiles= selects tiles of the volume's own plan; give a volume at least the smallest tile, "
+                             "without pad_thin")
         grown = tuple(max(s, n) for s, n in zip(shape, smallest))
         before = tuple((g - s) // 2 for g, s in zip(grown, shape))
         padded = extract_volume(volume, tuple(-b for b in before), grown)
@@ -360,12 +368,14 @@ def predict_volume(
         raise InputError(f"out has shape {tuple(out.shape)}; it must be (n_classes, Z, Y, X) = {(model.n_classes, *shape)}")
     output = np.empty((model.n_classes, *shape), dtype=np.float32) if out is None else out
     transforms = tta_transforms(geometry) if tta else [0]
+    todo = list(range(len(plan))) if tiles is None else [int(i) for i in tiles]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for first in range(0, len(plan), int(batch_size)):
-                batch = plan.tiles[first : first + int(batch_size)]
+            for first in range(0, len(todo), int(batch_size)):
+                indices = todo[first : first + int(batch_size)]
+                batch = [plan.tiles[i] for i in indices]
                 windows = [extract_volume(volume, t.start, plan.tile_shape) for t in batch]
                 array = np.stack([w if w.ndim == 4 else w[None] for w in windows]).astype(np.float32, copy=False)
                 if not np.isfinite(array).all():
@@ -380,6 +390,8 @@ def predict_volume(
                 for t, p in zip(batch, probs):
                     (z, y, x0), (dz, dy, dx), (cz, cy, cx) = t.out_start, t.size, t.crop
                     output[:, z : z + dz, y : y + dy, x0 : x0 + dx] = p[:, cz : cz + dz, cy : cy + dy, cx : cx + dx]
+                if on_batch is not None:
+                    on_batch(indices)
     finally:
         model.train(was_training)
     return output

@@ -31,19 +31,20 @@ def predict(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files (without it, images whose outputs exist are skipped).")] = False,
     skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Skip inputs that are not readable images instead of stopping before the first image.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-    out_format: Annotated[Optional[str], typer.Option("--out-format", help="zarr (NAME_probabilities.zarr, NAME_labels.ome.zarr; computed tile by tile, resumable) or tiff. Default: zarr for zarr inputs and images above 8192x8192 pixels, else tiff.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Probabilities of large images: float32 or float16.")] = "float32",
+    out_format: Annotated[Optional[str], typer.Option("--out-format", help="zarr (NAME_probabilities.zarr, NAME_labels.ome.zarr; computed tile by tile, resumable) or tiff. Default: zarr for zarr inputs and images above 8192x8192 pixels, else tiff. 3D models: zarr volumes given it (or above 8192x8192 voxels) are predicted tile by tile.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Probabilities of large images (and zarr volumes predicted tile by tile): float32 or float16.")] = "float32",
     dask: Annotated[Optional[str], typer.Option("--dask", help="Predict on a Dask cluster: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT.")] = None,
     rows: Annotated[Optional[int], typer.Option("--rows", help="Only the top N rows of each image (a trial run on a stripe).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="With --dask: about this many pixels per block side (default 4096).")] = None,
     diameter: Annotated[Optional[str], typer.Option("--diameter", help="The objects' median diameter in pixels, or 'auto' (measured in a first pass at the model's scale): each image is rescaled so its objects take the size the model was trained on (recorded in its checkpoint, or in models.json for the packaged models); labels are written at the input's size.")] = None,
-    stitch: Annotated[Optional[float], typer.Option("--stitch", help="Stacks (multi-page TIFF z-stacks or time series, segmented plane by plane): link each object to the one in the plane before it that it overlaps most, when their intersection over union reaches this value (0.25 is common); without it ids are unique per plane.")] = None,
+    stitch: Annotated[Optional[float], typer.Option("--stitch", help="Stacks (multi-page TIFF or zarr / OME-Zarr z-stacks or time series, segmented plane by plane): link each object to the one in the plane before it that it overlaps most, when their intersection over union reaches this value (0.25 is common); without it ids are unique per plane.")] = None,
     pixel_size: Annotated[Optional[float], typer.Option("--pixel-size", help="Micrometres per pixel of the images: rescales them to the pixel size the model was trained at (models that record it).")] = None,
     spacing: Annotated[Optional[str], typer.Option("--spacing", metavar="Z,Y,X", help="3D models: the volumes' voxel size (e.g. 2,0.5,0.5; only the ratios matter), compared with the spacing the model was trained at; a z/xy ratio more than 25% off is refused. Default: as each TIFF records it (ImageJ spacing or OME-XML), else not checked.")] = None,
 ) -> None:
     """Write class probabilities (float32 TIFF, or zarr for large images) and label images named after each input.
 
     A 3D model (trained with --dims 3) segments each multi-page TIFF z-stack (or (Z, Y, X) zarr) as one volume.
+    A 2D model segments zarr / OME-Zarr stacks (a z or t axis) plane by plane, tile by tile.
     """
     from ..errors import InputError
     from ..inference import InferenceOptions
@@ -76,7 +77,7 @@ def predict(
                                rows=rows, block_size=block_size, dtype=dtype, backend=backend, norm_statistics=norm_statistics,
                                precision=precision)
         _predict_volumes(inputs, loaded, options, model=model, out=out, spacing=voxel_size, given=given, force=force,
-                         progress=progress, skip_unreadable=skip_unreadable)
+                         progress=progress, skip_unreadable=skip_unreadable, out_format=out_format, dtype=dtype)
         return
     if voxel_size is not None:
         raise InputError(f"--spacing applies to 3D models, but {model} is a 2D model (it segments z-stacks plane by plane): "
@@ -88,9 +89,6 @@ def predict(
     if large and ctc:
         raise InputError("--ctc writes 16-bit TIFF masks of ordinary images; large images are written as OME-Zarr labels: "
                          "leave out --ctc (or --out-format/--dask/--rows)")
-    if large and stitch is not None:
-        raise InputError("--stitch links the planes of multi-page TIFF stacks segmented in memory; leave it out for "
-                         "zarr/large images")
     if large and skip_unreadable:
         raise InputError("--skip-unreadable applies to batches of ordinary image files; leave it out for zarr/large images")
     if not large and dtype != "float32":
@@ -103,7 +101,7 @@ def predict(
     try:
         if large:
             written = segment_large(inputs, segmenter, out, out_format=out_format, dtype=dtype, dask=dask, rows=rows,
-                                    block_size=block_size, force=force, progress=progress, echo=typer.echo)
+                                    block_size=block_size, force=force, progress=progress, echo=typer.echo, stitch=stitch)
             typer.echo(f"wrote {len(written)} outputs to {out}")
             return
         from ..segment import segment_files
@@ -130,18 +128,42 @@ def _two_d_options(*, diameter, pixel_size, stitch, ctc, dask, out_format, rows,
     return [option for option, on in given.items() if on]
 
 
-def _predict_volumes(inputs, loaded, options, *, model, out, spacing, given, force, progress, skip_unreadable) -> None:
-    """`unetkit predict` with a 3D model: each z-stack segmented whole (`unetkit.segment_volume`)."""
+def _predict_volumes(inputs, loaded, options, *, model, out, spacing, given, force, progress, skip_unreadable,
+                     out_format=None, dtype="float32") -> None:
+    """`unetkit predict` with a 3D model: each z-stack segmented whole (`unetkit.segment_volume`),
+    zarr volumes given --out-format or above `bigsegment.LARGE_VOXELS` tile by tile into zarr
+    (`unetkit.bigsegment.segment_large_volumes`)."""
     from . import CommandInterrupted
+    from ..bigsegment import segment_large_volumes, wants_large_volume
+    from ..errors import InputError
     from ..segment import segment_files
     from ..segment_volume import VolumeSegmenter, refuse_two_d_options
 
+    large = [p for p in inputs if wants_large_volume(p, out_format)]
+    zarr_only = [option for option in given if option in ("--out-format zarr", "--dtype float16")]
+    if zarr_only:  # options of the tile-by-tile path, for zarr volumes only
+        if len(large) != len(inputs):
+            stacks = ", ".join(str(p) for p in inputs if p not in large)
+            raise InputError(f"{zarr_only[0]}: a 3D model writes zarr outputs tile by tile for zarr volumes only, and "
+                             f"{stacks} are segmented in memory: predict them in a separate run without "
+                             f"{zarr_only[0].split()[0]} (or save them as zarr)")
+        given = [option for option in given if option not in zarr_only]
     refuse_two_d_options(given, str(model))
+    if large and skip_unreadable:
+        raise InputError("--skip-unreadable applies to batches of ordinary image files; leave it out for zarr volumes")
     segmenter = VolumeSegmenter(loaded, options, spacing=spacing, source=model)
     typer.echo(f"{model}: {segmenter.describe()}")
+    rest = [p for p in inputs if p not in large]
+    written = []
     try:
-        written = segment_files(inputs, segmenter, out, force=force, progress=progress,
-                                skip_unreadable=skip_unreadable, echo=typer.echo)
+        if large:
+            written += segment_large_volumes(large, segmenter, out, out_format=out_format, dtype=dtype, force=force,
+                                             progress=progress, echo=typer.echo)
+        if rest:
+            written += segment_files(rest, segmenter, out, force=force, progress=progress,
+                                     skip_unreadable=skip_unreadable, echo=typer.echo)
     except KeyboardInterrupt as exc:
+        if large:
+            raise CommandInterrupted("finished tiles are kept; run the same command again to continue") from None
         raise CommandInterrupted(str(exc) or f"nothing was written to {out}") from None
     typer.echo(f"wrote {len(written)} files to {out}")
