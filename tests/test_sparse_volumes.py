@@ -13,10 +13,12 @@ import torch
 from unetkit.checkpoint import load_checkpoint
 from unetkit.cli import main
 from unetkit.data import Normalization, find_pairs
-from unetkit.data.volumes import load_volume_samples, make_volume_sample, unlabelled_voxels
+from unetkit.augment import AugmentConfig
+from unetkit.data.volumes import VolumeTileDataset, _covering, load_volume_samples, make_volume_sample, unlabelled_voxels
 from unetkit.decision import choose_decision, cut_to_labelled
 from unetkit.errors import InputError
 from unetkit.loss import IGNORE_INDEX, SegmentationLoss
+from unetkit.network import UNet
 from unetkit.synthetic import synthetic_cells_3d
 from unetkit.targets import make_targets_3d
 from unetkit.train import TrainConfig, Trainer
@@ -86,6 +88,75 @@ def test_per_plane_samples_take_the_ignore_label_too():
     sample = make_volume_sample(image, mask, unlabelled=mask == IGNORE, per_plane=True)
     assert np.array_equal(sample.target == IGNORE_INDEX, mask == IGNORE)
     assert sample.instances[mask == IGNORE].max() == 0
+
+
+# -- training tiles ------------------------------------------------------------------------------------
+
+DEEP = (24, 40, 40)
+TILE = (8, 28, 28)  # output (4, 12, 12): uniform windows would hold neither annotated plane 13 times in 21
+
+
+def tiny_geometry():
+    return UNet(dims=3, depth=2, base_channels=4, pool_kernels=[(1, 2, 2)], conv_kernels=[(1, 3, 3), (3, 3, 3)]).geometry
+
+
+def deep_samples(planes=(7, 16)) -> tuple:
+    """A densely annotated (24, 40, 40) volume and the same volume with only `planes` annotated."""
+    image, labels = synthetic_cells_3d(DEEP, seed=0)
+    unlabelled = np.ones(DEEP, bool)
+    unlabelled[list(planes)] = False
+    return (make_volume_sample(image, labels, "dense", spacing=SPACING),
+            make_volume_sample(image, labels, "sparse", spacing=SPACING, unlabelled=unlabelled))
+
+
+def test_every_tile_of_a_sparse_volume_holds_labelled_voxels():
+    _, sparse = deep_samples()
+    dataset = VolumeTileDataset([sparse], tiny_geometry(), TILE, length=50, seed=1)
+    assert dataset.output_shape == (4, 12, 12)
+    seen = set()
+    for i in range(50):
+        target = dataset[i]["target"].numpy()
+        labelled = target != IGNORE_INDEX
+        assert labelled.any(), i
+        assert (labelled.all(axis=(1, 2)) | ~labelled.any(axis=(1, 2))).all()  # whole annotated planes
+        seen.add(tuple(labelled.any(axis=(1, 2))))
+    assert len(seen) > 2  # the annotated plane falls at different depths of the window
+    assert VolumeTileDataset([sparse], tiny_geometry(), TILE, length=3, seed=1)[2]["target"].equal(dataset[2]["target"])
+
+
+def test_a_window_is_drawn_uniformly_among_those_holding_the_voxel():
+    rng = np.random.default_rng(0)
+    for voxel in range(10):
+        starts = {_covering(rng, 10, 4, voxel) for _ in range(200)}
+        assert starts == set(range(max(0, voxel - 3), min(voxel, 6) + 1))
+    assert {_covering(rng, 3, 4, 1) for _ in range(50)} == {-1, 0}  # longer than the axis: mirrored, as for dense volumes
+
+
+def test_dense_volumes_draw_the_same_tiles_as_before():
+    dense, _ = deep_samples()
+    dataset = VolumeTileDataset([dense], tiny_geometry(), TILE, length=10, seed=3)
+    # the uniform windows of the sampler before sparse volumes were sampled differently
+    assert [int(dataset[i]["target"].sum()) for i in range(10)] == [298, 103, 414, 105, 300, 203, 0, 14, 225, 235]
+
+
+def test_a_sparse_volume_changes_only_its_own_tiles():
+    dense, sparse = deep_samples()
+    _, other = deep_samples(planes=(3,))
+    augment = AugmentConfig()
+    mixed = VolumeTileDataset([dense, other], tiny_geometry(), TILE, augment=augment, length=12, seed=5)
+    plain = VolumeTileDataset([dense, dense], tiny_geometry(), TILE, augment=augment, length=12, seed=5)
+    ks = [int(np.random.default_rng([5, i]).choice(2, p=mixed.probabilities)) for i in range(12)]
+    assert 0 < sum(ks) < 12
+    for i, k in enumerate(ks):
+        a, b = mixed[i], plain[i]
+        assert all(a[key].equal(b[key]) for key in a) == (k == 0), i
+
+
+def test_a_volume_with_no_labelled_voxel_is_sampled_uniformly():
+    image, labels = synthetic_cells_3d(DEEP, seed=0)
+    nothing = make_volume_sample(image, labels, spacing=SPACING, unlabelled=np.ones(DEEP, bool))
+    item = VolumeTileDataset([nothing], tiny_geometry(), TILE, length=1)[0]
+    assert (item["target"] == IGNORE_INDEX).all() and (item["weights"] == 0).all()
 
 
 # -- the loss ------------------------------------------------------------------------------------------

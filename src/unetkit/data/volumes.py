@@ -313,6 +313,15 @@ class VolumeTileDataset:
     The geometric transform is computed on a window grown by `margin` voxels in y and x, so the
     tile's content comes from real data, not mirrored borders.
 
+    A sparsely annotated sample (one with unlabelled voxels, `IGNORE_INDEX` targets) is sampled so
+    that its tiles learn something: the item picks one of its labelled voxels uniformly at random
+    and an output window uniformly among those that contain it and lie inside the volume (along an
+    axis shorter than the window, the mirrored window as above), so with a few annotated planes in
+    a deep volume no tile is wasted on unlabelled voxels only. Only per-plane counts of labelled
+    voxels are kept (Z integers per sample); the voxel is found in its plane when drawn. A later
+    geometric augmentation may still move the labelled voxels out of the window. Densely annotated
+    samples draw exactly the uniform windows above, and a sample with no labelled voxel too.
+
     Args:
         samples: `VolumeSample`s, all with the same number of channels.
         geometry: the model's `VolumeGeometry` (or the model).
@@ -365,6 +374,7 @@ class VolumeTileDataset:
             self._gray = Augmenter(augment)._gray  # the 2D gray-value changes, over all voxels at once
         voxels = np.array([math.prod(s.shape) for s in self.samples], np.float64)
         self.probabilities = voxels / voxels.sum()
+        self._labelled = [_labelled_per_plane(s) for s in self.samples]
 
     def __len__(self) -> int:
         return self.length
@@ -383,7 +393,12 @@ class VolumeTileDataset:
         rng = np.random.default_rng([self.seed, index])
         k = int(rng.choice(len(self.samples), p=self.probabilities))
         sample = self.samples[k]
-        out_start = [_position(rng, size, window) for size, window in zip(sample.shape, self.output_shape)]
+        counts = self._labelled[k]
+        if counts is None:
+            out_start = [_position(rng, size, window) for size, window in zip(sample.shape, self.output_shape)]
+        else:
+            voxel = _labelled_voxel(rng, sample.target, counts)
+            out_start = [_covering(rng, size, window, v) for size, window, v in zip(sample.shape, self.output_shape, voxel)]
         grow = (0, self.margin, self.margin)
         start = [s - o - g for s, o, g in zip(out_start, self.offset, grow)]
         shape = [t + 2 * g for t, g in zip(self.tile_shape, grow)]
@@ -412,3 +427,35 @@ class VolumeTileDataset:
             "weights": torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
         }
 
+
+
+def _labelled_per_plane(sample: VolumeSample) -> np.ndarray | None:
+    """Cumulative counts of labelled voxels over the z-planes of a sparsely annotated sample; None
+    for a densely annotated one (or one with no labelled voxel), which is sampled uniformly."""
+    from ..loss import IGNORE_INDEX
+
+    counts = np.cumsum([np.count_nonzero(plane != IGNORE_INDEX) for plane in sample.target], dtype=np.int64)
+    if counts[-1] in (0, sample.target.size):
+        return None
+    return counts
+
+
+def _labelled_voxel(rng: np.random.Generator, target: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
+    """A labelled voxel (z, y, x) of `target`, uniformly at random; `counts` from `_labelled_per_plane`."""
+    from ..loss import IGNORE_INDEX
+
+    j = int(rng.integers(counts[-1]))
+    z = int(np.searchsorted(counts, j, side="right"))
+    j -= int(counts[z - 1]) if z else 0
+    y, x = divmod(int(np.flatnonzero(target[z] != IGNORE_INDEX)[j]), target.shape[2])
+    return z, y, x
+
+
+def _covering(rng: np.random.Generator, size: int, window: int, voxel: int) -> int:
+    """Uniform window start among those inside [0, size) whose window holds `voxel`; a window
+    larger than the axis covers all of it, as `unetkit.data.tiles._position` places it."""
+    from .tiles import _position
+
+    if window >= size:
+        return _position(rng, size, window)
+    return int(rng.integers(max(0, voxel - window + 1), min(voxel, size - window) + 1))
