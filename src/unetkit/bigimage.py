@@ -78,8 +78,20 @@ def _level0(path: Path) -> tuple[str, list[str] | None]:
     return level, names
 
 
+class _Reopens:
+    """Opens its file on first read; pickles without the open file (each Dask worker reopens it)."""
+
+    def __post_init__(self) -> None:
+        self._array = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+
 @dataclass
-class LazyImage:
+class LazyImage(_Reopens):
     """A (C, H, W) view of an image file read window by window, optionally normalised (float32).
 
     `rows` limits it to the top rows. Picklable: the open file is not part of its state. For a
@@ -97,14 +109,6 @@ class LazyImage:
     offset: float = 0.0
     stack_axis: str | None = None
     plane: int = 0
-
-    def __post_init__(self) -> None:
-        self._array = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -329,7 +333,7 @@ def open_lazy(path: str | os.PathLike, *, allow_missing_chunks: bool = False, in
 
 
 @dataclass
-class LazyVolume:
+class LazyVolume(_Reopens):
     """A (Z, Y, X) zarr / OME-Zarr volume (level 0; leading axes of size 1 dropped) read window by
     window for a 3D model, optionally normalised (float32). Picklable, like `LazyImage`.
 
@@ -345,14 +349,6 @@ class LazyVolume:
     dtype: np.dtype
     scale: float | None = None
     offset: float = 0.0
-
-    def __post_init__(self) -> None:
-        self._array = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -642,11 +638,17 @@ def predict_to_zarr(
     _run_tiles(checkpoint, model, image, array, plan, done, tile_shape=tile_shape, batch_size=batch_size, tta=tta,
                dtype=dtype, backend=backend, client=client, block_size=block_size, progress=progress,
                norm_statistics=norm_statistics, precision=precision, calibration=calibration)
-    if len(done.done) != len(plan):
-        raise RuntimeError(f"{out}: {len(plan) - len(done.done)} tiles were not written")
+    return finish_partial(partial, out, missing=len(plan) - len(done.done))
+
+
+def finish_partial(partial: Path, out: Path, *, missing: int) -> Path:
+    """Rename a finished ``NAME.zarr.partial`` to `out` (replacing it: callers skip existing outputs
+    unless forced); RuntimeError when `missing` tiles were not written."""
+    if missing:
+        raise RuntimeError(f"{out}: {missing} tiles were not written")
     (partial / PROGRESS_FILE).unlink()
     if out.exists():
-        shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
+        shutil.rmtree(out)
     os.replace(partial, out)
     return out
 

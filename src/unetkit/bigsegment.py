@@ -601,7 +601,7 @@ def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: b
     """Probabilities of one zarr volume, tile by tile into ``OUT.partial`` (resumable), renamed to `out`."""
     import zarr
 
-    from .bigimage import PROGRESS_FILE, Progress, _Cast, _stamp, open_volume
+    from .bigimage import PROGRESS_FILE, Progress, _Cast, _stamp, finish_partial, open_volume
     from .volume import choose_volume_tile, plan_volume, predict_volume
 
     volume = open_volume(path)
@@ -639,13 +639,7 @@ def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: b
 
         predict_volume(net, normalized, tile_shape=tile, batch_size=batch_size, tta=segmenter.tta, device=segmenter.device,
                        out=_Cast(array), tiles=todo, on_batch=finished)
-    if len(done.done) != len(plan):
-        raise RuntimeError(f"{out}: {len(plan) - len(done.done)} tiles were not written")
-    (partial / PROGRESS_FILE).unlink()
-    if out.exists():
-        shutil.rmtree(out)  # only reached with --force (the caller skips existing outputs otherwise)
-    os.replace(partial, out)
-    return out
+    return finish_partial(partial, out, missing=len(plan) - len(done.done))
 
 
 def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: bool) -> None:
