@@ -10,7 +10,11 @@ The splits come from the registry (`unetkit.pretrained.REGISTRY`):
 
 * em-membranes: ISBI 2012 slices 00-19 (validation 16-19), 20-24 held out;
 * dic-hela: DIC-C2DH-HeLa t000-t044 (validation t036-t044), t045-t059 held out;
-* fluo-nuclei: Fluo-N2DH-GOWT1 t01, t21, t39, t72 train, t52 validation, t31 held out.
+* fluo-nuclei: Fluo-N2DH-GOWT1 t01, t21, t39, t72 train, t52 validation, t31 held out; and the DSB2018
+  sample image's quadrants, enlarged so its nuclei have the GOWT1 nuclei's median diameter: top-left
+  train, bottom-right validation, top-right and bottom-left held out (scored at their own size with
+  ``--diameter auto``, as a user would run them). It trains with scale and wider gray-value
+  augmentation (`PretrainedModel.augment`).
 
 The run folder (--runs/NAME) is resumed when it holds last.pt; the budget counts across resumes.
 The packaged models together must stay within 10 MB (`unetkit.pretrained.SIZE_LIMIT`): a width-16
@@ -31,6 +35,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,11 +49,16 @@ from common import RESULTS, machine, write_json  # noqa: E402
 
 from unetkit import pretrained  # noqa: E402
 from unetkit.checkpoint import load_checkpoint, pack_checkpoint  # noqa: E402
-from unetkit.data import Normalization, data_root, get_ctc_samples, get_isbi2012_samples  # noqa: E402
+from unetkit.data import Normalization, data_root, find_pairs, get_ctc_samples, get_isbi2012_samples, make_sample, read_mask  # noqa: E402
+from unetkit.data.split import image_quadrant  # noqa: E402
+from unetkit.inference import InferenceOptions, Segmenter  # noqa: E402
+from unetkit.io import read_image  # noqa: E402
+from unetkit.labels import as_instances  # noqa: E402
 from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.metrics import average_precision, pixel_error, rand_error, seg_score, warping_error  # noqa: E402
 from unetkit.predict import predict  # noqa: E402
-from unetkit.recipes import RECIPE_NOTES, recipe_config  # noqa: E402
+from unetkit.recipes import RECIPE_NOTES, recipe_config, recipe_values  # noqa: E402
+from unetkit.scale import median_diameter, rescale_image, resize_labels  # noqa: E402
 from unetkit.targets import TargetConfig  # noqa: E402
 from unetkit.train import Trainer  # noqa: E402
 
@@ -60,6 +71,47 @@ def load(info: pretrained.PretrainedModel, root: Path, ids, norm: Normalization,
     if info.dataset == "isbi2012":
         return get_isbi2012_samples(root, slices=list(ids), normalization=norm, targets=targets)
     return get_ctc_samples(root, frames=list(ids), normalization=norm, targets=targets)
+
+
+def extra_parts(info: pretrained.PretrainedModel, data: Path, which: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, instance mask) of the `which` ("train", "val" or "test") quadrants of every image of the
+    model's extra datasets, at their own scale."""
+    parts = []
+    for extra in info.extra_data:
+        for pair in find_pairs(data / extra.dataset):
+            image, mask = read_image(pair.image), as_instances(read_mask(pair.mask))
+            parts += [(f"{extra.dataset}/{pair.name}/{part}", image_quadrant(image, part), image_quadrant(mask, part))
+                      for part in getattr(extra, which)]
+    return parts
+
+
+def extra_factor(info: pretrained.PretrainedModel, data: Path, diameter: float) -> float:
+    """The factor that brings the extra datasets' training objects to `diameter` (the main dataset's)."""
+    return diameter / median_diameter([mask for _, _, mask in extra_parts(info, data, "train")])
+
+
+def load_extra(info: pretrained.PretrainedModel, data: Path, which: str, factor: float, norm: Normalization, config):
+    """Samples of the extra datasets' `which` quadrants, rescaled by `factor` (see `extra_factor`)."""
+    samples = []
+    for name, image, mask in extra_parts(info, data, which):
+        scaled = rescale_image(image.astype(np.float32), factor)
+        samples.append(make_sample(scaled, resize_labels(mask, scaled.shape[-2:]), name, norm, targets=config.targets))
+    return samples
+
+
+def score_extra(info: pretrained.PretrainedModel, data: Path, checkpoint: Path, tta: bool) -> dict[str, Any]:
+    """Scores on the extra datasets' held-out quadrants at their own scale, as a user runs it: ``--diameter auto``."""
+    parts = extra_parts(info, data, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        segmenter = Segmenter.load(checkpoint, InferenceOptions(device="cpu", backend="torch", tta=tta, diameter="auto"))
+        results = [segmenter.segment(image, name=name) for name, image, _ in parts]
+    labels, truth = [r.labels for r in results], [mask for _, _, mask in parts]
+    ap = average_precision(labels, truth, thresholds=(0.5,))[0.5]
+    return {"scored_on": [name for name, _, _ in parts], "diameter": "auto", "seg": seg_score(labels, truth), "ap50": ap["ap"],
+            "precision50": ap["precision"], "recall50": ap["recall"],
+            "objects_predicted": int(sum(len(np.unique(lab[lab > 0])) for lab in labels)),
+            "objects_true": int(sum(len(np.unique(t[t > 0])) for t in truth)), "notes": [n for r in results for n in r.notes]}
 
 
 def sessions_total(run_dir: Path) -> dict[str, float]:
@@ -93,13 +145,24 @@ def add_session(run_dir: Path, session: dict[str, Any]) -> None:
 
 def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
     """Train (or resume) in --runs/NAME; returns best.pt and the training facts."""
+    augment = {**recipe_values(RECIPE, info.task).get("augment", {}), **info.augment}
     config = recipe_config(
         RECIPE, task=info.task, base_channels=args.width, iterations=1_000_000, max_seconds=args.minutes * 60, workers=0,
-        budget_clock=args.budget_clock, seed=args.seed, precision=args.precision,
+        budget_clock=args.budget_clock, seed=args.seed, precision=args.precision, augment=augment,
     )
     norm = Normalization()
     train_samples = load(info, root, info.train_ids, norm, config)
     val_samples = load(info, root, info.val_ids, norm, config)
+    extra = {}
+    if info.extra_data:
+        factor = extra_factor(info, root.parent, median_diameter([s.instances for s in train_samples]))
+        main_pixels = sum(s.image[0].size for s in train_samples)
+        for extra in info.extra_data:
+            samples = load_extra(replace(info, extra_data=(extra,)), root.parent, "train", factor, norm, config)
+            pixels = sum(s.image[0].size for s in samples)
+            train_samples += samples * max(1, round(extra.tile_share / (1 - extra.tile_share) * main_pixels / pixels))
+        val_samples += load_extra(info, root.parent, "val", factor, norm, config)
+        extra = {"extra_rescaled_by": round(factor, 3)}
     run_dir = args.runs / info.name
     resume = (run_dir / "last.pt").is_file()
     print(f"{'resuming' if resume else 'training'} {info.name} in {run_dir}: width {args.width}, {args.minutes:g} min "
@@ -117,7 +180,7 @@ def train(info, root: Path, args) -> tuple[Path, dict[str, Any]]:
         "recipe": RECIPE, "recipe_note": RECIPE_NOTES[RECIPE], "width": args.width, "depth": config.depth,
         "tile_size": config.tile_size, "iterations": summary["iterations"], "budget_minutes": args.minutes,
         "budget_clock": args.budget_clock, "seed": args.seed, "precision": args.precision, "best_val_iou": summary["best_val_iou"],
-        **sessions_total(run_dir), "run_dir": str(run_dir),
+        **sessions_total(run_dir), "run_dir": str(run_dir), **extra,
     }
     return run_dir / "best.pt", facts
 
@@ -222,16 +285,26 @@ def main() -> None:
         best, training = train(info, root, args)
         run_dir = Path(training["run_dir"])
     result = score(info, root, best, tta=not args.no_tta)
+    if info.extra_data:
+        result["extra_scores"] = score_extra(info, root.parent, best, tta=not args.no_tta)
     training["best_iteration"] = result["best_iteration"]
     training["trained_on"] = pretrained.ids_text(info.dataset, info.train_ids)
     training["validated_on"] = pretrained.ids_text(info.dataset, info.val_ids)
+    for extra in info.extra_data:
+        training["trained_on"] += f"; {extra.dataset} {', '.join(extra.train)}"
+        training["validated_on"] += f"; {extra.dataset} {', '.join(extra.val)}"
+    if info.extra_data:
+        training["extra_data"] = [asdict(e) for e in info.extra_data]
+    if info.augment:
+        training["augment"] = dict(info.augment)
     training["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     training["torch"] = torch.__version__
     packed = None
     if not args.no_pack:
         packed = pack(info, best, root, run_dir, args.force_size)
         pretrained.record_model(info.name, scores=result["scores"], training=training, scored_on=result["scored_on"],
-                                decision=result["decision"], tta=result["tta"])
+                                decision=result["decision"], tta=result["tta"],
+                                **({"extra_scores": result["extra_scores"]} if "extra_scores" in result else {}))
     report = {"model": info.name, "dataset": info.dataset, **result, "training": training, "packed": packed,
               "total_packaged_bytes": pretrained.total_size(), "machine": machine()}
     write_json(args.out or RESULTS / f"pretrained_{info.name}.json", report)

@@ -83,6 +83,26 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class ExtraData:
+    """A second dataset a packaged model also trains on: quadrants of each of its images, rescaled
+    so that their objects have the model's diameter (that of its main dataset's training masks).
+
+    Attributes:
+        dataset: its folder under the data root (`unetkit.data.data_root`).
+        train, val, test: the quadrants (`unetkit.data.split.QUADRANTS`) trained on, validated on
+            and held out.
+        tile_share: about this fraction of the training tiles comes from it (its images are
+            repeated in the training set; tiles are drawn in proportion to pixels).
+    """
+
+    dataset: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    tile_share: float = 0.3
+
+
+@dataclass(frozen=True)
 class PretrainedModel:
     """One packaged model: what it is, what it was trained on, and (from models.json) how well it did.
 
@@ -98,6 +118,8 @@ class PretrainedModel:
         recipe: the `unetkit.recipes` recipe it was trained with.
         license: terms of the training data (and so of the weights).
         citation: what to cite when using it.
+        extra_data: further datasets trained on (`ExtraData`), rescaled to the main one's scale.
+        augment: `unetkit.augment.AugmentConfig` values that differ from its recipe's.
         scores: held-out scores written by the training script ({} until trained).
         training: training facts (iterations, minutes, width, ...) written by the training script.
         package_scores: scores of the model's bioimage.io package alone (no unetkit), one record per
@@ -126,6 +148,8 @@ class PretrainedModel:
     license: str
     citation: str
     task: str  # "membranes" (scored by Rand error) or "objects" (scored by SEG and AP)
+    extra_data: tuple[ExtraData, ...] = ()
+    augment: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     package_scores: tuple[dict[str, Any], ...] = ()
@@ -223,7 +247,9 @@ _MODELS: tuple[PretrainedModel, ...] = (
         val_ids=(52,),
         test_ids=(31,),
         trained_on=(
-            "CTC Fluo-N2DH-GOWT1 gold-truth frames t01, t21, t39, t72 (validation t52; scored on t31)"
+            "CTC Fluo-N2DH-GOWT1 gold-truth frames t01, t21, t39, t72 (validation t52; scored on t31) and the "
+            "DSB2018 nuclei image shipped with StarDist, cut into quadrants and enlarged to the GOWT1 nuclei's "
+            "size (top-left trained on, bottom-right validation; top-right and bottom-left held out)"
         ),
         input=InputSpec(
             channels=1, dtype="uint8", bits=8, value_range=(0, 255),
@@ -233,8 +259,14 @@ _MODELS: tuple[PretrainedModel, ...] = (
         ),
         recipe="default",
         license=_CTC_TERMS,
-        citation="Maska et al. 2014; Ulman et al. 2017; Maska et al. 2023 (Cell Tracking Challenge)",
+        citation="Maska et al. 2014; Ulman et al. 2017; Maska et al. 2023 (Cell Tracking Challenge); Caicedo et al. "
+        "2019 (2018 Data Science Bowl)",
         task="objects",
+        extra_data=(ExtraData("dsb2018-stardist-sample", train=("top-left",), val=("bottom-right",),
+                              test=("top-right", "bottom-left")),),
+        # Nuclei of other microscopes and stains: wider gray values and a range of sizes.
+        augment={"scale": True, "scale_range": [0.67, 1.5], "gamma_range": [0.5, 2.0], "contrast_range": [0.6, 1.5],
+                 "brightness_range": 0.2, "noise_std": 0.1},
     ),
 )
 
