@@ -70,6 +70,26 @@ def test_training_starts_from_the_start_models_weights(start, pairs, tmp_path):
     assert best.scale["diameter"] == pytest.approx(median_diameter(masks), abs=0.01)  # measured on the training masks
 
 
+@pytest.mark.parametrize("precise", [True, False])
+def test_fine_tuning_ends_with_the_training_images_batch_norm_statistics(start, pairs, tmp_path, precise):
+    from unetkit.adapt import batch_norm_layers, gather_statistics
+
+    images, masks = [p[0] for p in pairs[:2]], [p[1] for p in pairs[:2]]
+    trainer = prepare_fine_tune(start, images, masks, tmp_path / "run", seconds=60, should_stop=stop_after(3),
+                                overrides={"precise_bn": precise})
+    assert trainer.config.precise_bn is precise  # the recipe's default is True
+    trainer.fit()
+    best = load_checkpoint(tmp_path / "run" / "best.pt").model
+    gathered = [gather_statistics(best, s.image, trainer.config.tile_size) for s in trainer.train_samples]
+    total = sum(g.tiles for g in gathered)
+    for i, layer in enumerate(batch_norm_layers(best)):
+        mean = sum(g.means[i] * g.tiles for g in gathered) / total
+        variance = sum(g.variances[i] * g.tiles for g in gathered) / total
+        matches = np.allclose(layer.running_mean.numpy(), mean, atol=1e-5) and \
+            np.allclose(layer.running_var.numpy(), variance, rtol=1e-4, atol=1e-6)
+        assert matches is precise, i
+
+
 def test_fine_tune_in_memory_writes_a_loadable_run(start, pairs, tmp_path):
     from unetkit.inference import InferenceOptions, Segmenter
 
