@@ -852,8 +852,11 @@ class Trainer:
                     for s in self.val_samples]
         # Maps with the training statistics of batch norm, and (with batch norm, in 2D) with each
         # image's own; the rule that scores best on either, with the way its maps were made.
+        # Precise statistics measured on the very images validation scores (a cross-check) are
+        # their own statistics, so the two cannot be told apart there: the stored ones are kept.
         rules = []
-        image_statistics = has_batch_norm(model) and self.config.dims == 2
+        cross_checked = self.config.precise_bn and {id(s) for s in self.val_samples} <= {id(s) for s in self.train_samples}
+        image_statistics = has_batch_norm(model) and self.config.dims == 2 and not cross_checked
         for statistics in NORM_STATISTICS if image_statistics else NORM_STATISTICS[:1]:
             maps = self._validation_maps(model, tta, statistics)
             if per_plane:  # objects annotated section by section: the rule is chosen and applied per plane
