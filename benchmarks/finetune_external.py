@@ -31,6 +31,9 @@ Arms:
   what ``unetkit train --from fluo-nuclei`` runs: 2 images, so validation is the cross-check on the
   training images (`unetkit.finetune.CROSS_CHECK`); Adam 1e-3 with cosine decay for ``--seconds``
   CPU-seconds (`unetkit.recipes.FINETUNE`); the scored frames segmented at their own scale;
+* ``finetuned-running-bn``: the same with ``TrainConfig.precise_bn`` off: batch norm keeps its
+  running statistics, and the labels rule may choose each image's own statistics instead (what
+  fine-tuning did before precise statistics);
 * ``scratch``: `finetune_dsb.from_scratch`, the default recipe for objects (width 16) from random
   weights on the same frames, budget, clock, tile size and validation;
 * ``finetuned-rescaled``: what a user can do about the scale: fluo-nuclei was trained on nuclei of
@@ -76,7 +79,7 @@ from unetkit.scale import median_diameter, rescale_image, resize_labels  # noqa:
 
 FRAMES = ("t13", "t52", "t75", "t79")
 DEFAULT_TRAIN = ("t13", "t52")
-ARMS = ("zero-shot", "finetuned", "scratch", "finetuned-rescaled")
+ARMS = ("zero-shot", "finetuned", "scratch", "finetuned-rescaled", "finetuned-running-bn")
 PROVENANCE = {
     "dataset": "Cell Tracking Challenge Fluo-N2DL-HeLa (HeLa, H2B-GFP nuclei), the 4 frames with a manual "
                "segmentation (SEG ground truth, training set; sequence 01 as far as known, unverified)",
@@ -136,9 +139,10 @@ def run_arm(args, frames: dict) -> dict:
         print(part["diameter_auto"])
         part["diameter_train"] = {"diameter": d_train, **scores("fluo-nuclei", test_images, test_masks, diameter=d_train)}
         print(part["diameter_train"])
-    elif args.arm == "finetuned":
+    elif args.arm in ("finetuned", "finetuned-running-bn"):
+        overrides = {"seed": args.seed, **({"precise_bn": False} if args.arm == "finetuned-running-bn" else {})}
         part.update(fine_tuned(args, train_images, train_masks, test_images, test_masks,
-                               run=f"finetuned_{'-'.join(train)}_seed{args.seed}", overrides={"seed": args.seed}))
+                               run=f"{args.arm}_{'-'.join(train)}_seed{args.seed}", overrides=overrides))
     elif args.arm == "scratch":
         from unetkit.finetune import finetune_config, load_start
 
@@ -192,7 +196,7 @@ def merge(work: Path) -> dict:
         "predict": "Segmenter.segment per scored frame, torch backend, the checkpoint's labels rule and TTA",
         "validation": CROSS_CHECK,
         "machine": {**machine(), "cpu": cpu, "cores": os.cpu_count(),
-                    "load": "2 cores shared with 4 to 10 other benchmark and test processes (load average 11-17); budgets are CPU time"},
+                    "load": "2 cores shared with up to 3 benchmark processes; budgets are CPU time"},
         "start_model_diameter": start_diameter(),
         "runs": {},
     }

@@ -4,7 +4,8 @@ Three models ship with unetkit (once trained; see benchmarks/train_pretrained.py
 
 * "em-membranes": ISBI 2012 serial-section EM, cell interiors between neuronal membranes.
 * "dic-hela": Cell Tracking Challenge DIC-C2DH-HeLa, HeLa cells in differential interference contrast.
-* "fluo-nuclei": Cell Tracking Challenge Fluo-N2DH-GOWT1, GFP-labelled mouse stem-cell nuclei.
+* "fluo-nuclei": fluorescent nuclei: Cell Tracking Challenge Fluo-N2DH-GOWT1 (GFP-labelled mouse stem-cell
+  nuclei) and a quadrant of the DSB2018 sample, with zoom and wide gray-value augmentation.
 
 Their weights are ``unetkit/models/NAME.pt``: checkpoints written by `unetkit.checkpoint.pack_checkpoint` (float16
 weights, no optimiser or training state; `unetkit.checkpoint.load_checkpoint` casts them back to
@@ -241,7 +242,8 @@ _MODELS: tuple[PretrainedModel, ...] = (
     PretrainedModel(
         name="fluo-nuclei",
         file="fluo-nuclei.pt",
-        description="fluorescent nuclei (Cell Tracking Challenge Fluo-N2DH-GOWT1); one label per nucleus",
+        description="fluorescent nuclei (Cell Tracking Challenge Fluo-N2DH-GOWT1 and the DSB2018 sample); one label "
+                    "per nucleus",
         dataset="ctc-fluo-n2dh-gowt1",
         train_ids=(1, 21, 39, 72),
         val_ids=(52,),
