@@ -35,6 +35,7 @@ from .bigimage import (
 )
 from .config import LARGE_PIXELS
 from .errors import InputError
+from .io import output_name
 
 #: Block side of the labelling passes. The seeded watershed floods each block grown by its halo
 #: (256 px): with 2048-pixel blocks that pass alone took 1.16 GB on a 16384x16384 ISBI mosaic,
@@ -57,15 +58,6 @@ def wants_large(inputs: Sequence[Path], *, out_format: str | None, dask: str | N
             if int(np.prod(shape[-2:])) > LARGE_PIXELS or int(np.prod(shape)) > LARGE_PIXELS * 3:
                 return True
     return False
-
-
-def output_name(path: Path) -> str:
-    """slide.ome.zarr -> slide; cells.tif -> cells."""
-    name = path.name
-    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def check_large_options(*, out_format: str | None, dtype: str, rows: int | None, block_size: int | None, dask: str | None) -> None:

@@ -487,3 +487,13 @@ def prepare_output_dir(folder: str | os.PathLike, *, force: bool = False) -> Pat
     folder = check_output_dir(folder, force=force)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def output_name(path: str | os.PathLike) -> str:
+    """slide.ome.zarr -> slide; cells.tif -> cells."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem

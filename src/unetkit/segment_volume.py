@@ -459,7 +459,7 @@ def inspect_volume(path: Path, in_channels: int, header: tuple[tuple[int, ...], 
         ...
         unetkit.errors.InputError: cells.png: is one 2D image (48, 56); a 3D model needs a volume (multi-page TIFF z-stack ...
     """
-    from .bigsegment import output_name
+    from .io import output_name
 
     shape, planes, zarr = header or volume_header(path)
     if in_channels != 1:
