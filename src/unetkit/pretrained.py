@@ -249,9 +249,9 @@ _MODELS: tuple[PretrainedModel, ...] = (
         val_ids=(52,),
         test_ids=(31,),
         trained_on=(
-            "CTC Fluo-N2DH-GOWT1 gold-truth frames t01, t21, t39, t72 (validation t52; scored on t31) and the "
-            "DSB2018 nuclei image shipped with StarDist, cut into quadrants and enlarged to the GOWT1 nuclei's "
-            "size (top-left trained on, bottom-right validation; top-right and bottom-left held out)"
+            "CTC Fluo-N2DH-GOWT1 gold-truth frames t01, t21, t39, t72 and a DSB2018 quadrant (the StarDist "
+            "sample image's top-left, enlarged to the GOWT1 nuclei's size; validation GOWT1 t52 and the bottom-right "
+            "quadrant; scored on GOWT1 t31 and the other two quadrants)"
         ),
         input=InputSpec(
             channels=1, dtype="uint8", bits=8, value_range=(0, 255),
