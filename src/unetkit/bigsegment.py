@@ -167,22 +167,16 @@ def segment_large(
                                               block_size=block_size, rows=rows, stitch=stitch, force=force,
                                               progress=progress, note=note))
                 continue
-            suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
-            targets = [out / f"{name}{s}" for s in suffixes]
+            targets = _targets(out, name, fmt)
             if not force and all(t.exists() for t in targets):
                 note(f"skipping {image.path}: its outputs exist in {out} (add --force to segment it again)")
                 continue
-            scale, offset = fit_normalization(segmenter.loaded.normalization, image, progress=progress)
-            normalized = image.normalized(scale, offset)
-            tiles = segmenter.tile_shape(normalized.shape)
+            tiles = segmenter.tile_shape(image.shape)
             probabilities = out / f"{name}_probabilities.zarr"
             if fmt == "zarr" and probabilities.exists() and not force:
                 note(f"{probabilities}: exists, kept")
             else:
-                statistics = segmenter.statistics(normalized, progress=progress)
-                precision, statistics = segmenter.precision_for(normalized, tiles, statistics)
-                for line in segmenter.take_notes():
-                    note(line)
+                normalized, statistics, precision = _prepare(segmenter, image, tiles, note, progress)
                 attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
                                           "tta": settings.maps.tta, "norm_statistics": settings.maps.norm_statistics,
                                           "precision": precision,
@@ -192,22 +186,48 @@ def segment_large(
                                 client=client, block_size=block_size, attributes=attributes, progress=progress, echo=note,
                                 norm_statistics=statistics, precision=precision, calibration=segmenter.calibration)
             probs = zarr.open_array(str(probabilities), mode="r")
-            label_path = targets[1] if fmt == "zarr" else out / f"{name}_labels.ome.zarr"
+            label_path = out / f"{name}_labels.ome.zarr"
             if not label_path.exists() or force:
                 _write_labels(probs, label_path, settings, name, progress)
-            if fmt == "tiff":
-                written.append(zarr_to_tiff(probs, targets[0], force=force))
-                written.append(zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force))
-                shutil.rmtree(probabilities)
-                shutil.rmtree(label_path)
-            else:
-                written.extend(targets)
+            written.extend(_outputs(probs, probabilities, label_path, targets, force=force))
     finally:
         if client is not None:
             cluster = getattr(client, "cluster", None)
             client.close()
             if cluster is not None and dask and dask.startswith("local:"):
                 cluster.close()
+    return written
+
+
+def _targets(out: Path, name: str, fmt: str) -> list[Path]:
+    """The two outputs of input `name`: probabilities and labels, as zarr or as TIFF."""
+    suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
+    return [out / f"{name}{s}" for s in suffixes]
+
+
+def _prepare(segmenter, image, tiles: tuple[int, int], note: Callable[[str], None], progress: bool = False):
+    """An image (or a stack's plane) normalised as the model was trained, with the batch-norm
+    statistics and precision its maps are made with: (normalized, statistics, precision)."""
+    scale, offset = fit_normalization(segmenter.loaded.normalization, image, progress=progress)
+    normalized = image.normalized(scale, offset)
+    statistics = segmenter.statistics(normalized, progress=progress)
+    precision, statistics = segmenter.precision_for(normalized, tiles, statistics)
+    for line in segmenter.take_notes():
+        note(line)
+    return normalized, statistics, precision
+
+
+def _outputs(probs, probabilities: Path, label_path: Path, targets: list[Path], *, force: bool) -> list[Path]:
+    """The finished outputs: the zarr `targets` as they are, or TIFF copies of the zarr arrays
+    (which are then removed)."""
+    import zarr
+
+    if targets[0] == probabilities:
+        return targets
+    written = [zarr_to_tiff(probs, targets[0], force=force),
+               zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force)]
+    shutil.rmtree(probabilities)
+    shutil.rmtree(label_path)
     return written
 
 
@@ -291,8 +311,7 @@ def _segment_stack(image, name: str, segmenter, checkpoint, out: Path, *, fmt: s
     """`segment_large` for one stack: probabilities plane by plane, then labels plane by plane."""
     import zarr
 
-    suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
-    targets = [out / f"{name}{s}" for s in suffixes]
+    targets = _targets(out, name, fmt)
     if not force and all(t.exists() for t in targets):
         note(f"skipping {image.path}: its outputs exist in {out} (add --force to segment it again)")
         return []
@@ -303,14 +322,7 @@ def _segment_stack(image, name: str, segmenter, checkpoint, out: Path, *, fmt: s
         note(f"{probabilities}: exists, kept")
     else:
         def prepare(z: int):
-            plane = image.at(z)
-            scale, offset = fit_normalization(segmenter.loaded.normalization, plane)
-            normalized = plane.normalized(scale, offset)
-            statistics = segmenter.statistics(normalized)
-            precision, statistics = segmenter.precision_for(normalized, tiles, statistics)
-            for line in segmenter.take_notes():
-                note(line)
-            return normalized, statistics, precision
+            return _prepare(segmenter, image.at(z), tiles, note)
 
         attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
                                   "tta": settings.maps.tta, "norm_statistics": settings.maps.norm_statistics,
@@ -321,18 +333,12 @@ def _segment_stack(image, name: str, segmenter, checkpoint, out: Path, *, fmt: s
                               backend=settings.backend, dtype=dtype, client=client, block_size=block_size,
                               attributes=attributes, progress=progress, echo=note, calibration=segmenter.calibration)
     probs = zarr.open_array(str(probabilities), mode="r")
-    label_path = targets[1] if fmt == "zarr" else out / f"{name}_labels.ome.zarr"
+    label_path = out / f"{name}_labels.ome.zarr"
     if not label_path.exists() or force:
         axis = "t" if image.stack_axis == "t" else "z"
         _write_stack_labels(probs, label_path, settings, name, axis=axis, stitch=stitch, progress=progress, echo=note,
                             source=probabilities)
-    if fmt == "zarr":
-        return targets
-    written = [zarr_to_tiff(probs, targets[0], force=force),
-               zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force)]
-    shutil.rmtree(probabilities)
-    shutil.rmtree(label_path)
-    return written
+    return _outputs(probs, probabilities, label_path, targets, force=force)
 
 
 #: Labels of a stack in progress: the planes finished and what the next plane continues from.
