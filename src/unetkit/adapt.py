@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -205,11 +205,35 @@ def with_statistics(model: UNet, stats: BatchNormStatistics) -> UNet:
         return model
     check_statistics(model, stats)
     adapted = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for layer, mean, var in zip(batch_norm_layers(adapted), stats.means, stats.variances):
-            layer.running_mean.copy_(torch.from_numpy(mean.copy()))
-            layer.running_var.copy_(torch.from_numpy(var.copy()))
+    set_statistics(adapted, stats)
     return adapted
+
+
+def set_statistics(model: UNet, stats: BatchNormStatistics) -> None:
+    """Make `stats` the running statistics of `model`'s batch-norm layers, in place."""
+    with torch.no_grad():
+        for layer, mean, var in zip(batch_norm_layers(model), stats.means, stats.variances):
+            layer.running_mean.copy_(torch.from_numpy(np.array(mean, dtype=np.float32)))
+            layer.running_var.copy_(torch.from_numpy(np.array(var, dtype=np.float32)))
+
+
+def pooled_statistics(stats: Sequence[BatchNormStatistics]) -> BatchNormStatistics:
+    """Statistics of several images gathered alike (`gather_statistics`, one tile shape) as if of
+    one: each layer's average over all their tiles, every tile weighted alike.
+
+    Example:
+        >>> a = BatchNormStatistics((np.zeros(2, np.float32),), (np.ones(2, np.float32),), (44, 44), 1, 1)
+        >>> b = BatchNormStatistics((np.full(2, 3, np.float32),), (np.ones(2, np.float32),), (44, 44), 2, 2)
+        >>> pooled_statistics([a, b]).means[0].tolist(), pooled_statistics([a, b]).tiles
+        ([2.0, 2.0], 3)
+    """
+    total = sum(s.tiles for s in stats)
+    layers = range(len(stats[0]))
+    return BatchNormStatistics(
+        tuple(sum(s.means[i] * s.tiles for s in stats) / total for i in layers),
+        tuple(sum(s.variances[i] * s.tiles for s in stats) / total for i in layers),
+        stats[0].tile_shape, total, sum(s.plan_size for s in stats),
+    )
 
 
 def check_statistics(model: UNet, stats: BatchNormStatistics) -> None:

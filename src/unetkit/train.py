@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ddp
-from .adapt import NORM_STATISTICS, batch_norm_layers, gather_statistics, has_batch_norm
+from .adapt import NORM_STATISTICS, batch_norm_layers, gather_statistics, has_batch_norm, pooled_statistics, set_statistics
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_ITERATIONS, PAPER, check_settings, from_dict_strict
@@ -51,7 +51,7 @@ TARGET_KEYS = tuple(f.name for f in fields(TargetConfig))
 
 def precise_batch_norm(model: UNet, images: Sequence[np.ndarray], tile_size: int) -> None:
     """Set `model`'s batch-norm running statistics to their average over the input tiles of
-    `images` (normalised (C, H, W) arrays), each tile weighted alike (`unetkit.adapt.gather_statistics`).
+    `images` (normalised (C, H, W) arrays), each tile weighted alike (`unetkit.adapt.pooled_statistics`).
 
     Example:
         >>> net = UNet(depth=2, base_channels=4, batch_norm=True)
@@ -61,17 +61,9 @@ def precise_batch_norm(model: UNet, images: Sequence[np.ndarray], tile_size: int
         >>> bool(np.allclose(first, gather_statistics(net, image, 44).means[0]))
         True
     """
-    layers = batch_norm_layers(model)
-    if not layers or not images:
+    if not batch_norm_layers(model) or not images:
         return
-    gathered = [gather_statistics(model, image, tile_size) for image in images]
-    total = sum(g.tiles for g in gathered)
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            mean = sum(g.means[i] * g.tiles for g in gathered) / total
-            variance = sum(g.variances[i] * g.tiles for g in gathered) / total
-            layer.running_mean.copy_(torch.as_tensor(mean, dtype=layer.running_mean.dtype))
-            layer.running_var.copy_(torch.as_tensor(variance, dtype=layer.running_var.dtype))
+    set_statistics(model, pooled_statistics([gather_statistics(model, image, tile_size) for image in images]))
 
 
 @dataclass
