@@ -607,8 +607,6 @@ def predict_to_zarr(
     window by window. A run resumes only with the same statistics. `precision` ("fp32", "bf16" or
     "int8") and `calibration` are `unetkit.predict`'s; a run resumes only in the same precision.
     """
-    import zarr
-
     from .tiling import plan_tiles
 
     plan = plan_tiles(image.shape[1:], model.geometry, tile_shape)
@@ -622,23 +620,31 @@ def predict_to_zarr(
         key["norm_statistics"] = norm_statistics.fingerprint
     if precision != "fp32":
         key["precision"] = precision
-    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
-    if done is not None and done.done:
+    array, done = open_partial(partial, key, shape=(model.n_classes, *image.shape[1:]),
+                               chunks=(model.n_classes, *plan.stride), dtype=dtype, attributes=attributes)
+    if done.done:
         echo(f"{out}: continuing a previous run ({len(done.done)} of {len(plan)} tiles were done)")
-    else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        zarr.create_array(
-            store=str(partial), shape=(model.n_classes, *image.shape[1:]), dtype=dtype,
-            chunks=(model.n_classes, *plan.stride), fill_value=0, attributes=attributes or {},
-        )
-        done = Progress(partial, key)
-        done.add([])
-    array = zarr.open_array(str(partial), mode="r+")
     _run_tiles(checkpoint, model, image, array, plan, done, tile_shape=tile_shape, batch_size=batch_size, tta=tta,
                dtype=dtype, backend=backend, client=client, block_size=block_size, progress=progress,
                norm_statistics=norm_statistics, precision=precision, calibration=calibration)
     return finish_partial(partial, out, missing=len(plan) - len(done.done))
+
+
+def open_partial(partial: Path, key: dict[str, Any], *, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
+                 attributes: dict[str, Any] | None):
+    """The ``NAME.zarr.partial`` array of an output and its `Progress`: the one a killed run left
+    with the same `key` (its finished tiles kept), else a new empty one (anything there is removed)."""
+    import zarr
+
+    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
+    if done is None or not done.matched:
+        if partial.exists():
+            shutil.rmtree(partial)
+        zarr.create_array(store=str(partial), shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                          attributes=attributes or {})
+        done = Progress(partial, key)
+        done.add([])
+    return zarr.open_array(str(partial), mode="r+"), done
 
 
 def finish_partial(partial: Path, out: Path, *, missing: int) -> Path:
@@ -690,8 +696,6 @@ def predict_stack_to_zarr(
         >>> prepare = lambda z: (stack.at(z).normalized(*fit_normalization(norm, stack.at(z))), None, "fp32")  # doctest: +SKIP
         >>> predict_stack_to_zarr("best.pt", net, stack, Path("s_probabilities.zarr"), prepare=prepare, tile_shape=(60, 60))  # doctest: +SKIP
     """
-    import zarr
-
     from .tiling import plan_tiles
 
     plan = plan_tiles(stack.shape[1:], model.geometry, tile_shape)
@@ -702,19 +706,10 @@ def predict_stack_to_zarr(
         "tile_shape": list(tile_shape), "checkpoint": [str(checkpoint), *_stamp(checkpoint)], "n_classes": model.n_classes,
         "tta": bool(tta), "dtype": dtype,
     }
-    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
-    if done is not None and done.matched:
+    array, done = open_partial(partial, key, shape=(planes, model.n_classes, *stack.shape[1:]),
+                               chunks=(1, model.n_classes, *plan.stride), dtype=dtype, attributes=attributes)
+    if done.done:
         echo(f"{out}: continuing a previous run ({len(done.done)} of {planes} planes were done)")
-    else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        zarr.create_array(
-            store=str(partial), shape=(planes, model.n_classes, *stack.shape[1:]), dtype=dtype,
-            chunks=(1, model.n_classes, *plan.stride), fill_value=0, attributes=attributes or {},
-        )
-        done = Progress(partial, key)
-        done.add([])
-    array = zarr.open_array(str(partial), mode="r+")
     for z in tqdm(range(planes), disable=not progress, desc="planes", unit="plane"):
         if z in done.done:
             continue

@@ -597,9 +597,7 @@ def segment_large_volumes(
 
 def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: bool, note) -> Path:
     """Probabilities of one zarr volume, tile by tile into ``OUT.partial`` (resumable), renamed to `out`."""
-    import zarr
-
-    from .bigimage import PROGRESS_FILE, Progress, _Cast, _stamp, finish_partial, open_volume
+    from .bigimage import _Cast, _stamp, finish_partial, open_partial, open_volume
     from .volume import choose_volume_tile, plan_volume, predict_volume
 
     volume = open_volume(path)
@@ -613,22 +611,15 @@ def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: b
     key = {"image": str(Path(path).resolve()), "shape": list(volume.shape), "tile_shape": list(tile),
            "checkpoint": [str(checkpoint), *_stamp(checkpoint)] if checkpoint else None, "n_classes": net.n_classes,
            "tta": bool(segmenter.tta), "dtype": dtype, "normalization": [scale, offset]}
-    done = Progress(partial, key) if (partial / PROGRESS_FILE).exists() else None
-    if done is not None and done.matched:
+    attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
+                              "tta": segmenter.tta, "tile_shape": list(tile), "source": str(path),
+                              "axes": ["c", "z", "y", "x"]}}
+    array, done = open_partial(partial, key, shape=(net.n_classes, *volume.shape), chunks=(net.n_classes, *plan.stride),
+                               dtype=dtype, attributes=attributes)
+    if done.done:
         note(f"{out}: continuing a previous run ({len(done.done)} of {len(plan)} tiles were done)")
-    else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        attributes = {"unetkit": {"class_names": segmenter.loaded.class_names, "checkpoint": str(checkpoint),
-                                  "tta": segmenter.tta, "tile_shape": list(tile), "source": str(path),
-                                  "axes": ["c", "z", "y", "x"]}}
-        zarr.create_array(store=str(partial), shape=(net.n_classes, *volume.shape), dtype=dtype,
-                          chunks=(net.n_classes, *plan.stride), fill_value=0, attributes=attributes)
-        done = Progress(partial, key)
-        done.add([])
     for line in segmenter.take_notes():
         note(line)
-    array = zarr.open_array(str(partial), mode="r+")
     todo = [i for i in range(len(plan)) if i not in done.done]
     with tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
         def finished(indices: list[int]) -> None:
