@@ -137,7 +137,7 @@ def test_segment_volume_api_matches_the_command_line(folder):
     ("vol.tif", ["--pixel-size", "0.5"], "--pixel-size rescales 2D images to the model's pixel size, but"),
     ("vol.tif", ["--out-format", "zarr"], "--out-format zarr: a 3D model writes zarr outputs tile by tile for zarr volumes "
                                           "only, and "),
-    ("vol.tif", ["--dask", "local:1"], "--dask segments large 2D images block by block, but"),
+    ("vol.tif", ["--dask", "local:1"], "--dask: a 3D model writes zarr outputs tile by tile for zarr volumes only, and "),
 ])
 def test_bad_volume_inputs_are_refused_in_one_line_before_anything_is_written(folder, tmp_path, capsys, name, extra, message):
     out = tmp_path / "out"

@@ -72,7 +72,7 @@ def test_a_zarr_volume_tile_by_tile_equals_the_volume_in_memory(tmp_path, volume
     zarr.create_array(store=str(tmp_path / "v.zarr"), data=volume, chunks=(3, 20, 22))
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "v.zarr"), "--model", str(model), "--out", str(out), "--out-format", "zarr", *CPU]) == 0
-    assert "v.zarr: a volume of 6x40x44 voxels, predicted tile by tile into zarr; labels in memory" in capsys.readouterr().out
+    assert "v.zarr: a volume of 6x40x44 voxels, predicted tile by tile into zarr; labels block by block" in capsys.readouterr().out
     expected = in_memory(model, volume)
     probs = zarr.open_array(str(out / "v_probabilities.zarr"), mode="r")
     assert probs.shape == (2, *SHAPE)
@@ -142,11 +142,70 @@ def test_bad_zarr_volumes_are_refused_in_one_line_before_anything_is_written(tmp
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     monkeypatch.setattr(bigsegment, "VOLUME_LABEL_VOXELS", 1000)
-    with pytest.raises(InputError, match=r"v.zarr: 10560 voxels; the instance labels of a 3D model are drawn in memory, up "
-                                         r"to 1000 voxels: add --labels binary"):
+    with pytest.raises(InputError, match=r"v.zarr: 10560 voxels; the 'watershed' labels rule \(distance-transform split\) "
+                                         r"of a 3D model is drawn in memory, up to 1000 voxels: leave out --watershed"):
         bigsegment.segment_large_volumes([tmp_path / "v.zarr"], VolumeSegmenter(load_checkpoint(model),
-                                         InferenceOptions(device="cpu")), out)
+                                         InferenceOptions(device="cpu", watershed=True)), out)
     assert not out.exists()
     written = bigsegment.segment_large_volumes(
         [tmp_path / "v.zarr"], VolumeSegmenter(load_checkpoint(model), InferenceOptions(device="cpu", labels="binary")), out)
     assert labels_of(written[1])[0].shape == SHAPE
+
+
+@pytest.mark.parametrize("method", ["components", "seeded"])
+def test_instance_labels_of_a_volume_above_the_in_memory_limit_are_drawn_block_by_block(tmp_path, volume, model, monkeypatch,
+                                                                                        method):
+    zarr.create_array(store=str(tmp_path / "v.zarr"), data=volume, chunks=(3, 20, 22))
+    monkeypatch.setattr(bigsegment, "VOLUME_LABEL_VOXELS", 1000)  # only the 'watershed' rule is held to it
+    monkeypatch.setattr(bigsegment, "VOLUME_LABEL_BLOCK", 16)  # 1x3x3 blocks
+    segmenter = VolumeSegmenter(load_checkpoint(model), InferenceOptions(device="cpu", tile_size=28, tta=False))
+    expected = segmenter.segment(volume)
+    if method == "seeded":  # the halo (64 voxels) covers the volume: exact
+        fg = expected.probabilities[1]
+        segmenter.rule = DecisionRule("seeded", threshold=float(np.median(fg)), seed_threshold=float(np.quantile(fg, 0.9)))
+    labels = segmenter.labels(expected.probabilities)
+    assert labels.max() > 2
+    written = bigsegment.segment_large_volumes([tmp_path / "v.zarr"], segmenter, tmp_path / "out")
+    np.testing.assert_array_equal(labels_of(written[1])[0], labels)
+    assert sorted(p.name for p in written[1].iterdir() if p.name.startswith("scratch")) == []
+
+
+def _ome_volume(path, volume, scale, unit="micrometer"):
+    """A minimal OME-Zarr (NGFF 0.4 metadata) holding `volume` at level 0 with voxel size `scale`."""
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("0", data=volume, chunks=(3, 20, 22))
+    axes = [{"name": n, "type": "space", "unit": unit} for n in "zyx"]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}]}]
+
+
+def test_an_ome_zarr_volume_records_its_voxel_size(tmp_path, volume):
+    from unetkit.segment_volume import zarr_spacing
+
+    _ome_volume(tmp_path / "v.ome.zarr", volume, (2.0, 0.5, 0.5))
+    assert zarr_spacing(tmp_path / "v.ome.zarr") == (2.0, 0.5, 0.5)
+    _ome_volume(tmp_path / "mixed.ome.zarr", volume, (2.0, 0.5, 0.5))
+    group = zarr.open_group(str(tmp_path / "mixed.ome.zarr"), mode="r+")
+    multiscales = group.attrs["multiscales"]
+    multiscales[0]["axes"][0]["unit"] = "nanometer"
+    group.attrs["multiscales"] = multiscales
+    assert zarr_spacing(tmp_path / "mixed.ome.zarr") is None  # units that differ are not compared
+    zarr.create_array(store=str(tmp_path / "plain.zarr"), data=volume)
+    assert zarr_spacing(tmp_path / "plain.zarr") is None
+
+
+def test_an_ome_zarr_volume_at_another_spacing_than_the_models_is_refused(tmp_path, volume, model, capsys):
+    loaded = load_checkpoint(model)
+    spaced = tmp_path / "spaced.pt"
+    save_checkpoint(spaced, loaded.model, normalization=Normalization(), class_names=["background", "cell"],
+                    train_config={"dims": 3, "spacing": [2.0, 0.5, 0.5]}, decision=loaded.decision)
+    _ome_volume(tmp_path / "far.ome.zarr", volume, (1.0, 1.0, 1.0))
+    _ome_volume(tmp_path / "near.ome.zarr", volume, (4.0, 1.0, 1.0))
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "far.ome.zarr"), "--model", str(spaced), "--out", str(out),
+                 "--out-format", "zarr", *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "far.ome.zarr: voxel spacing 1,1,1 (z/xy 1, from the OME-Zarr metadata) but the model was trained at" in err
+    assert not (out / "far_probabilities.zarr").exists()
+    assert main(["predict", str(tmp_path / "near.ome.zarr"), "--model", str(spaced), "--out", str(out),
+                 "--out-format", "zarr", *CPU]) == 0

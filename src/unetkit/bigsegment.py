@@ -122,6 +122,11 @@ def segment_large(
     if stitch is not None and not 0.0 < stitch <= 1.0:
         raise InputError(f"--stitch must be an overlap (intersection over union) in (0, 1] (got {stitch})")
     segmenter = model if isinstance(model, Segmenter) else Segmenter.load(model)
+    if segmenter.default_diameter is not None:
+        raise InputError(f"{segmenter.source or 'the model'} was fine-tuned on objects of {segmenter.default_diameter:g} px "
+                         "and rescales each image to its start model's object size in memory, which zarr and "
+                         "larger-than-memory images are not: fine-tune it again with --no-rescale for them, or rescale "
+                         "the image to the model's scale first (unetkit.scale.rescale_image)")
     images = [open_lazy(p, in_channels=segmenter.model.in_channels).limited(rows) for p in inputs]
     names = [output_name(Path(p)) for p in inputs]
     if len(set(names)) != len(names):
@@ -191,12 +196,18 @@ def segment_large(
                 _write_labels(probs, label_path, settings, name, progress)
             written.extend(_outputs(probs, probabilities, label_path, targets, force=force))
     finally:
-        if client is not None:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and dask and dask.startswith("local:"):
-                cluster.close()
+        _close(client, dask)
     return written
+
+
+def _close(client, dask: str | None) -> None:
+    """Close a `--dask` client, and the local cluster it started."""
+    if client is None:
+        return
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None and dask and dask.startswith("local:"):
+        cluster.close()
 
 
 def _targets(out: Path, name: str, fmt: str) -> list[Path]:
@@ -492,20 +503,26 @@ def _link_plane(previous, current, count: int, chain: np.ndarray, offset: int, t
 #: with ``--out-format zarr``).
 LARGE_VOXELS = LARGE_PIXELS
 
-#: The 3D labels rules are drawn in memory (from the foreground probability, 4 bytes a voxel, and
-#: the ids): instance labels of volumes above this many voxels are refused; binary labels are
-#: drawn slab by slab at any size.
+#: The "watershed" labels rule (distance-transform split) is drawn in memory (from the foreground
+#: probability, 4 bytes a voxel, and the ids): its instance labels of volumes above this many voxels
+#: are refused. The "components" and "seeded" rules are drawn block by block, binary labels slab by
+#: slab, at any size.
 VOLUME_LABEL_VOXELS = LARGE_PIXELS * 3
 
+#: Block side and "seeded" flood halo of the 3D labelling passes, in voxels: a flood reads at most
+#: (128 + 2 * 64)^3 = 16.8 M voxels of probabilities (a block whose halo holds no seed for a seeded
+#: object reads more).
+VOLUME_LABEL_BLOCK, VOLUME_LABEL_HALO = 128, 64
 
-def wants_large_volume(path, out_format: str | None) -> bool:
+
+def wants_large_volume(path, out_format: str | None, dask: str | None = None) -> bool:
     """Whether `unetkit predict` with a 3D model segments this input tile by tile into zarr: a
-    zarr / OME-Zarr volume given ``--out-format zarr`` (or tiff), or above `LARGE_VOXELS`."""
+    zarr / OME-Zarr volume given ``--out-format zarr`` (or tiff) or ``--dask``, or above `LARGE_VOXELS`."""
     from .segment_volume import volume_header
 
     if not is_zarr_path(path):
         return False
-    if out_format is not None:
+    if out_format is not None or dask:
         return True
     return int(np.prod(volume_header(Path(path))[0])) > LARGE_VOXELS
 
@@ -517,6 +534,7 @@ def segment_large_volumes(
     *,
     out_format: str | None = None,
     dtype: str = "float32",
+    dask: str | None = None,
     force: bool = False,
     progress: bool = False,
     echo: Callable[[str], None] | None = None,
@@ -531,21 +549,26 @@ def segment_large_volumes(
     tile by tile (`unetkit.volume.predict_volume` reading each 3D tile and its mirrored border
     from the zarr store) into ``NAME_probabilities.zarr.partial``, each finished tile recorded, so
     a killed run continues with the tiles left. Binary labels are drawn slab by slab; instance
-    labels, whose 3D rules are not drawn blockwise, in memory from the foreground probability,
+    labels of the "components" and "seeded" rules block by block (`unetkit.blocklabels`, blocks
+    of `VOLUME_LABEL_BLOCK` voxels, ids held in zarr scratch arrays) at any size; those of the
+    "watershed" rule, which cannot be drawn blockwise, in memory from the foreground probability,
     for volumes up to `VOLUME_LABEL_VOXELS` voxels (larger ones are refused before anything is
-    computed). Both equal `VolumeSegmenter.segment` of the volume in memory. Existing outputs
-    are skipped unless `force`.
+    computed). All equal `VolumeSegmenter.segment` of the volume in memory ("seeded" where no
+    seed beyond the `VOLUME_LABEL_HALO` voxels around a block would win one of its voxels).
+    Existing outputs are skipped unless `force`.
 
     Example:
         >>> segment_large_volumes(["embryo.ome.zarr"], "run3d/best.pt", "out")  # doctest: +SKIP
     """
     import zarr
 
-    from .segment_volume import inspect_volume, volume_header, volume_segmenter
+    from .segment_volume import inspect_volume, spacing_source, volume_header, volume_segmenter
 
     note = echo or (lambda message: None)
-    check_large_options(out_format=out_format, dtype=dtype, rows=None, block_size=None, dask=None)
+    check_large_options(out_format=out_format, dtype=dtype, rows=None, block_size=None, dask=dask)
     segmenter = volume_segmenter(model)
+    if dask and _checkpoint_path(segmenter.source) is None:
+        raise InputError("--dask needs the model as a checkpoint file or packaged model name, which every worker loads")
     checked = []
     for path in map(Path, inputs):
         if not is_zarr_path(path):
@@ -558,45 +581,56 @@ def segment_large_volumes(
         raise InputError(f"several inputs share a name ({', '.join(names)}); their outputs would collide")
     binary = segmenter.options.labels == "binary"
     for item in checked:
-        segmenter.check_volume(item.shape, str(item.path))
+        segmenter.check_volume(item.shape, str(item.path), item.spacing, spacing_source(item))
         voxels = int(np.prod(item.shape))
-        if not binary and voxels > VOLUME_LABEL_VOXELS:
-            raise InputError(f"{item.path}: {voxels} voxels; the instance labels of a 3D model are drawn in memory, up to "
-                             f"{VOLUME_LABEL_VOXELS} voxels: add --labels binary (drawn slab by slab) or crop the volume")
+        if not binary and segmenter.rule.method == "watershed" and voxels > VOLUME_LABEL_VOXELS:
+            raise InputError(f"{item.path}: {voxels} voxels; the 'watershed' labels rule (distance-transform split) of a "
+                             f"3D model is drawn in memory, up to {VOLUME_LABEL_VOXELS} voxels: leave out --watershed (or "
+                             "give --threshold T: components, drawn block by block at any size), add --labels binary "
+                             "(drawn slab by slab) or crop the volume")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = out_format or "zarr"
     written: list[Path] = []
-    for item in checked:
-        suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
-        targets = [out / f"{item.name}{s}" for s in suffixes]
-        if not force and all(t.exists() for t in targets):
-            note(f"skipping {item.path}: its outputs exist in {out} (add --force to segment it again)")
-            continue
-        z, y, x = item.shape
-        note(f"{item.path}: a volume of {z}x{y}x{x} voxels, predicted tile by tile into zarr; labels "
-             f"{'slab by slab' if binary else 'in memory'}")
-        probabilities = out / f"{item.name}_probabilities.zarr"
-        if probabilities.exists() and not force:
-            note(f"{probabilities}: exists, kept")
-        else:
-            _volume_to_zarr(segmenter, item.path, probabilities, dtype=dtype, progress=progress, note=note)
-        probs = zarr.open_array(str(probabilities), mode="r")
-        label_path = targets[1] if fmt == "zarr" else out / f"{item.name}_labels.ome.zarr"
-        if not label_path.exists() or force:
-            _write_volume_labels(segmenter, probs, label_path, item.name, progress=progress)
-        if fmt == "zarr":
-            written.extend(targets)
-            continue
-        written.append(zarr_to_tiff(probs, targets[0], force=force))
-        written.append(zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force))
-        shutil.rmtree(probabilities)
-        shutil.rmtree(label_path)
+    client = None
+    try:
+        for item in checked:
+            suffixes = ("_probabilities.zarr", "_labels.ome.zarr") if fmt == "zarr" else ("_probabilities.tif", "_labels.tif")
+            targets = [out / f"{item.name}{s}" for s in suffixes]
+            if not force and all(t.exists() for t in targets):
+                note(f"skipping {item.path}: its outputs exist in {out} (add --force to segment it again)")
+                continue
+            z, y, x = item.shape
+            note(f"{item.path}: a volume of {z}x{y}x{x} voxels, predicted tile by tile into zarr; labels "
+                 + ("slab by slab" if binary else "in memory" if segmenter.rule.method == "watershed" else "block by block"))
+            probabilities = out / f"{item.name}_probabilities.zarr"
+            if probabilities.exists() and not force:
+                note(f"{probabilities}: exists, kept")
+            else:
+                if dask and client is None:
+                    from .distributed import connect
+
+                    client = connect(dask)
+                _volume_to_zarr(segmenter, item.path, probabilities, dtype=dtype, progress=progress, note=note, client=client)
+            probs = zarr.open_array(str(probabilities), mode="r")
+            label_path = targets[1] if fmt == "zarr" else out / f"{item.name}_labels.ome.zarr"
+            if not label_path.exists() or force:
+                _write_volume_labels(segmenter, probs, label_path, item.name, progress=progress)
+            if fmt == "zarr":
+                written.extend(targets)
+                continue
+            written.append(zarr_to_tiff(probs, targets[0], force=force))
+            written.append(zarr_to_tiff(zarr.open_group(str(label_path), mode="r")["0"], targets[1], force=force))
+            shutil.rmtree(probabilities)
+            shutil.rmtree(label_path)
+    finally:
+        _close(client, dask)
     return written
 
 
-def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: bool, note) -> Path:
-    """Probabilities of one zarr volume, tile by tile into ``OUT.partial`` (resumable), renamed to `out`."""
+def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: bool, note, client=None) -> Path:
+    """Probabilities of one zarr volume, tile by tile into ``OUT.partial`` (resumable), renamed to `out`;
+    with a Dask `client` its tiles run on the workers, a few per task (`unetkit.distributed.predict_volume_tiles`)."""
     from .bigimage import _Cast, _stamp, finish_partial, open_partial, open_volume
     from .volume import choose_volume_tile, plan_volume, predict_volume
 
@@ -622,20 +656,36 @@ def _volume_to_zarr(segmenter, path: Path, out: Path, *, dtype: str, progress: b
         note(line)
     todo = [i for i in range(len(plan)) if i not in done.done]
     with tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, desc="tiles", unit="tile") as bar:
-        def finished(indices: list[int]) -> None:
-            done.add(indices)
+        def finished(indices) -> None:
+            done.add(list(indices))
             bar.update(len(indices))
 
-        predict_volume(net, normalized, tile_shape=tile, batch_size=batch_size, tta=segmenter.tta, device=segmenter.device,
-                       out=_Cast(array), tiles=todo, on_batch=finished)
+        if client is None:
+            predict_volume(net, normalized, tile_shape=tile, batch_size=batch_size, tta=segmenter.tta,
+                           device=segmenter.device, out=_Cast(array), tiles=todo, on_batch=finished)
+        else:
+            from distributed import as_completed
+
+            from .distributed import predict_volume_tiles, volume_tile_groups
+
+            futures = [client.submit(predict_volume_tiles, str(checkpoint), normalized, str(partial), group, tile_shape=tile,
+                                     batch_size=batch_size, tta=segmenter.tta, device="cpu", pure=False)
+                       for group in volume_tile_groups(todo)]
+            for future in as_completed(futures):
+                finished(future.result())
     return finish_partial(partial, out, missing=len(plan) - len(done.done))
 
 
 def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: bool) -> None:
     """(Z, Y, X) labels of (n_classes, Z, Y, X) probabilities as an OME-Zarr label image, as
-    `VolumeSegmenter.labels` draws them: binary slab by slab, instances in memory from the
-    foreground probability; written in ``PATH.partial``, then renamed."""
+    `VolumeSegmenter.labels` draws them from the foreground probability, computed slab by slab:
+    binary slab by slab; instances by the "watershed" rule in memory, by the other rules block by
+    block (`unetkit.blocklabels.label_blockwise`, the foreground and the ids held in zarr scratch
+    arrays, removed afterwards); written in ``PATH.partial``, then renamed."""
+    import zarr
+
     from .bigimage import label_dtype, write_label_pyramid
+    from .blocklabels import label_blockwise
     from .inference import foreground
 
     partial = path.with_name(path.name + ".partial")
@@ -646,16 +696,33 @@ def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: b
     slab = chunks[0]
     binary = segmenter.options.labels == "binary"
     rule = segmenter.rule
+    in_memory = not binary and rule.method == "watershed"
     array = create_ome_labels(partial, shape, chunks, "uint8" if binary else label_dtype(shape), name)
-    fg = None if binary else np.empty(shape, np.float32)
+    if binary:
+        fg = None
+    elif in_memory:
+        fg = np.empty(shape, np.float32)
+    else:
+        fg = zarr.create_array(store=str(partial / "scratch-foreground"), shape=shape, chunks=chunks, dtype="float32",
+                               fill_value=0)
     for z in tqdm(range(0, shape[0], slab), disable=not progress, desc="foreground", unit="slab"):
         part = foreground(np.asarray(probs[:, z : z + slab]).astype(np.float32, copy=False))
-        if binary:
+        if fg is None:
             array[z : z + slab] = (part > rule.threshold).astype(np.uint8)
         else:
             fg[z : z + slab] = part
-    if fg is not None:
+    if in_memory:
         array[...] = rule.apply(fg, fill_holes=segmenter.options.fill_holes)
+    elif not binary:
+        def scratch(kind: str, shape: tuple[int, ...]):
+            # small chunks: the planes on both sides of each block border are read back
+            return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape,
+                                     chunks=tuple(min(64, n) for n in shape), dtype="int64", fill_value=0)
+
+        label_blockwise(fg, array, rule=rule, fill_holes=segmenter.options.fill_holes, block=VOLUME_LABEL_BLOCK,
+                        halo=VOLUME_LABEL_HALO, scratch=scratch, progress=progress)
+        for folder in partial.glob("scratch-*"):
+            shutil.rmtree(folder)
     write_label_pyramid(partial, progress=progress)
     if path.exists():
         shutil.rmtree(path)

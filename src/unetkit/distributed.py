@@ -14,6 +14,11 @@ equal `predict(..., norm_statistics=stats)` on the whole image. Each worker thre
 runner across blocks (`backends.make_runner(..., keep=True)`): the "auto" backend measures once
 per worker over the whole job, not per block (a block of a few tiles is too short to measure).
 
+Volumes (3D models, ``unetkit predict VOLUME.zarr --dask``) go tile by tile instead: each task
+holds a few tiles of the single-process 3D plan (`volume_tile_groups`), reads their mirrored
+windows straight from the zarr store and writes their output chunks into the shared zarr array
+(`predict_volume_tiles`), so finished tasks are recorded and a stopped run continues.
+
 Example:
     >>> import dask.array as da  # doctest: +SKIP
     >>> probs = predict_dask("run/best.pt", da.from_zarr("image.zarr"))  # doctest: +SKIP
@@ -30,7 +35,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -309,6 +314,45 @@ def predict_dask(
     ])
 
 
+#: Tiles of a 3D plan per Dask task: a few, so tasks balance over workers and a killed run loses little.
+VOLUME_TILES_PER_TASK = 4
+
+
+def volume_tile_groups(tiles: Sequence[int], per_task: int = VOLUME_TILES_PER_TASK) -> list[tuple[int, ...]]:
+    """`tiles` (indices into a 3D tile plan) in groups of `per_task`, in plan order.
+
+    Example:
+        >>> volume_tile_groups([0, 1, 2, 5, 6], 2)
+        [(0, 1), (2, 5), (6,)]
+    """
+    if per_task < 1:
+        raise InputError(f"per_task must be >= 1 (got {per_task})")
+    tiles = [int(t) for t in tiles]
+    return [tuple(tiles[i : i + per_task]) for i in range(0, len(tiles), per_task)]
+
+
+def predict_volume_tiles(
+    model: str | UNet, volume, out: str, tiles: Sequence[int], *, tile_shape: Sequence[int], batch_size: int = 1,
+    tta: bool = False, device: str = "cpu",
+) -> tuple[int, ...]:
+    """Predict some tiles of a volume's 3D tile plan into the zarr array at `out` (runs on a worker).
+
+    `volume` is a picklable, window-readable normalised volume (`unetkit.bigimage.LazyVolume`):
+    each tile reads its own mirrored window from the store, as `unetkit.volume.predict_volume`
+    does in one process, so any split of the plan's tiles over workers writes the same values.
+    Each output chunk belongs to one tile, so workers never write the same chunk. Returns `tiles`.
+    """
+    import zarr
+
+    from .volume import predict_volume
+
+    net = worker_model(model, device)
+    array = zarr.open_array(str(out), mode="r+")
+    predict_volume(net, volume, tile_shape=tuple(tile_shape), batch_size=batch_size, tta=tta, device=device,
+                   out=array, tiles=list(tiles))  # zarr casts to the array's dtype
+    return tuple(int(t) for t in tiles)
+
+
 #: What --dask accepts: local:N, or a scheduler at tcp:// or tls:// HOST:PORT (HOST a name, IPv4 or [IPv6]).
 _DASK_ADDRESS = re.compile(r"^(?:local:(?P<workers>\d+)|(?:tcp|tls)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5}))$")
 
@@ -382,4 +426,5 @@ def connect(address: str, timeout: str | None = None) -> Any:
         ) from None
 
 
-__all__ = ["predict_dask", "block_tasks", "plan_blocks", "predict_block", "connect", "Block", "BlockTasks"]
+__all__ = ["predict_dask", "block_tasks", "plan_blocks", "predict_block", "connect", "Block", "BlockTasks",
+           "predict_volume_tiles", "volume_tile_groups"]

@@ -45,7 +45,6 @@ TWO_D_ONLY = {
     "--pixel-size": "rescales 2D images to the model's pixel size",
     "--stitch": "links the planes of stacks segmented plane by plane",
     "--ctc": "writes one 2D Cell Tracking Challenge mask per frame",
-    "--dask": "segments large 2D images block by block",
     "--out-format zarr": "writes large 2D images tile by tile",
     "--rows": "segments a stripe of a large 2D image",
     "--block-size": "sets the blocks of large 2D images",
@@ -154,6 +153,36 @@ def _ome_spacing(xml: str) -> Spacing | None:
     if not all(sizes.values()):
         return None
     return as_spacing([m.group(1) for m in sizes.values()])  # type: ignore[union-attr]
+
+
+def zarr_spacing(path: str | os.PathLike) -> Spacing | None:
+    """The voxel size (z, y, x) an OME-Zarr records: the "scale" transformation of its level 0
+    (times the multiscale's own, if any) on its last three axes, when they are space axes of one
+    unit; None for a plain zarr array or missing metadata.
+
+    Example:
+        >>> zarr_spacing("embryo.ome.zarr")  # doctest: +SKIP
+        (2.0, 0.5, 0.5)
+    """
+    import zarr
+
+    try:
+        attrs = dict(zarr.open(str(path), mode="r").attrs)
+        multiscale = (attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales"))[0]
+        axes = multiscale["axes"][-3:]
+        scale = np.ones(len(multiscale["axes"]))
+        for transforms in (multiscale["datasets"][0].get("coordinateTransformations"), multiscale.get("coordinateTransformations")):
+            for transform in transforms or []:
+                if transform.get("type") == "scale":
+                    scale = scale * np.asarray(transform["scale"], dtype=float)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        return None
+    if not all(isinstance(a, dict) and a.get("type", "space") == "space" for a in axes):
+        return None
+    if len({a.get("unit") for a in axes}) != 1:
+        return None  # mixed units cannot be compared without converting them
+    spacing = tuple(float(v) for v in scale[-3:])
+    return spacing if all(np.isfinite(v) and v > 0 for v in spacing) else None  # type: ignore[return-value]
 
 
 def tiff_spacing(path: str | os.PathLike) -> Spacing | None:
@@ -474,7 +503,14 @@ def inspect_volume(path: Path, in_channels: int, header: tuple[tuple[int, ...], 
         kind = "zarr array" if zarr else "stack"
         raise InputError(f"{path}: a {kind} of shape {shape}; a 3D model needs one volume (Z, Y, X) of one channel per "
                          "input: save each channel (or time point) as its own z-stack")
-    return VolumeInput(path, output_name(path), shape, None if zarr else tiff_spacing(path), zarr)  # type: ignore[arg-type]
+    return VolumeInput(path, output_name(path), shape, zarr_spacing(path) if zarr else tiff_spacing(path), zarr)  # type: ignore[arg-type]
+
+
+def spacing_source(item: VolumeInput) -> str:
+    """Where a volume's spacing in messages came from: its file's metadata, or --spacing."""
+    if item.spacing is None:
+        return "--spacing"
+    return "the OME-Zarr metadata" if item.zarr else "the TIFF's metadata"
 
 
 def read_volume(item: VolumeInput) -> np.ndarray:
@@ -539,7 +575,7 @@ def segment_volume_files(
     if segmenter.spacing is not None:  # --spacing replaces what the files record
         checked = [replace(item, spacing=None) for item in checked]
     for item in checked:
-        segmenter.check_volume(item.shape, str(item.path), item.spacing, "the TIFF's metadata" if item.spacing else "--spacing")
+        segmenter.check_volume(item.shape, str(item.path), item.spacing, spacing_source(item))
     if unreadable:
         note(f"skipping {len(unreadable)} unreadable input(s): {listing([p for p, _ in unreadable])}")
         if not checked:

@@ -77,7 +77,7 @@ def predict(
                                rows=rows, block_size=block_size, dtype=dtype, backend=backend, norm_statistics=norm_statistics,
                                precision=precision)
         _predict_volumes(inputs, loaded, options, model=model, out=out, spacing=voxel_size, given=given, force=force,
-                         progress=progress, skip_unreadable=skip_unreadable, out_format=out_format, dtype=dtype)
+                         progress=progress, skip_unreadable=skip_unreadable, out_format=out_format, dtype=dtype, dask=dask)
         return
     if voxel_size is not None:
         raise InputError(f"--spacing applies to 3D models, but {model} is a 2D model (it segments z-stacks plane by plane): "
@@ -129,18 +129,18 @@ def _two_d_options(*, diameter, pixel_size, stitch, ctc, dask, out_format, rows,
 
 
 def _predict_volumes(inputs, loaded, options, *, model, out, spacing, given, force, progress, skip_unreadable,
-                     out_format=None, dtype="float32") -> None:
+                     out_format=None, dtype="float32", dask=None) -> None:
     """`unetkit predict` with a 3D model: each z-stack segmented whole (`unetkit.segment_volume`),
-    zarr volumes given --out-format or above `bigsegment.LARGE_VOXELS` tile by tile into zarr
-    (`unetkit.bigsegment.segment_large_volumes`)."""
+    zarr volumes given --out-format or --dask, or above `bigsegment.LARGE_VOXELS`, tile by tile into
+    zarr (`unetkit.bigsegment.segment_large_volumes`; on the Dask cluster with --dask)."""
     from . import CommandInterrupted
     from ..bigsegment import segment_large_volumes, wants_large_volume
     from ..errors import InputError
     from ..segment import segment_files
     from ..segment_volume import VolumeSegmenter, refuse_two_d_options
 
-    large = [p for p in inputs if wants_large_volume(p, out_format)]
-    zarr_only = [option for option in given if option in ("--out-format zarr", "--dtype float16")]
+    large = [p for p in inputs if wants_large_volume(p, out_format, dask)]
+    zarr_only = [option for option in given if option in ("--out-format zarr", "--dtype float16", "--dask")]
     if zarr_only:  # options of the tile-by-tile path, for zarr volumes only
         if len(large) != len(inputs):
             stacks = ", ".join(str(p) for p in inputs if p not in large)
@@ -157,8 +157,8 @@ def _predict_volumes(inputs, loaded, options, *, model, out, spacing, given, for
     written = []
     try:
         if large:
-            written += segment_large_volumes(large, segmenter, out, out_format=out_format, dtype=dtype, force=force,
-                                             progress=progress, echo=typer.echo)
+            written += segment_large_volumes(large, segmenter, out, out_format=out_format, dtype=dtype, dask=dask,
+                                             force=force, progress=progress, echo=typer.echo)
         if rest:
             written += segment_files(rest, segmenter, out, force=force, progress=progress,
                                      skip_unreadable=skip_unreadable, echo=typer.echo)
