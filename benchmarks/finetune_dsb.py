@@ -34,6 +34,7 @@ Writes benchmarks/results/finetune_dsb.json; run folders go to --work (outside t
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from pathlib import Path
@@ -106,7 +107,8 @@ def fine_tuned(args, train_images, train_masks, test_images, test_masks, *, run:
                                 overrides=overrides or None, force=True)
     summary = trainer.fit()
     arm = {"iterations": summary["iterations"], "cpu_seconds": time.process_time() - started, "lr": trainer.config.lr,
-           "tile_size": trainer.config.tile_size, "validation": CROSS_CHECK,
+           "tile_size": trainer.config.tile_size, "validation": trainer.validation_note or "held-out images",
+           "rescaled_by": json.loads((args.work / run / "finetune.json").read_text())["rescaled_by"],
            **scores(args.work / run / "best.pt", test_images, test_masks, **(score_options or {}))}
     print(arm)
     return arm

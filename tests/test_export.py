@@ -519,3 +519,14 @@ def test_package_scores_are_stated_only_for_the_statistics_they_were_measured_wi
         {"statistics": {"kind": "training"}, "scores": {"pixel_error": 0.1}, "weights_sha256": "4567"}])
     assert [r["scores"]["pixel_error"] for r in pretrained.get_model("em-membranes").package_scores] == [0.1]
     assert "were not measured" in _package_scores_text("em-membranes", PackageStatistics())
+
+
+def test_a_model_fine_tuned_at_another_scale_says_how_to_rescale_images_for_the_export(tmp_path, capsys):
+    net = UNet(depth=2, base_channels=4)
+    path = tmp_path / "tuned.pt"
+    save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
+                    scale={"diameter": 60.0, "input_diameter": 24.0})
+    assert main(["export", "--model", str(path), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "unetkit rescales each image by 2.50 before segmenting it" in printed
+    assert "the torchscript file does not: rescale images by 2.50 first" in printed

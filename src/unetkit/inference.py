@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -85,7 +85,9 @@ class InferenceOptions:
             holds; fp32 without stored scores): see `unetkit.precision`.
         diameter: the objects' median diameter in pixels, or "auto" (estimated in a first pass):
             `Segmenter.segment` rescales the image so its objects take the size the model was
-            trained on (`unetkit.scale`); labels and maps come back at the input's size.
+            trained on (`unetkit.scale`); labels and maps come back at the input's size. None:
+            as the checkpoint says (a model fine-tuned at its start model's scale records its
+            images' object diameter, ``scale["input_diameter"]``, and rescales by it).
         pixel_size: micrometres per pixel, for a model that records its training pixel size.
 
     Example:
@@ -272,6 +274,12 @@ class Segmentation:
                 f"{'8-fold TTA' if self.tta else 'no TTA'}) in {self.seconds:.1f} s")
 
 
+def _recorded_input_diameter(loaded) -> float | None:
+    """The object diameter of the images a model was fine-tuned on at its start model's scale, if it records one."""
+    value = (getattr(loaded, "scale", None) or {}).get("input_diameter")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def labels_rule(
     stored: dict | None, *, threshold: float | None = None, watershed: bool | None = None, min_size: int | None = None
 ) -> DecisionRule:
@@ -310,7 +318,12 @@ class Segmenter:
         from .pretrained import get_model, pretrained_name
 
         self.loaded = loaded
-        self.options = options or InferenceOptions()
+        options = options or InferenceOptions()
+        #: the objects' diameter the checkpoint rescales images by when no option says (see `InferenceOptions.diameter`)
+        self.default_diameter = _recorded_input_diameter(loaded) if options.diameter is None and options.pixel_size is None else None
+        if self.default_diameter is not None:
+            options = replace(options, diameter=self.default_diameter)
+        self.options = options
         self._scaled = None  # the last maps made at the model's object scale (`unetkit.scale.ScaledMaps`)
         self.calibration = calibration_source(source, loaded.normalization)
         self.settings = InferenceSettings.resolve(loaded, options, scores=stored_scores(source), calibration=self.calibration)

@@ -57,7 +57,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: noisy enough that on outside HeLa nuclei a fine-tuned model scored SEG 0.62 with them, 0.58
 #: with each image's own and 0.78 with the training images' (benchmarks/finetune_external.py,
 #: seed 0, no TTA). The labels rule then chooses between those and each image's own statistics
-#: on validation. The budget counts this
+#: on validation, which with one or two annotated images is the last quarter of each, never
+#: trained on (`unetkit.finetune.HELD_OUT_PARTS`). The budget counts this
 #: process's CPU time with augmentation in the training process (workers 0), so other jobs on the
 #: machine do not shorten the run.
 FINETUNE: dict[str, Any] = {

@@ -123,6 +123,22 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+def rescale_pair(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image (float32; (H, W) stays (H, W), others become (C, H, W)) and its mask rescaled by `factor` (ids kept)."""
+    from .config import LARGE_PIXELS
+    from .data import to_chw
+
+    planar = np.asarray(image).ndim == 2
+    image = to_chw(np.asarray(image))
+    target = rescaled_shape(image.shape[-2:], factor)
+    if target[0] * target[1] > LARGE_PIXELS:
+        raise InputError(f"rescaled by {factor:.2f} to the start model's object size, an image of "
+                         f"{image.shape[-2]}x{image.shape[-1]} pixels would be {target[0]}x{target[1]}, too large "
+                         "to train on in memory; crop it, or fine-tune at its own scale (--no-rescale)")
+    scaled = rescale_image(image.astype(np.float32, copy=False), shape=target)
+    return (scaled[0] if planar else scaled), resize_labels(np.asarray(mask), target)
+
+
 def check_diameter(value: Any, option: str = "--diameter") -> float | str | None:
     """`value` as a diameter: None, "auto" or a number of pixels > 0 (text is parsed); InputError otherwise.
 
@@ -277,6 +293,9 @@ def maps_at_model_scale(segmenter, image: np.ndarray, *, out=None, tiles=None,
                          f"{trained:.1f} px); segmented at {factor:.2f} x the image's size")
     else:
         model_maps, factor = run(scale_factor(scale, diameter=diameter, pixel_size=options.pixel_size, model=label))
+        if getattr(segmenter, "default_diameter", None) is not None and factor != 1.0:
+            notes.append(f"segmented at {factor:.2f} x the image's size: {label} was fine-tuned on objects of "
+                         f"{diameter:g} px at that scale (give --diameter D, the objects' diameter in pixels, for others)")
     maps = model_maps if model_maps.shape[-2:] == shape else rescale_image(model_maps, shape=shape)
     return ScaledMaps(maps, model_maps, factor, notes, found)
 

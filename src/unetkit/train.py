@@ -704,13 +704,21 @@ class Trainer:
             train_pairs, val_pairs = pairs, find_pairs(val_data)
         else:
             train_pairs, val_pairs = split_pairs(pairs, parse_validation(val), seed=config.seed, split=val_split)
-        train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
+        rescaled = setup.get("rescaled")
+        if rescaled or setup.get("validation_part"):  # a fine-tuning: the images as it prepared them
+            train, validation = _load_fine_tune_split(train_pairs, val_pairs, last.normalization, config,
+                                                      allow_intensity_masks, setup)
+        else:
+            train, validation = _load_split(train_pairs, val_pairs, last.normalization, config, allow_intensity_masks)
         _check_validation_masks(val_pairs, validation)
         trainer = cls(config, train, validation, run_dir, normalization=last.normalization, resume=True, progress=progress)
+        if setup.get("scale"):  # a fine-tuning's, measured on its whole masks
+            trainer.scale = {**trainer.scale, **setup["scale"]}
         if ddp.world().is_main:  # under the trainer's lock: a write another process has in progress is not removed
             remove_stale_temp_files(run_dir)  # left in the run folder by a killed run (kill -9)
             if moved:
-                _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks)
+                _write_data_json(run_dir, data, val_data, val, val_split, train_pairs, val_pairs, allow_intensity_masks,
+                                 setup)
         return trainer
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -1206,6 +1214,32 @@ def _load_split(train_pairs, val_pairs, normalization: Normalization, config: Tr
     return train, (load_samples(val_pairs, normalization, **options) if val_pairs else [])
 
 
+def _load_fine_tune_split(train_pairs, val_pairs, normalization: Normalization, config: TrainConfig,
+                          allow_intensity_masks: bool, setup: dict) -> tuple[list[Sample], list[Sample]]:
+    """The samples of a fine-tuning run as `unetkit.finetune.prepare_fine_tune` made them, from its
+    data.json: rescaled by setup["rescaled"]["factor"], and with setup["validation_part"] the
+    validation images' last parts held out (`unetkit.data.split.cut_validation_part`)."""
+    from .data import make_sample, read_mask, to_chw
+    from .data.split import cut_validation_part
+    from .io import read_image
+    from .scale import rescale_pair
+
+    factor = float((setup.get("rescaled") or {}).get("factor", 1.0))
+    part = setup.get("validation_part")
+    held = {pair.name for pair in val_pairs} if part else set()
+    options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
+
+    def arrays(pair) -> tuple[np.ndarray, ...]:
+        image, mask = read_image(pair.image), read_mask(pair.mask, allow_intensity_masks=allow_intensity_masks)
+        image, mask = rescale_pair(image, mask, factor) if factor != 1.0 else (image, mask)
+        return cut_validation_part(to_chw(image, name=str(pair.image)), mask, part) if pair.name in held else (image, mask)
+
+    train = [make_sample(*arrays(pair)[:2], pair.name, normalization, **options) for pair in train_pairs]
+    validation = [make_sample(*arrays(pair)[2:], f"{pair.name} (held-out part)", normalization, **options) if part
+                  else make_sample(*arrays(pair), pair.name, normalization, **options) for pair in val_pairs]
+    return train, validation
+
+
 def _check_validation_masks(val_pairs: Sequence, validation: Sequence[Sample]) -> None:
     """Refuse a validation mask without objects: the labels rule and the scores cannot be measured on it."""
     for pair, sample in zip(val_pairs, validation):
@@ -1217,8 +1251,11 @@ def _check_validation_masks(val_pairs: Sequence, validation: Sequence[Sample]) -
 
 
 def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, val_split: str, train_pairs, val_pairs,
-                     allow_intensity_masks: bool) -> None:
-    """RUN/data.json: the dataset folders and the names of the training and validation images."""
+                     allow_intensity_masks: bool, fine_tune: dict | None = None) -> None:
+    """RUN/data.json: the dataset folders and the names of the training and validation images;
+    `fine_tune`: how a fine-tuning prepared them (`unetkit.finetune`): "rescaled" ({"factor"}),
+    "validation_part" (the share of each validation image held out) and "scale" (what the
+    checkpoints record, `Trainer.scale`)."""
     if isinstance(val, (list, tuple)):
         val = ",".join(map(str, val))
     setup = {
@@ -1226,6 +1263,7 @@ def _write_data_json(run_dir: Path, data: Path, val_data: Path | None, val, val_
         "val": None if val is None else str(val), "val_split": val_split,
         "train": [p.name for p in train_pairs], "validation": [p.name for p in val_pairs],
         "allow_intensity_masks": allow_intensity_masks,
+        **{key: value for key, value in (fine_tune or {}).items() if key in ("rescaled", "validation_part", "scale")},
     }
     text = json.dumps(setup, indent=2)
     atomic_write(run_dir / "data.json", lambda path: path.write_text(text), force=True)
@@ -1243,7 +1281,14 @@ _SETUP_KEYS = {
     "train": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "validation": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "allow_intensity_masks": ("true or false", lambda v: isinstance(v, bool)),
+    "rescaled": ("{factor: a positive number}", lambda v: isinstance(v, dict) and _positive(v.get("factor"))),
+    "scale": ("{diameter: a positive number, ...}", lambda v: isinstance(v, dict) and _positive(v.get("diameter"))),
+    "validation_part": ("a number between 0 and 1", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
 }
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _damaged(path: Path, problem: str) -> InputError:

@@ -299,15 +299,15 @@ def _fine_tune(ctx: typer.Context, start: str, options: dict) -> None:
     val_arrays = arrays(val_pairs) if val_pairs is not None else (None, None, None)
     by_name = {p.name: p for p in pairs + list(val_pairs or [])}
 
-    def record(run_dir: Path, train_names: list[str], validation_names: list[str]) -> None:
+    def record(run_dir: Path, train_names: list[str], validation_names: list[str], fine_tune: dict) -> None:
         # data.json as `Trainer.start` writes it, so `unetkit train --resume RUN` continues the run
         _write_data_json(run_dir, data, val_data, val, options["val_split"], [by_name[n] for n in train_names],
-                         [by_name[n] for n in validation_names], allow)
+                         [by_name[n] for n in validation_names], allow, fine_tune)
 
     trainer = prepare_fine_tune(start, images, masks, out, names=names, val_images=val_arrays[0], val_masks=val_arrays[1],
                                 val_names=val_arrays[2], seconds=options["seconds"], overrides=overrides,
                                 allow_intensity_masks=allow, progress=options["progress"], force=options["force"],
-                                record=record)
+                                record=record, rescale=options["rescale"])
     from . import CommandInterrupted
 
     config = trainer.config
@@ -329,6 +329,7 @@ def train(
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder: images/ + masks/, the ISBI 2012 layout or the Cell Tracking Challenge layout.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (must be empty unless --force).")] = None,
     start: Annotated[Optional[str], typer.Option("--from", help="Fine-tune: start from this model's weights, a packaged model (em-membranes, dic-hela, fluo-nuclei) or a checkpoint (RUN/best.pt). Its network, normalisation, loss and augmentation are kept; Adam at lr 1e-3 with cosine decay for --seconds 120 on the CPU clock unless given (unetkit.recipes.FINETUNE). With fewer than 3 images validation is a cross-check on the training images.")] = None,
+    rescale: Annotated[bool, typer.Option("--rescale/--no-rescale", help="With --from: when your objects are far from the size the start model was trained on (median diameter of your masks against the model's), rescale the images to its size for fine-tuning; the new model then rescales the images it segments the same way. --no-rescale fine-tunes at your images' own scale.")] = True,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped; only --data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc and --no-progress may be given with it.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Validation images: a fraction (0.2), a count (5) or names (t045,t046). Never trained on.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="A separate validation dataset folder (instead of --val).")] = None,
@@ -398,6 +399,8 @@ def train(
                 "--data (a moved dataset), --val-data, --iterations, --seconds, --device, --nproc or --no-progress"
             )
     _check_options(locals())  # every option is checked before anything is read or created; the quick ones first
+    if start is None and any(param.name == "rescale" for param, _ in _given_params(ctx, ())):
+        raise InputError("--rescale/--no-rescale applies to fine-tuning: add --from MODEL, or leave it out")
     if start is not None:
         _fine_tune(ctx, start, locals())
         return

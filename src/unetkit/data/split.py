@@ -136,3 +136,32 @@ def image_quadrant(array: np.ndarray, part: str) -> np.ndarray:
     row, col = QUADRANTS[part]
     h, w = array.shape[-2] // 2, array.shape[-1] // 2
     return array[..., row * h:(row + 1) * h, col * w:(col + 1) * w]
+
+
+#: The share of each annotated image held out for validation when too few images are annotated to
+#: hold a whole one out (`unetkit.finetune`).
+VALIDATION_PART = 0.25
+
+
+def cut_validation_part(image: np.ndarray, mask: np.ndarray, fraction: float = VALIDATION_PART
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An (..., H, W) image and its (H, W) mask cut across their longer side: (image, mask) of the
+    first part, then of the last `fraction` of that side (at least one pixel each).
+
+    Example:
+        >>> image, mask = np.arange(24).reshape(4, 6), np.ones((4, 6), np.uint8)
+        >>> train, _, val, val_mask = cut_validation_part(image, mask, 0.25)
+        >>> train.shape, val.shape, val[:, 0].tolist()
+        ((4, 4), (4, 2), [4, 10, 16, 22])
+    """
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"fraction must be in (0, 1) (got {fraction})")
+    height, width = image.shape[-2:]
+    if tuple(mask.shape[-2:]) != (height, width):
+        raise InputError(f"the mask is {mask.shape[-2]}x{mask.shape[-1]} but the image {height}x{width}; give masks of the images' size")
+    along_rows = height >= width
+    side = height if along_rows else width
+    cut = min(max(int(round(side * (1.0 - fraction))), 1), side - 1)
+    if along_rows:
+        return image[..., :cut, :], mask[:cut], image[..., cut:, :], mask[cut:]
+    return image[..., :cut], mask[:, :cut], image[..., cut:], mask[:, cut:]

@@ -225,6 +225,12 @@ def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
     note through `echo` saying so."""
     from ..adapt import with_statistics
 
+    input_diameter = (loaded.scale or {}).get("input_diameter")
+    if input_diameter and echo is not None:
+        factor = float(loaded.scale["diameter"]) / float(input_diameter)
+        echo(f"note: this model was fine-tuned at its start model's object scale and unetkit rescales each image by "
+             f"{factor:.2f} before segmenting it (objects of {float(input_diameter):g} px to "
+             f"{float(loaded.scale['diameter']):g} px); {what} does not: rescale images by {factor:.2f} first")
     if not files:
         if (loaded.decision or {}).get("image_statistics") and echo is not None:
             echo(f"note: unetkit normalises each image with its own batch-norm statistics for this model, but "
