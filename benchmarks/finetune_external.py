@@ -28,19 +28,18 @@ Arms:
   where D is the median diameter of the training frames' annotated nuclei (known to a user who
   annotated them; the scored masks are not looked at);
 * ``finetuned``: `finetune_dsb.fine_tuned`, i.e. `unetkit.finetune.prepare_fine_tune(...).fit()`,
-  what ``unetkit train --from fluo-nuclei`` runs: 2 images, so validation is the cross-check on the
-  training images (`unetkit.finetune.CROSS_CHECK`); Adam 1e-3 with cosine decay for ``--seconds``
-  CPU-seconds (`unetkit.recipes.FINETUNE`); the scored frames segmented at their own scale;
+  what ``unetkit train --from fluo-nuclei`` runs: the frames' nuclei (about 25 px) are far from
+  the model's 60.5 px, so frames and masks are enlarged by 60.5 / D (D: the training masks' median
+  diameter) and the fine-tuned model enlarges the scored frames by the same factor; 2 images, so
+  validation is the last quarter of each, never trained on (`unetkit.finetune.HELD_OUT_PARTS`);
+  Adam 1e-3 (``--lr`` for another) with cosine decay for ``--seconds`` CPU-seconds
+  (`unetkit.recipes.FINETUNE`);
 * ``finetuned-running-bn``: the same with ``TrainConfig.precise_bn`` off: batch norm keeps its
   running statistics, and the labels rule may choose each image's own statistics instead (what
   fine-tuning did before precise statistics);
 * ``scratch``: `finetune_dsb.from_scratch`, the default recipe for objects (width 16) from random
-  weights on the same frames, budget, clock, tile size and validation;
-* ``finetuned-rescaled``: what a user can do about the scale: fluo-nuclei was trained on nuclei of
-  60.5 px (models.json) and these are about 25 px, so the training frames and masks are rescaled by
-  60.5 / D before fine-tuning (the network then sees nuclei at the size it learned), and the scored
-  frames are segmented with ``--diameter D`` (the checkpoint records the rescaled training scale, so
-  `Segmenter` enlarges them by the same factor). D comes from the training masks only.
+  weights on the same frames at their own scale, budget, clock and tile size, validation a
+  cross-check on them (`unetkit.finetune.CROSS_CHECK`).
 
 Budgets count this process's CPU time (one torch thread, workers 0), so arms can run at the same
 time on a busy machine. Each arm run writes a part into ``--work``/parts; ``--merge`` gathers the
@@ -51,7 +50,6 @@ Run (two arms at a time, e.g. the two training arms side by side, then the rest,
     .venv/bin/python benchmarks/finetune_external.py --arm finetuned --seed 0 &
     .venv/bin/python benchmarks/finetune_external.py --arm scratch --seed 0 &
     .venv/bin/python benchmarks/finetune_external.py --arm zero-shot
-    .venv/bin/python benchmarks/finetune_external.py --arm finetuned-rescaled --seed 0
     .venv/bin/python benchmarks/finetune_external.py --merge
 """
 
@@ -73,13 +71,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
 from finetune_dsb import fine_tuned, from_scratch, scores  # noqa: E402
 from unetkit.data import read_mask  # noqa: E402
-from unetkit.finetune import CROSS_CHECK  # noqa: E402
 from unetkit.io import read_image  # noqa: E402
-from unetkit.scale import median_diameter, rescale_image, resize_labels  # noqa: E402
+from unetkit.scale import median_diameter  # noqa: E402
 
 FRAMES = ("t13", "t52", "t75", "t79")
 DEFAULT_TRAIN = ("t13", "t52")
-ARMS = ("zero-shot", "finetuned", "scratch", "finetuned-rescaled", "finetuned-running-bn")
+ARMS = ("zero-shot", "finetuned", "scratch", "finetuned-running-bn")
 PROVENANCE = {
     "dataset": "Cell Tracking Challenge Fluo-N2DL-HeLa (HeLa, H2B-GFP nuclei), the 4 frames with a manual "
                "segmentation (SEG ground truth, training set; sequence 01 as far as known, unverified)",
@@ -129,7 +126,8 @@ def run_arm(args, frames: dict) -> dict:
     train_images, train_masks = [frames[f][0] for f in train], [frames[f][1] for f in train]
     test_images, test_masks = [frames[f][0] for f in held], [frames[f][1] for f in held]
     d_train = median_diameter(train_masks)
-    part: dict = {"arm": args.arm, "train": train, "scored": held, "seed": args.seed,
+    label = args.arm + (f"-lr{args.lr:g}" if args.lr is not None else "")
+    part: dict = {"arm": label, "train": train, "scored": held, "seed": args.seed,
                   "train_diameter": d_train, "scored_diameter_reference": median_diameter(test_masks)}
     started = time.process_time()
     if args.arm == "zero-shot":
@@ -142,7 +140,7 @@ def run_arm(args, frames: dict) -> dict:
     elif args.arm in ("finetuned", "finetuned-running-bn"):
         overrides = {"seed": args.seed, **({"precise_bn": False} if args.arm == "finetuned-running-bn" else {})}
         part.update(fine_tuned(args, train_images, train_masks, test_images, test_masks,
-                               run=f"{args.arm}_{'-'.join(train)}_seed{args.seed}", overrides=overrides))
+                               run=f"{label}_{'-'.join(train)}_seed{args.seed}", overrides=overrides))
     elif args.arm == "scratch":
         from unetkit.finetune import finetune_config, load_start
 
@@ -150,15 +148,6 @@ def run_arm(args, frames: dict) -> dict:
         tile = finetune_config(loaded, label, [min(i.shape) for i in train_images]).tile_size
         part.update(from_scratch(args.work, args.seconds, tile, train_images, train_masks, test_images, test_masks,
                                  run=f"scratch_{'-'.join(train)}_seed{args.seed}", seed=args.seed))
-    elif args.arm == "finetuned-rescaled":
-        factor = start_diameter() / d_train
-        images = [rescale_image(i.astype(np.float32), factor) for i in train_images]
-        masks = [resize_labels(m, i.shape) for m, i in zip(train_masks, images)]
-        part.update({"factor": factor, "rescaled_train_diameter": median_diameter(masks),
-                     "predict_diameter": d_train})
-        part.update(fine_tuned(args, images, masks, test_images, test_masks,
-                               run=f"finetuned-rescaled_{'-'.join(train)}_seed{args.seed}",
-                               overrides={"seed": args.seed}, score_options={"diameter": d_train}))
     part["arm_cpu_seconds"] = time.process_time() - started
     return part
 
@@ -194,7 +183,8 @@ def merge(work: Path) -> dict:
                  "t13,t52 (sparse, what a user would annotate first), scored t75,t79 (dense); the reverse if present",
         "budget": {"seconds": parts[0].get("seconds") if parts else None, "clock": "cpu", "workers": 0, "torch_threads": 1},
         "predict": "Segmenter.segment per scored frame, torch backend, the checkpoint's labels rule and TTA",
-        "validation": CROSS_CHECK,
+        "validation": "as unetkit.finetune does with 2 annotated images: the last quarter of each, never trained on "
+                      "(HELD_OUT_PARTS; the from-scratch arm: a cross-check on its training frames)",
         "machine": {**machine(), "cpu": cpu, "cores": os.cpu_count(),
                     "load": "2 cores shared with up to 3 benchmark processes; budgets are CPU time"},
         "start_model_diameter": start_diameter(),
@@ -235,6 +225,7 @@ def main() -> None:
     parser.add_argument("--arm", choices=ARMS, help="the arm to run (writes a part into --work/parts)")
     parser.add_argument("--train", default=",".join(DEFAULT_TRAIN), help="the 2 training frames, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="fine-tuning arms: this learning rate instead of the recipe's")
     parser.add_argument("--seconds", type=float, default=120.0, help="training budget, CPU-seconds")
     parser.add_argument("--work", type=Path, default=Path("runs") / "finetune_external", help="run folders and parts")
     parser.add_argument("--merge", action="store_true", help="gather the parts into benchmarks/results/finetune_external.json")
@@ -250,7 +241,7 @@ def main() -> None:
     if len(train) != 2 or any(f not in FRAMES for f in train):
         parser.error(f"--train: two of {', '.join(FRAMES)}")
     part = {"seconds": args.seconds, **run_arm(args, frames)}
-    path = args.work / "parts" / f"{'-'.join(train)}_{args.arm}_seed{args.seed}.json"
+    path = args.work / "parts" / f"{'-'.join(train)}_{part['arm']}_seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(part, indent=2, default=float))
     print(json.dumps(part, indent=2, default=float))

@@ -86,8 +86,9 @@ def test_candidate_grid():
     assert {r.method for r in objects} == {"components", "seeded", "watershed"}
     seeded = [r for r in membranes if r.method == "seeded"]
     assert {r.threshold for r in seeded} == {0.0, 0.05, 0.3, 0.5} and len(membranes) == 5 + 4 * 5 * 3
-    assert {r.threshold for r in objects if r.method == "seeded"} == {0.3, 0.5}
-    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (5 + 2 * 5 * 3 + 3)
+    assert {r.threshold for r in objects if r.method == "seeded"} == {0.3, 0.5, 0.7}
+    assert {r.threshold for r in objects if r.method == "watershed"} == {0.5, 0.7}
+    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (5 + 3 * 5 * 3 + 2 * 3)
 
 
 def test_seeded_rule_at_threshold_zero_tiles_the_image_into_basins():

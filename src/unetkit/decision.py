@@ -132,7 +132,12 @@ def infer_task(truths: Sequence[np.ndarray]) -> str:
 #: the membranes recipe on ISBI 2012 (benchmarks/em_weights_study.py), the rule chosen on validation
 #: came out at the lowest threshold offered each time, and each lower floor lowered the held-out Rand
 #: error on every seed (mean of the 4 seeds 0.102 with 0.3 as the floor, 0.090 with 0.05, 0.087 with 0).
-SEEDED_THRESHOLDS = {"membranes": (0.0, 0.05, 0.3, 0.5), "objects": (0.3, 0.5)}
+#: Objects also try 0.7, as components do: a model fine-tuned on sparse HeLa nuclei (few contacts)
+#: drew its masks best at 0.7, where only components were offered, so the rule chosen could not
+#: split the touching nuclei of denser frames (benchmarks/finetune_external.py).
+SEEDED_THRESHOLDS = {"membranes": (0.0, 0.05, 0.3, 0.5), "objects": (0.3, 0.5, 0.7)}
+#: Mask thresholds of the distance watershed (objects only).
+WATERSHED_THRESHOLDS = (0.5, 0.7)
 
 
 def candidate_rules(task: str, object_area: float) -> list[DecisionRule]:
@@ -146,7 +151,7 @@ def candidate_rules(task: str, object_area: float) -> list[DecisionRule]:
                 rules.append(DecisionRule("seeded", threshold=threshold, seed_threshold=seed, min_seed_size=min_seed))
     if task == "membranes":
         return rules
-    rules += [DecisionRule("watershed", threshold=0.5, h=h) for h in (2.0, 4.0, 8.0)]
+    rules += [DecisionRule("watershed", threshold=t, h=h) for t in WATERSHED_THRESHOLDS for h in (2.0, 4.0, 8.0)]
     min_size = int(round(0.1 * object_area))
     if min_size > 1:
         rules += [DecisionRule(**{**r.to_dict(), "min_size": min_size}) for r in rules]
