@@ -30,3 +30,13 @@ def write_cell_folder():
         return root
 
     return write
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A Dask client on a local cluster of two single-threaded worker processes (the [scale] extra)."""
+    distributed = pytest.importorskip("distributed", reason="Dask needs the [scale] extra")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()

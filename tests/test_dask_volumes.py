@@ -8,7 +8,7 @@ import torch
 
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("ome_zarr")
-distributed = pytest.importorskip("distributed", reason="--dask needs the [scale] extra")
+pytest.importorskip("distributed", reason="--dask needs the [scale] extra")
 
 from unetkit import bigsegment  # noqa: E402
 from unetkit.bigimage import PROGRESS_FILE, fit_normalization, open_volume  # noqa: E402
@@ -46,14 +46,6 @@ def model(tmp_path_factory, volume):
     save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
                     decision=DecisionRule(method="components", threshold=threshold, min_size=2).to_dict())
     return path
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 def test_tile_groups_keep_plan_order_and_refuse_empty_groups():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 da = pytest.importorskip("dask.array")
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
 
 from unetkit import InputError, UNet, predict  # noqa: E402
 from unetkit.checkpoint import save_checkpoint  # noqa: E402
@@ -33,14 +33,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image():
     return np.random.default_rng(7).random(SHAPE).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 def test_blocks_start_on_the_pooling_grid_and_cover_the_image_once():
