@@ -118,3 +118,16 @@ def test_choose_decision_records_how_the_maps_were_made():
     rule = choose_decision([prob], [truth], tta=True, image_statistics=True)
     assert rule.tta and rule.image_statistics and rule.norm_statistics == "image"
     assert not choose_decision([prob], [truth]).image_statistics
+
+
+def test_each_images_own_statistics_must_win_clearly_for_objects():
+    from unetkit.decision import IMAGE_STATISTICS_MARGIN, choose_statistics
+
+    training = DecisionRule(score=0.80, task="objects", method="seeded")
+    close = DecisionRule(score=0.80 + IMAGE_STATISTICS_MARGIN / 2, task="objects", image_statistics=True)
+    clear = DecisionRule(score=0.80 + IMAGE_STATISTICS_MARGIN * 2, task="objects", image_statistics=True)
+    assert choose_statistics([training, close]) is training and choose_statistics([training, clear]) is clear
+    assert choose_statistics([close]) is close  # nothing else to choose
+    # membranes (Rand error, lower is better): the best one, as before
+    rand = [DecisionRule(score=0.050, task="membranes"), DecisionRule(score=0.049, task="membranes", image_statistics=True)]
+    assert choose_statistics(rand) is rand[1]

@@ -30,7 +30,7 @@ from .config import DEFAULT_ITERATIONS, PAPER, check_settings, from_dict_strict
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
-from .decision import DecisionRule, best_rule, choose_decision
+from .decision import DecisionRule, choose_decision, choose_statistics
 from .device import is_out_of_memory, resolve_device
 from .errors import InputError
 from .geometry import Geometry, VolumeGeometry
@@ -869,7 +869,7 @@ class Trainer:
                 rules.append(choose_decision(maps, truths, tta=tta, image_statistics=statistics == "image", labelled=labelled))
         # Both scores go into the summary: the choice can be close, and a user should see how close.
         self.decision_scores = {r.norm_statistics: r.score for r in rules}
-        rule = best_rule(rules)
+        rule = choose_statistics(rules)
         save_checkpoint(
             best_path, loaded.model, normalization=loaded.normalization, class_names=loaded.class_names,
             train_config=loaded.train_config, iteration=loaded.iteration, state=loaded.state, decision=rule.to_dict(),
