@@ -205,9 +205,10 @@ def best_rule(rules: Sequence[DecisionRule]) -> DecisionRule:
 #: For objects, each image's own batch-norm statistics are chosen over the training images' only
 #: when they score better on validation by more than this. They depend on each image's content: a
 #: model fine-tuned on dense HeLa frames validated 0.8113 with them and 0.8112 with the training
-#: statistics, and on sparse frames (mostly background) they turned noise into 333 false nuclei
-#: (AP@0.5 0.32 against 0.76 with the training statistics; benchmarks/finetune_external.py). Where
-#: they matter, the gain is large (DSB2018 quarters: 0.757 against 0.690).
+#: statistics, and on sparse frames (mostly background) they turned noise into objects: 501 for
+#: 168 nuclei, AP@0.5 0.32 against 0.76 with the training statistics
+#: (benchmarks/finetune_external.py). Where they matter the gain is large (DSB2018 quarters: 0.757
+#: against 0.690).
 IMAGE_STATISTICS_MARGIN = 0.01
 
 

@@ -19,10 +19,11 @@ rescales new images the same way unless told another ``--diameter``.
 With fewer than `FEW_IMAGES` annotated images no whole image can be held out: the last quarter of
 each image (across its longer side) is then kept for validation and never trained on, so best.pt
 and the labels rule, including whether each image's own batch-norm statistics beat the training
-images', are chosen on pixels the network has not seen (on two DSB2018 quarters this lifted the
-held-out SEG from 0.69 to 0.79-0.80, benchmarks/finetune_dsb.py). Where no such part holds
-objects, they are chosen on the training images themselves (a cross-check, said in the summary and
-in RUN/finetune.json), whose scores are optimistic.
+images', are chosen on pixels the network has not seen (two DSB2018 quarters fine-tuned at the
+model's scale: held-out SEG 0.69 with a cross-check, 0.79-0.80 with held-out quarters; see
+docs/TRAINING.md). Where no such part holds objects, they are chosen on the training images
+themselves (a cross-check, said in the summary and in RUN/finetune.json), whose scores are
+optimistic.
 
 Example:
     >>> best = fine_tune("fluo-nuclei", [image], [mask], "runs/tuned", seconds=60)  # doctest: +SKIP
