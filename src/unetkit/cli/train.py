@@ -494,6 +494,7 @@ def train(
         ) from None
     echo(json.dumps(summary, indent=2))
     if place is not None and place.distributed:
-        from ..ddp import finish
+        from ..ddp import end_process, finish
 
         finish()
+        end_process()
