@@ -262,3 +262,14 @@ def test_cli_from_refusals_exit_2_and_create_nothing(start, folder, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
         assert not out.exists(), argv
+
+
+@pytest.mark.parametrize("bad", ["24", 0, -3.0, True])
+def test_a_checkpoint_whose_input_diameter_is_not_a_positive_number_rescales_nothing(start, tmp_path, bad):
+    from unetkit.inference import Segmenter
+
+    loaded = load_checkpoint(start)
+    save_checkpoint(tmp_path / "m.pt", loaded.model, normalization=Normalization(), class_names=["background", "cell"],
+                    scale={"diameter": 9.0, "input_diameter": bad})
+    reloaded = load_checkpoint(tmp_path / "m.pt")
+    assert reloaded.scale == {"diameter": 9.0} and Segmenter(reloaded).default_diameter is None

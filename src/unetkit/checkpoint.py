@@ -164,13 +164,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _scale(value: Any) -> dict[str, Any]:
-    """The stored object scale, or {} (older checkpoints, or a diameter that is not a positive number)."""
-    if not isinstance(value, dict):
+    """The stored object scale, or {} (older checkpoints, or a diameter that is not a positive
+    number); an "input_diameter" (`unetkit.finetune`) that is not a positive number is left out."""
+    from .config import is_positive_number
+
+    if not isinstance(value, dict) or not is_positive_number(value.get("diameter")):
         return {}
-    diameter = value.get("diameter")
-    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not diameter > 0:
-        return {}
-    return dict(value)
+    scale = dict(value)
+    if "input_diameter" in scale and not is_positive_number(scale["input_diameter"]):
+        del scale["input_diameter"]
+    return scale
 
 
 def _check_weights(config: Any, state_dict: Any) -> None:

@@ -50,6 +50,16 @@ PAPER = PaperDefaults()
 DEFAULT_ITERATIONS = 2000
 
 
+def is_positive_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool) above 0, as stored in a run's JSON or checkpoint.
+
+    Example:
+        >>> is_positive_number(2.5), is_positive_number(True), is_positive_number("3"), is_positive_number(0)
+        (True, False, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def from_dict_strict(cls: type[T], values: Mapping[str, Any], what: str) -> T:
     """Build the dataclass `cls` from `values`; missing keys take their defaults, unknown keys are an error.
 

@@ -104,13 +104,20 @@ def rescale_to_start(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
         >>> rescale_to_start([image], [mask], start=60.0, diameter=50.0)[2]
         1.0
     """
-    from .scale import far_from, rescale_pair
+    from .scale import far_from
 
     if not far_from(diameter, start):
         return list(images), list(masks), 1.0
     factor = float(start) / float(diameter)
+    return *_rescaled(images, masks, factor), factor
+
+
+def _rescaled(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], factor: float) -> tuple[list, list]:
+    """Images and masks rescaled by `factor` (`unetkit.scale.rescale_pair`)."""
+    from .scale import rescale_pair
+
     pairs = [rescale_pair(image, mask, factor) for image, mask in zip(images, masks)]
-    return [image for image, _ in pairs], [mask for _, mask in pairs], factor
+    return [image for image, _ in pairs], [mask for _, mask in pairs]
 
 
 def choose_tile(geometry, largest: int, sides: Sequence[int]) -> int:
@@ -236,9 +243,8 @@ def prepare_fine_tune(
     works; `extra` holds "rescaled", "validation_part" and the "scale" the checkpoints record).
     Nothing is created when a check fails.
     """
-    from .data.split import VALIDATION_PART
+    from .data.split import VALIDATION_PART, validation_part_name
     from .io import prepare_output_dir
-    from .scale import rescale_pair
     from .train import RunLock, Trainer
 
     loaded, label = load_start(start)
@@ -254,20 +260,19 @@ def prepare_fine_tune(
     start = start_diameter(loaded, label)
     images, masks, factor = rescale_to_start(images, masks, start, diameter) if rescale else (images, masks, 1.0)
     if factor != 1.0 and val_images is not None and len(val_images) == len(val_masks or []):
-        val_pairs = [rescale_pair(image, mask, factor) for image, mask in zip(val_images, val_masks or [])]
-        val_images, val_masks = [image for image, _ in val_pairs], [mask for _, mask in val_pairs]
+        val_images, val_masks = _rescaled(val_images, val_masks or [], factor)
+    # the scale the checkpoints record, of the whole masks (held-out parts would cut objects in two)
     extra: dict[str, Any] = {}
-    scaled_diameter = _masks_diameter(masks) if diameter is not None else None  # at the scale trained at, before any cut
-    if scaled_diameter is not None:
-        extra["scale"] = {"diameter": round(scaled_diameter, 2)}
     if factor != 1.0:  # new images are rescaled by the same factor: input_diameter -> diameter
         extra["rescaled"] = {"factor": factor}
         extra["scale"] = {"diameter": round(float(start), 2), "input_diameter": round(float(diameter), 2)}
+    elif diameter is not None:
+        extra["scale"] = {"diameter": round(diameter, 2)}
     held = []  # names of the images whose last part is held out for validation
     if val_images is None and len(images) < FEW_IMAGES:
         images, masks, val_images, val_masks, held = _validation_parts(images, masks, names)
         if held:
-            val_names = [part_name(name) for name in held]
+            val_names = [validation_part_name(name) for name in held]
             extra["validation_part"] = VALIDATION_PART
     sides = [min(_hw(image, name)) for image, name in zip(images, names)]
     config = finetune_config(loaded, label, sides, seconds=seconds, overrides=overrides)
@@ -304,14 +309,9 @@ def prepare_fine_tune(
     trainer = Trainer(config, train, validation, run_dir, normalization=loaded.normalization,
                       class_names=loaded.class_names, progress=progress, initial=loaded.model,
                       callback=callback, should_stop=should_stop, validation_note=note)
-    if "scale" in extra:  # measured on whole masks: held-out parts cut objects in two
+    if "scale" in extra:
         trainer.scale = {**trainer.scale, **extra["scale"]}
     return trainer
-
-
-def part_name(name: str) -> str:
-    """The name of the held-out part of image `name` (`HELD_OUT_PARTS`)."""
-    return f"{name} (held-out part)"
 
 
 def _validation_parts(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], names: Sequence[str]):

@@ -275,9 +275,10 @@ class Segmentation:
 
 
 def _recorded_input_diameter(loaded) -> float | None:
-    """The object diameter of the images a model was fine-tuned on at its start model's scale, if it records one."""
+    """The object diameter of the images a model was fine-tuned on at its start model's scale, if
+    it records one (`unetkit.checkpoint` keeps only a positive number)."""
     value = (getattr(loaded, "scale", None) or {}).get("input_diameter")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+    return None if value is None else float(value)
 
 
 def labels_rule(

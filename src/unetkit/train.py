@@ -26,7 +26,7 @@ from . import ddp
 from .adapt import NORM_STATISTICS, batch_norm_layers, gather_statistics, has_batch_norm, pooled_statistics, set_statistics
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DEFAULT_ITERATIONS, PAPER, check_settings, from_dict_strict
+from .config import DEFAULT_ITERATIONS, PAPER, check_settings, from_dict_strict, is_positive_number
 from .data.normalize import Normalization
 from .data.samples import Sample
 from .data.tiles import TileDataset, get_tile_loader
@@ -1220,7 +1220,7 @@ def _load_fine_tune_split(train_pairs, val_pairs, normalization: Normalization, 
     data.json: rescaled by setup["rescaled"]["factor"], and with setup["validation_part"] the
     validation images' last parts held out (`unetkit.data.split.cut_validation_part`)."""
     from .data import make_sample, read_mask, to_chw
-    from .data.split import cut_validation_part
+    from .data.split import cut_validation_part, validation_part_name
     from .io import read_image
     from .scale import rescale_pair
 
@@ -1228,14 +1228,18 @@ def _load_fine_tune_split(train_pairs, val_pairs, normalization: Normalization, 
     part = setup.get("validation_part")
     held = {pair.name for pair in val_pairs} if part else set()
     options = dict(targets=config.targets, allow_intensity_masks=allow_intensity_masks)
+    read: dict[str, tuple[np.ndarray, ...]] = {}  # each image once, though a held one gives two samples
 
     def arrays(pair) -> tuple[np.ndarray, ...]:
-        image, mask = read_image(pair.image), read_mask(pair.mask, allow_intensity_masks=allow_intensity_masks)
-        image, mask = rescale_pair(image, mask, factor) if factor != 1.0 else (image, mask)
-        return cut_validation_part(to_chw(image, name=str(pair.image)), mask, part) if pair.name in held else (image, mask)
+        if pair.name not in read:
+            image, mask = read_image(pair.image), read_mask(pair.mask, allow_intensity_masks=allow_intensity_masks)
+            image, mask = rescale_pair(image, mask, factor) if factor != 1.0 else (image, mask)
+            read[pair.name] = (cut_validation_part(to_chw(image, name=str(pair.image)), mask, part)
+                               if pair.name in held else (image, mask))
+        return read[pair.name]
 
     train = [make_sample(*arrays(pair)[:2], pair.name, normalization, **options) for pair in train_pairs]
-    validation = [make_sample(*arrays(pair)[2:], f"{pair.name} (held-out part)", normalization, **options) if part
+    validation = [make_sample(*arrays(pair)[2:], validation_part_name(pair.name), normalization, **options) if part
                   else make_sample(*arrays(pair), pair.name, normalization, **options) for pair in val_pairs]
     return train, validation
 
@@ -1281,14 +1285,10 @@ _SETUP_KEYS = {
     "train": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "validation": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "allow_intensity_masks": ("true or false", lambda v: isinstance(v, bool)),
-    "rescaled": ("{factor: a positive number}", lambda v: isinstance(v, dict) and _positive(v.get("factor"))),
-    "scale": ("{diameter: a positive number, ...}", lambda v: isinstance(v, dict) and _positive(v.get("diameter"))),
+    "rescaled": ("{factor: a positive number}", lambda v: isinstance(v, dict) and is_positive_number(v.get("factor"))),
+    "scale": ("{diameter: a positive number, ...}", lambda v: isinstance(v, dict) and is_positive_number(v.get("diameter"))),
     "validation_part": ("a number between 0 and 1", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
 }
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _damaged(path: Path, problem: str) -> InputError:

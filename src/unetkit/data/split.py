@@ -143,6 +143,11 @@ def image_quadrant(array: np.ndarray, part: str) -> np.ndarray:
 VALIDATION_PART = 0.25
 
 
+def validation_part_name(name: str) -> str:
+    """The name of the held-out part of image `name` (`cut_validation_part`)."""
+    return f"{name} (held-out part)"
+
+
 def cut_validation_part(image: np.ndarray, mask: np.ndarray, fraction: float = VALIDATION_PART
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An (..., H, W) image and its (H, W) mask cut across their longer side: (image, mask) of the
