@@ -255,10 +255,8 @@ def _checkpoint_path(source) -> Path | None:
 def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> None:
     """Labels of a probabilities zarr array as an OME-Zarr label image (image-label metadata, a
     pyramid), drawn by the settings' rule block by block; written in ``PATH.partial``, then renamed."""
-    import zarr
 
     from .bigimage import label_dtype, write_label_pyramid
-    from .blocklabels import label_blockwise
 
     partial = path.with_name(path.name + ".partial")
     if partial.exists():
@@ -276,19 +274,35 @@ def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> Non
     else:
         array = create_ome_labels(partial, shape, chunks, label_dtype(shape), name)
         block = LABEL_BLOCK // chunks[0] * chunks[0] or chunks[0]
-
-        def scratch(kind: str, shape: tuple[int, int]):
-            return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape, chunks=(block, block), dtype="int64",
-                                     fill_value=0)
-
-        label_blockwise(foreground, array, rule=rule, fill_holes=settings.fill_holes, block=block, scratch=scratch,
-                        progress=progress)
-        for folder in partial.glob("scratch-*"):
-            shutil.rmtree(folder)
+        _label_with_scratch(partial, foreground, array, rule, fill_holes=settings.fill_holes, block=block, chunk=block,
+                            progress=progress)
     write_label_pyramid(partial, progress=progress)
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial, path)
+
+
+def _label_with_scratch(partial: Path, foreground, out, rule, *, fill_holes: bool, block: int, chunk: int,
+                        halo: int | None = None, progress: bool = False) -> int:
+    """`unetkit.blocklabels.label_blockwise` of `foreground` into `out`, the ids between its passes
+    held in zarr arrays inside the output's `partial` folder (chunks of at most `chunk` per axis),
+    removed once it is done; returns the number of objects."""
+    import zarr
+
+    from .blocklabels import DEFAULT_HALO, label_blockwise
+
+    made: dict[str, Path] = {}
+
+    def scratch(kind: str, shape: tuple[int, ...]):
+        made[kind] = partial / f"scratch-{kind}"
+        return zarr.create_array(store=str(made[kind]), shape=shape, chunks=tuple(min(chunk, n) for n in shape),
+                                 dtype="int64", fill_value=0, overwrite=True)
+
+    count = label_blockwise(foreground, out, rule=rule, fill_holes=fill_holes, block=block,
+                            halo=DEFAULT_HALO if halo is None else halo, scratch=scratch, progress=progress)
+    for folder in made.values():
+        shutil.rmtree(folder)
+    return count
 
 
 class _Foreground:
@@ -367,7 +381,6 @@ def _write_stack_labels(probs, path: Path, settings, name: str, *, axis: str, st
     import zarr
 
     from .bigimage import _stamp, label_dtype, write_label_pyramid
-    from .blocklabels import label_blockwise
     from .io import atomic_write
 
     partial = path.with_name(path.name + ".partial")
@@ -401,14 +414,8 @@ def _write_stack_labels(probs, path: Path, settings, name: str, *, axis: str, st
                     window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
                     target[window] = (foreground[window] > rule.threshold).astype(np.uint8)
         else:
-            def scratch(kind: str, shape: tuple[int, int]):
-                return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape, chunks=(block, block),
-                                         dtype="int64", fill_value=0, overwrite=True)
-
-            count = label_blockwise(foreground, target if stitch is not None else _Offset(target, state["offset"]), rule=rule,
-                                    fill_holes=settings.fill_holes, block=block, scratch=scratch, progress=progress)
-            for folder in partial.glob("scratch-*"):
-                shutil.rmtree(folder)
+            count = _label_with_scratch(partial, foreground, target if stitch is not None else _Offset(target, state["offset"]),
+                                        rule, fill_holes=settings.fill_holes, block=block, chunk=block, progress=progress)
             if stitch is not None:
                 previous = Plane(array, z - 1) if z > 0 else None
                 chain = np.concatenate([chain, _link_plane(previous, target, count, chain, state["offset"], stitch, block)])
@@ -685,7 +692,6 @@ def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: b
     import zarr
 
     from .bigimage import label_dtype, write_label_pyramid
-    from .blocklabels import label_blockwise
     from .inference import foreground
 
     partial = path.with_name(path.name + ".partial")
@@ -714,15 +720,10 @@ def _write_volume_labels(segmenter, probs, path: Path, name: str, *, progress: b
     if in_memory:
         array[...] = rule.apply(fg, fill_holes=segmenter.options.fill_holes)
     elif not binary:
-        def scratch(kind: str, shape: tuple[int, ...]):
-            # small chunks: the planes on both sides of each block border are read back
-            return zarr.create_array(store=str(partial / f"scratch-{kind}"), shape=shape,
-                                     chunks=tuple(min(64, n) for n in shape), dtype="int64", fill_value=0)
-
-        label_blockwise(fg, array, rule=rule, fill_holes=segmenter.options.fill_holes, block=VOLUME_LABEL_BLOCK,
-                        halo=VOLUME_LABEL_HALO, scratch=scratch, progress=progress)
-        for folder in partial.glob("scratch-*"):
-            shutil.rmtree(folder)
+        # small chunks: the planes on both sides of each block border are read back
+        _label_with_scratch(partial, fg, array, rule, fill_holes=segmenter.options.fill_holes, block=VOLUME_LABEL_BLOCK,
+                            chunk=64, halo=VOLUME_LABEL_HALO, progress=progress)
+        shutil.rmtree(partial / "scratch-foreground")
     write_label_pyramid(partial, progress=progress)
     if path.exists():
         shutil.rmtree(path)
