@@ -267,10 +267,7 @@ def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> Non
     rule = settings.rule
     if settings.labels == "binary":
         array = create_ome_labels(partial, shape, chunks, "uint8", name)
-        for y in range(0, shape[0], LABEL_BLOCK):
-            for x in range(0, shape[1], LABEL_BLOCK):
-                window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
-                array[window] = (foreground[window] > rule.threshold).astype(np.uint8)
+        _binary_blocks(foreground, array, shape, rule.threshold)
     else:
         array = create_ome_labels(partial, shape, chunks, label_dtype(shape), name)
         block = LABEL_BLOCK // chunks[0] * chunks[0] or chunks[0]
@@ -280,6 +277,14 @@ def _write_labels(probs, path: Path, settings, name: str, progress: bool) -> Non
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial, path)
+
+
+def _binary_blocks(foreground, out, shape: tuple[int, int], threshold: float) -> None:
+    """uint8 0/1 labels (foreground above `threshold`) of an (H, W) map, `LABEL_BLOCK` pixels square at a time."""
+    for y in range(0, shape[0], LABEL_BLOCK):
+        for x in range(0, shape[1], LABEL_BLOCK):
+            window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
+            out[window] = (foreground[window] > threshold).astype(np.uint8)
 
 
 def _label_with_scratch(partial: Path, foreground, out, rule, *, fill_holes: bool, block: int, chunk: int,
@@ -409,10 +414,7 @@ def _write_stack_labels(probs, path: Path, settings, name: str, *, axis: str, st
         foreground = _Foreground(Plane(probs, z))
         target = Plane(array, z)
         if binary:
-            for y in range(0, shape[0], LABEL_BLOCK):
-                for x in range(0, shape[1], LABEL_BLOCK):
-                    window = (slice(y, y + LABEL_BLOCK), slice(x, x + LABEL_BLOCK))
-                    target[window] = (foreground[window] > rule.threshold).astype(np.uint8)
+            _binary_blocks(foreground, target, shape, rule.threshold)
         else:
             count = _label_with_scratch(partial, foreground, target if stitch is not None else _Offset(target, state["offset"]),
                                         rule, fill_holes=settings.fill_holes, block=block, chunk=block, progress=progress)
