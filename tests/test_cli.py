@@ -388,8 +388,9 @@ def test_resume_says_exactly_what_is_missing(tmp_path, capsys):
 
 def test_predict_follows_the_labels_rule_stored_in_the_checkpoint(run, dataset, tmp_path):
     import unetkit
+    from dataclasses import replace
+
     from unetkit.decision import DecisionRule
-    from unetkit.postprocess import probabilities_to_instances
 
     loaded = load_checkpoint(run / "best.pt")
     rule = DecisionRule.from_dict(loaded.decision)
@@ -400,11 +401,11 @@ def test_predict_follows_the_labels_rule_stored_in_the_checkpoint(run, dataset, 
     expected = unetkit.predict(loaded.model, loaded.normalization(tifffile.imread(image)), tta=True)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)  # the rule's test-time augmentation
     assert np.array_equal(tifffile.imread(tmp_path / "a" / "cell2_labels.tif"), rule.apply(probabilities[1]))
-    # an explicit option replaces the stored rule
+    # an explicit threshold replaces the stored rule's, the rest of the rule stays
     assert main(["predict", "--model", str(run / "best.pt"), str(image), "--out", str(tmp_path / "b"), "--no-progress",
                  "--threshold", "0.7", "--no-tta"]) == 0
     probabilities = tifffile.imread(tmp_path / "b" / "cell2_probabilities.tif")
-    assert np.array_equal(tifffile.imread(tmp_path / "b" / "cell2_labels.tif"), probabilities_to_instances(probabilities[1], 0.7))
+    assert np.array_equal(tifffile.imread(tmp_path / "b" / "cell2_labels.tif"), replace(rule, threshold=0.7).apply(probabilities[1]))
 
 
 def test_a_bug_keeps_its_traceback(run, dataset, tmp_path, monkeypatch):

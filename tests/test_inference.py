@@ -1,5 +1,7 @@
 """The one segmentation core: settings resolved once, the same maps and labels on every path."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from unetkit.inference import (
     MapSettings,
     Segmenter,
     labels_from_probabilities,
+    labels_rule,
     memory_budget,
 )
 from unetkit.labels import id_dtype
@@ -55,13 +58,35 @@ def test_settings_follow_the_stored_rule_and_maps():
                                           "maps (checkpoint): 8-fold TTA, each image's batch-norm statistics;")
 
 
-def test_an_option_replaces_the_labels_step_but_the_maps_stay_as_the_rule_was_chosen():
+def test_an_option_replaces_its_part_of_the_rule_and_the_maps_stay_as_the_rule_was_chosen():
     settings = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(threshold=0.6, device="cpu"))
-    assert (settings.rule.method, settings.rule.threshold, settings.rule.min_size) == ("components", 0.6, 0)
+    assert settings.rule == replace(SEEDED, threshold=0.6, score=None)
     assert settings.maps == MapSettings(tta=True, norm_statistics="image")
     assert settings.origin["rule"] == "options"
     plain = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(tta=False, norm_statistics="training"))
     assert plain.maps == MapSettings(tta=False, norm_statistics="training") and plain.origin["maps"] == "options"
+
+
+@pytest.mark.parametrize("options, changed", [
+    (dict(min_size=40), dict(min_size=40)),
+    (dict(min_size=0), dict(min_size=0)),
+    (dict(watershed=True), dict(method="watershed")),
+    (dict(watershed=False, threshold=0.45), dict(method="components", threshold=0.45)),
+])
+def test_a_minimum_size_or_method_keeps_the_rest_of_the_stored_rule(options, changed):
+    rule = InferenceSettings.resolve(tiny_loaded(SEEDED.to_dict()), InferenceOptions(device="cpu", **options)).rule
+    assert rule == replace(SEEDED, score=None, **changed)
+
+
+def test_a_larger_minimum_size_still_splits_touching_objects_as_the_stored_rule_does():
+    prob = np.zeros((40, 60), np.float32)
+    prob[10:30, 8:30] = 0.95
+    prob[10:30, 30:52] = 0.95
+    prob[10:30, 29:31] = 0.6  # the neck between two touching objects: inside the mask, outside the cores
+    prob[2:5, 2:5] = 0.95  # debris
+    stored = DecisionRule("seeded", threshold=0.5, seed_threshold=0.9).to_dict()
+    assert int(labels_rule(stored).apply(prob).max()) == 3
+    assert int(labels_rule(stored, min_size=20).apply(prob).max()) == 2
 
 
 def test_without_a_stored_rule_labels_are_components_at_one_half_without_tta():

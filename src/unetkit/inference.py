@@ -77,8 +77,9 @@ class InferenceOptions:
         device: "auto", "cpu", "cuda[:N]" or "mps".
         backend: "auto", "torch" or "onnxruntime".
         norm_statistics: "training" or "image" batch-norm statistics (None: as the rule was chosen).
-        threshold, watershed, min_size: any of them replaces the stored rule by components (or
-            the distance watershed) at `threshold` (0.5) with `min_size`.
+        threshold, watershed, min_size: each replaces that part of the stored rule (the mask
+            threshold, the distance watershed instead of its method, the smallest object kept)
+            and keeps the rest; without a stored rule, components at 0.5 with no minimum size.
         labels: "instances" or "binary".
         fill_holes: fill holes enclosed by one object.
         precision: "fp32", "bf16", "int8" or "auto" (the fastest whose stored validation score
@@ -285,19 +286,29 @@ def labels_rule(
     stored: dict | None, *, threshold: float | None = None, watershed: bool | None = None, min_size: int | None = None
 ) -> DecisionRule:
     """The rule that turns probabilities into labels: the checkpoint's `stored` one (chosen on
-    validation) unless an option is given, else components (or the distance watershed) at
-    `threshold` (0.5) with `min_size` (0).
+    validation; without one, components at 0.5) with each option given put in place of its part:
+    `threshold` the mask threshold, `min_size` the smallest object kept, `watershed` the distance
+    watershed (False: connected components) instead of its method. A rule changed by an option
+    has no validation score.
 
     Example:
         >>> labels_rule({"method": "seeded", "threshold": 0.3, "tta": True}).method
         'seeded'
-        >>> labels_rule({"method": "seeded", "threshold": 0.3}, threshold=0.6).method
-        'components'
+        >>> rule = labels_rule({"method": "seeded", "threshold": 0.3, "score": 0.8}, min_size=40)
+        >>> rule.method, rule.threshold, rule.min_size, rule.score
+        ('seeded', 0.3, 40, None)
+        >>> labels_rule(None, threshold=0.6, watershed=True).method
+        'watershed'
     """
-    if stored and threshold is None and watershed is None and min_size is None:
-        return DecisionRule.from_dict(stored)
-    return DecisionRule(method="watershed" if watershed else "components",
-                        threshold=0.5 if threshold is None else float(threshold), min_size=int(min_size or 0))
+    rule = DecisionRule.from_dict(stored) if stored else DecisionRule()
+    changes: dict = {}
+    if threshold is not None:
+        changes["threshold"] = float(threshold)
+    if min_size is not None:
+        changes["min_size"] = int(min_size)
+    if watershed is not None:
+        changes["method"] = "watershed" if watershed else "components"
+    return replace(rule, **changes, score=None) if changes else rule
 
 
 class Segmenter:

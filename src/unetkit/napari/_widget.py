@@ -82,11 +82,10 @@ DIAMETER_CHOICES = (AS_TRAINED, "auto", "pixels")
 
 THRESHOLD_TIP = (
     "How sure the model must be that a pixel belongs to an object (0 to 1). Lower it when objects come out too "
-    "small or faint cells are missed; raise it when background is taken for objects. 'as trained' keeps the rule "
-    "chosen when the model was trained; a value here (or a minimum size) instead makes each connected region "
-    "above the threshold one object.")
+    "small or faint cells are missed; raise it when background is taken for objects. 'as trained' keeps the value "
+    "chosen when the model was trained. Touching objects are still split the way the model's rule splits them.")
 MIN_SIZE_TIP = ("Objects smaller than this many pixels are removed (debris, noise, fragments of cells). 'as trained' "
-                "keeps the model's own rule; 0 keeps every object.")
+                "keeps the model's own minimum; 0 keeps every object. The rest of the model's rule stays as it is.")
 LOW_TIP = ("Brightness scaling before the model sees the image: this percentage of the darkest pixels becomes black. "
            "Raise it for a hazy or uneven background. 'as trained' uses the model's own setting.")
 HIGH_TIP = ("Brightness scaling before the model sees the image: pixels brighter than this percentile become white. "
