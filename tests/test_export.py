@@ -530,3 +530,19 @@ def test_a_model_fine_tuned_at_another_scale_says_how_to_rescale_images_for_the_
     printed = capsys.readouterr().out
     assert "unetkit rescales each image by 2.50 before segmenting it" in printed
     assert "the torchscript file does not: rescale images by 2.50 first" in printed
+
+
+def test_the_package_readme_and_config_carry_the_rescale_factor_of_a_fine_tuned_model(tmp_path):
+    from unetkit.export.bioimageio import _readme
+
+    net = UNet(depth=2, base_channels=4)
+    path = tmp_path / "tuned.pt"
+    save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
+                    scale={"diameter": 60.0, "input_diameter": 24.0})
+    tuned = load_checkpoint(path)
+    readme = _readme(tuned, path, None, "an image", (1, 1, 92, 92))
+    assert "unetkit rescales each image by 2.50 before segmenting it" in readme
+    assert "rescale images by 2.50 before giving them to this package" in readme
+    save_checkpoint(tmp_path / "plain.pt", net, normalization=Normalization(), class_names=["background", "cell"])
+    plain = load_checkpoint(tmp_path / "plain.pt")
+    assert "object scale" not in _readme(plain, tmp_path / "plain.pt", None, "an image", (1, 1, 92, 92))

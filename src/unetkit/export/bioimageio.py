@@ -216,6 +216,23 @@ def representative_statistics(loaded: LoadedModel, files: Sequence[Path]):
     )
 
 
+def rescale_factor(loaded: LoadedModel) -> float | None:
+    """By how much unetkit rescales each image before segmenting it with `loaded` (a model fine-tuned
+    at its start model's object scale records the objects' diameter of its images), or None.
+
+    Example:
+        >>> from unetkit.data import Normalization
+        >>> from unetkit.network import UNet
+        >>> net = UNet(depth=2, base_channels=4)
+        >>> rescale_factor(LoadedModel(net, Normalization(), ["background", "cell"], scale={"diameter": 60.0, "input_diameter": 24.0}))
+        2.5
+    """
+    scale = loaded.scale or {}
+    if not scale.get("input_diameter") or not scale.get("diameter"):
+        return None
+    return float(scale["diameter"]) / float(scale["input_diameter"])
+
+
 def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
                      what: str = "the package") -> tuple[LoadedModel, PackageStatistics]:
     """`loaded` with the statistics of `files` fixed in its network (`representative_statistics`),
@@ -225,11 +242,10 @@ def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
     note through `echo` saying so."""
     from ..adapt import with_statistics
 
-    input_diameter = (loaded.scale or {}).get("input_diameter")
-    if input_diameter and echo is not None:
-        factor = float(loaded.scale["diameter"]) / float(input_diameter)
+    factor = rescale_factor(loaded)
+    if factor is not None and echo is not None:
         echo(f"note: this model was fine-tuned at its start model's object scale and unetkit rescales each image by "
-             f"{factor:.2f} before segmenting it (objects of {float(input_diameter):g} px to "
+             f"{factor:.2f} before segmenting it (objects of {float(loaded.scale['input_diameter']):g} px to "
              f"{float(loaded.scale['diameter']):g} px); {what} does not: rescale images by {factor:.2f} first")
     if not files:
         if (loaded.decision or {}).get("image_statistics") and echo is not None:
@@ -730,7 +746,7 @@ def _description(loaded: LoadedModel, checkpoint, packaged: str | None, *, name,
         "weights": _weights(config, torch_version, volume),
         "config": {"unetkit": {"model": model.config, "normalization": loaded.normalization.to_dict(),
                                "decision": loaded.decision, "border": list(g.border) if volume else g.border,
-                               "packaged_model": packaged,
+                               "packaged_model": packaged, "scale": loaded.scale or None,
                                "batch_norm_statistics": (statistics or PackageStatistics()).to_dict()
                                if model.config.get("batch_norm") else None}},
     }
@@ -857,6 +873,7 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
         preprocessing += ", then clipped to [0, 1] (`clip`)"
     decision = loaded.decision or {}
     tta = bool(decision.get("tta", False))
+    factor = rescale_factor(loaded)
     window = "x".join(str(n) for n in test_shape[2:])
     network = (f"3D (pooling {[list(k) for k in g.pool_kernels]}, kernels {[list(k) for k in g.conv_kernels]}), "
                if volume else "")
@@ -895,6 +912,10 @@ def _readme(loaded: LoadedModel, checkpoint, packaged: str | None, source: str, 
            " (`unetkit export --statistics-from IMAGES` fixes statistics averaged over a few images like the ones "
            "to segment instead).") if model.config.get("batch_norm") else
         "- (No batch norm in this network, so nothing depends on per-image statistics.)",
+        *([f"- The object scale: unetkit rescales each image by {factor:.2f} before segmenting it (this model was "
+            f"fine-tuned with objects of {float(loaded.scale['input_diameter']):g} px brought to "
+            f"{float(loaded.scale['diameter']):g} px) and brings the labels back to the image's size; rescale images by "
+            f"{factor:.2f} before giving them to this package."] if factor is not None else []),
         f"- The labels rule that turns probabilities into labels: {_rule_text(decision, volume)}. Apply it with "
         "`unetkit predict`, or threshold the foreground probability yourself.",
         "- A constant image: unetkit maps it to 0; `scale_range` divides by its tiny range instead."
