@@ -88,7 +88,8 @@ def test_candidate_grid():
     assert {r.threshold for r in seeded} == {0.0, 0.05, 0.3, 0.5} and len(membranes) == 5 + 4 * 5 * 3
     assert {r.threshold for r in objects if r.method == "seeded"} == {0.3, 0.5, 0.7}
     assert {r.threshold for r in objects if r.method == "watershed"} == {0.5, 0.7}
-    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (5 + 3 * 5 * 3 + 2 * 3)
+    assert {r.min_size for r in objects} == {0, 50} and len(objects) == 2 * (5 + 3 * 6 * 3 + 2 * 3)
+    assert [r.seed_threshold for r in objects[:18:3]] == [0.99, 0.98, 0.95, 0.9, 0.8, 0.7]  # strictest cores first
 
 
 def test_seeded_rule_at_threshold_zero_tiles_the_image_into_basins():
@@ -99,6 +100,24 @@ def test_seeded_rule_at_threshold_zero_tiles_the_image_into_basins():
     labels = DecisionRule("seeded", threshold=0.0, seed_threshold=0.9).apply(prob)
     assert (labels > 0).all() and labels.max() == 2
     assert (labels[:, :5] == labels[0, 0]).all() and (labels[:, 6:] == labels[0, 9]).all()
+
+
+def test_of_rules_that_validate_alike_the_one_that_splits_touching_objects_is_chosen():
+    """Validation with isolated objects cannot tell core levels (nor components) apart; the rule
+    chosen still splits two touching objects where the probability dips between them."""
+    yy, xx = np.mgrid[:60, :120]
+    truth = np.zeros((60, 120), np.int32)
+    truth[(yy - 30) ** 2 + (xx - 25) ** 2 <= 144] = 1
+    truth[(yy - 30) ** 2 + (xx - 90) ** 2 <= 144] = 2
+    validation = np.where(truth > 0, 0.999, 0.02).astype(np.float32)
+    rule = choose_decision([validation], [truth])
+    assert rule.score == pytest.approx(1.0) and rule.method == "seeded"
+    touching = np.zeros((40, 60), np.float32)
+    touching[10:30, 6:54] = 0.97  # two cells pressed together, the network a little less sure at the contact
+    touching[12:28, 8:28] = 0.999
+    touching[12:28, 32:52] = 0.999
+    assert int(DecisionRule("components", threshold=rule.threshold).apply(touching).max()) == 1
+    assert int(rule.apply(touching).max()) == 2
 
 
 def test_best_rule_follows_the_task_and_keeps_the_first_of_equals():
