@@ -432,7 +432,8 @@ def segment_volume_layer(
     the whole volume (`unetkit.data.volumes.normalize_volume`), one overlap-tile prediction
     (`unetkit.volume.predict_volume`, a stack thinner than the network's smallest tile mirrored out
     to it) and labels drawn in 3D by the checkpoint's rule (`threshold` or `min_size` replace
-    those parts of it, as for 2D models). `tta` None follows the rule; `cancelled()` is asked before each tile is kept.
+    those parts of it, as for 2D models). `tta` None follows the rule; `cancelled()` is asked
+    before each tile is kept.
     """
     from ..data.volumes import normalize_volume
     from ..segment_volume import VolumeSegmenter
