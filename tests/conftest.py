@@ -40,3 +40,43 @@ def client():
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def wavy_volume():
+    """A function that makes a uint8 (Z, Y, X) test volume of `shape`: soft waves of periods
+    (z, y, x) plus Gaussian noise of generator `seed`, clipped to 0-255."""
+
+    def make(shape, periods, seed):
+        z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+        waves = 90 * np.sin(y / periods[1] + z / periods[0]) * np.cos(x / periods[2])
+        pattern = 128 + waves + np.random.default_rng(seed).normal(0, 15, shape)
+        return np.clip(pattern, 0, 255).astype(np.uint8)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_3d_checkpoint(tmp_path_factory):
+    """A function that saves a tiny anisotropic 3D U-Net (batch norm, torch seed 0) whose labels rule
+    draws components at the median foreground probability it gives `volume`, so any random net
+    finds objects there, and returns the checkpoint's path."""
+
+    def make(volume):
+        from unetkit.checkpoint import save_checkpoint
+        from unetkit.data.normalize import Normalization
+        from unetkit.data.volumes import normalize_volume
+        from unetkit.decision import DecisionRule
+        from unetkit.network import UNet
+        from unetkit.volume import predict_volume
+
+        torch.manual_seed(0)
+        net = UNet(dims=3, depth=2, base_channels=4, pool_kernels=[(1, 2, 2)], conv_kernels=[(1, 3, 3), (3, 3, 3)],
+                   batch_norm=True)
+        threshold = float(np.median(predict_volume(net, normalize_volume(volume), device="cpu")[1]))
+        path = tmp_path_factory.mktemp("ckpt") / "m3.pt"
+        save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
+                        decision=DecisionRule(method="components", threshold=threshold, min_size=2).to_dict())
+        return path
+
+    return make

@@ -4,7 +4,6 @@ process; a run killed part-way continues with the tiles left."""
 
 import numpy as np
 import pytest
-import torch
 
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("ome_zarr")
@@ -12,11 +11,10 @@ pytest.importorskip("distributed", reason="--dask needs the [scale] extra")
 
 from unetkit import bigsegment  # noqa: E402
 from unetkit.bigimage import PROGRESS_FILE, fit_normalization, open_volume  # noqa: E402
-from unetkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from unetkit.checkpoint import load_checkpoint  # noqa: E402
 from unetkit.cli import main  # noqa: E402
 from unetkit.data.normalize import Normalization  # noqa: E402
 from unetkit.data.volumes import normalize_volume  # noqa: E402
-from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.distributed import predict_volume_tiles, volume_tile_groups  # noqa: E402
 from unetkit.errors import InputError  # noqa: E402
 from unetkit.inference import InferenceOptions  # noqa: E402
@@ -30,22 +28,13 @@ CPU = ["--device", "cpu", "--no-progress", "--tile-size", "28", "--no-tta"]
 
 
 @pytest.fixture(scope="module")
-def volume():
-    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-    pattern = 128 + 90 * np.sin(y / 4.0 + z / 2.0) * np.cos(x / 5.0) + np.random.default_rng(1).normal(0, 15, SHAPE)
-    return np.clip(pattern, 0, 255).astype(np.uint8)
+def volume(wavy_volume):
+    return wavy_volume(SHAPE, periods=(2.0, 4.0, 5.0), seed=1)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, volume):
-    torch.manual_seed(0)
-    net = UNet(dims=3, depth=2, base_channels=4, pool_kernels=[(1, 2, 2)], conv_kernels=[(1, 3, 3), (3, 3, 3)],
-               batch_norm=True)
-    threshold = float(np.median(predict_volume(net, normalize_volume(volume), device="cpu")[1]))
-    path = tmp_path_factory.mktemp("ckpt") / "m3.pt"
-    save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"],
-                    decision=DecisionRule(method="components", threshold=threshold, min_size=2).to_dict())
-    return path
+def model(tiny_3d_checkpoint, volume):
+    return tiny_3d_checkpoint(volume)
 
 
 def test_tile_groups_keep_plan_order_and_refuse_empty_groups():

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("ome_zarr")
@@ -19,36 +18,21 @@ from unetkit.data.volumes import normalize_volume  # noqa: E402
 from unetkit.decision import DecisionRule  # noqa: E402
 from unetkit.errors import InputError  # noqa: E402
 from unetkit.inference import InferenceOptions  # noqa: E402
-from unetkit.network import UNet  # noqa: E402
 from unetkit.segment_volume import VolumeSegmenter  # noqa: E402
-from unetkit.volume import plan_volume, predict_volume  # noqa: E402
+from unetkit.volume import plan_volume  # noqa: E402
 
 SHAPE = (6, 40, 44)
 CPU = ["--device", "cpu", "--no-progress", "--tile-size", "28", "--no-tta"]
 
 
-def tiny_3d_net() -> UNet:
-    torch.manual_seed(0)
-    return UNet(dims=3, depth=2, base_channels=4, pool_kernels=[(1, 2, 2)], conv_kernels=[(1, 3, 3), (3, 3, 3)],
-                batch_norm=True)
+@pytest.fixture(scope="module")
+def volume(wavy_volume):
+    return wavy_volume(SHAPE, periods=(3.0, 5.0, 6.0), seed=0)
 
 
 @pytest.fixture(scope="module")
-def volume():
-    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-    pattern = 128 + 90 * np.sin(y / 5.0 + z / 3.0) * np.cos(x / 6.0) + np.random.default_rng(0).normal(0, 15, SHAPE)
-    return np.clip(pattern, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, volume):
-    path = tmp_path_factory.mktemp("ckpt") / "m3.pt"
-    net = tiny_3d_net()
-    probs = predict_volume(net, normalize_volume(volume), device="cpu")
-    threshold = float(np.median(probs[1]))  # objects for any random tiny net
-    rule = DecisionRule(method="components", threshold=threshold, min_size=2)
-    save_checkpoint(path, net, normalization=Normalization(), class_names=["background", "cell"], decision=rule.to_dict())
-    return path
+def model(tiny_3d_checkpoint, volume):
+    return tiny_3d_checkpoint(volume)
 
 
 def in_memory(model, volume, **options):
@@ -119,7 +103,7 @@ def test_large_zarr_volumes_go_tile_by_tile_and_a_killed_run_continues(tmp_path,
     monkeypatch.setattr(bigimage.Progress, "add", add)
     seen.clear()
     assert main(command) == 0
-    n_tiles = len(plan_volume(SHAPE, tiny_3d_net().geometry, (10, 28, 28)))
+    n_tiles = len(plan_volume(SHAPE, load_checkpoint(model).model.geometry, (10, 28, 28)))
     assert f"continuing a previous run (3 of {n_tiles} tiles were done)" in capsys.readouterr().out
     expected = in_memory(model, volume)
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "out" / "k_probabilities.zarr"))[:], expected.probabilities,
