@@ -399,8 +399,9 @@ def fine_tune(
         rescale: bring objects far from the start model's size to it (`rescale_to_start`); the
             new model then rescales the images it segments the same way.
 
-    With fewer than 3 images validation is a cross-check on the training images (RUN/finetune.json
-    says so); with 3 or more the last image is held out. InputError (nothing created) for a start
+    With fewer than 3 images validation is the last quarter of each image, never trained on (a
+    cross-check on the training images where no such part holds objects; RUN/finetune.json says
+    which); with 3 or more the last image is held out. InputError (nothing created) for a start
     model of another channel count, masks of another kind than the model's, or a start that is not
     a checkpoint.
 
