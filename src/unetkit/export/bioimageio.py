@@ -218,7 +218,8 @@ def representative_statistics(loaded: LoadedModel, files: Sequence[Path]):
 
 def rescale_factor(loaded: LoadedModel) -> float | None:
     """By how much unetkit rescales each image before segmenting it with `loaded` (a model fine-tuned
-    at its start model's object scale records the objects' diameter of its images), or None.
+    at its start model's object scale records the objects' diameter of its images; the factor is
+    `unetkit.scale.scale_factor` for that diameter, as `Segmenter` uses it), or None.
 
     Example:
         >>> from unetkit.data import Normalization
@@ -227,10 +228,10 @@ def rescale_factor(loaded: LoadedModel) -> float | None:
         >>> rescale_factor(LoadedModel(net, Normalization(), ["background", "cell"], scale={"diameter": 60.0, "input_diameter": 24.0}))
         2.5
     """
-    scale = loaded.scale or {}
-    if not scale.get("input_diameter") or not scale.get("diameter"):
-        return None
-    return float(scale["diameter"]) / float(scale["input_diameter"])
+    from ..scale import scale_factor
+
+    input_diameter = (loaded.scale or {}).get("input_diameter")  # the checkpoint keeps only a positive one
+    return None if input_diameter is None else scale_factor(loaded.scale, diameter=float(input_diameter))
 
 
 def fixed_statistics(loaded: LoadedModel, files: Sequence[Path], *, echo=None,
